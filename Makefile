@@ -1,0 +1,27 @@
+# Set-up on a fresh machine is part of each target: `make demo` and `make test` are all a
+# user needs. torch is pinned and installed first (a bare requirement pulls a CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+$(BIN)/lcmq: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/lcmq
+
+install: $(BIN)/lcmq
+
+# The embedded default: SQLite, a filesystem broker and ./renders/ — no servers needed.
+demo: install
+	env -u LCMQ_DATABASE_URL -u LCMQ_BROKER_URL -u LCMQ_STORAGE_URL $(BIN)/lcmq demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf .lcmq renders

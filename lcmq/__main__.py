@@ -1,0 +1,3 @@
+from lcmq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The Python API: what scripts import and what the CLI calls. One door to the system.
+
+    import lcmq
+    batch = lcmq.submit(["a red fox", {"prompt": "a blue owl", "seed": 7}], model="tiny")
+    lcmq.wait(batch.batch_id)
+    for line in lcmq.manifest(batch.batch_id): ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lcmq.errors import InputError, ProfileError
+from lcmq.models import JobState
+from lcmq.profiles import Profile, get_profile, load_profiles
+from lcmq.repository import BatchRecord, Repository
+from lcmq.settings import Settings, get_settings
+from lcmq.spec import BatchOptions, RowValidator, read_rows, rows_from_objects, validate_rows
+from lcmq.storage import Storage, storage_from_url
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    batch_id: str
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    canceled: int
+    output: str
+
+    @property
+    def done(self) -> bool:
+        return self.queued == 0 and self.running == 0
+
+    @property
+    def ok(self) -> bool:
+        return self.succeeded == self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def repository(settings: Settings | None = None) -> Repository:
+    settings = settings or get_settings()
+    return Repository(settings.database_url_resolved)
+
+
+def storage(settings: Settings | None = None) -> Storage:
+    settings = settings or get_settings()
+    return storage_from_url(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+
+
+def _resolve_profile(model: str, source: str) -> Profile:
+    try:
+        return get_profile(model)
+    except ProfileError as exc:
+        raise InputError(source, None, "model", str(exc)) from None
+
+
+def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
+           steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+           width: int | None = None, height: int | None = None, seed: int | None = None,
+           name: str | None = None, chunk_size: int | None = None) -> BatchStatus:
+    """Validate every row, then write the batch and enqueue it. Returns its first status.
+
+    `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
+    Nothing is written or enqueued unless every row is valid.
+    """
+    from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
+
+    settings = get_settings()
+    options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                           width=width, height=height, seed=seed, name=name)
+    if isinstance(rows, (str, Path)):
+        path = Path(rows)
+        source, raw_rows, from_text = str(path), read_rows(path), path.suffix.lower() == ".csv"
+    else:
+        source, raw_rows, from_text = "<rows>", rows_from_objects(rows), False
+    profile = _resolve_profile(model, source)
+    validator = RowValidator(options, profile, source)
+    specs = validate_rows(raw_rows, validator, from_text)
+    repo, store = repository(settings), storage(settings)
+    batch_id = create_and_enqueue(specs, profile, options, repo, store, chunk_size or settings.chunk_size)
+    return status(batch_id)
+
+
+def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:
+    return BatchStatus(batch_id=batch.id, total=batch.total, output=batch.output,
+                       **{state.value: counts.get(state.value, 0) for state in JobState})
+
+
+def status(batch_id: str) -> BatchStatus:
+    repo = repository()
+    return _status_of(repo.get_batch(batch_id), repo.state_counts(batch_id))
+
+
+def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None,
+         timeout_s: float | None = None) -> BatchStatus:
+    """Poll until every job of the batch is final (or the timeout passes); returns the last status."""
+    settings = get_settings()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        current = status(batch_id)
+        if on_progress:
+            on_progress(current)
+        if current.done or (deadline is not None and time.monotonic() > deadline):
+            return current
+        time.sleep(settings.poll_s)
+
+
+def batches(limit: int = 20) -> list[dict[str, Any]]:
+    return [_status_of(b, counts).to_dict() | {"name": b.name, "profile": b.profile,
+                                                "created_at": b.created_at.isoformat()}
+            for b, counts in repository().recent_batches(limit)]
+
+
+def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
+    """One record per succeeded image, in row order."""
+    repo = repository()
+    batch = repo.get_batch(batch_id)
+    store = storage()
+    for job in repo.jobs(batch_id, JobState.succeeded):
+        yield {
+            "index": job.index, "key": job.key, "url": store.url(job.key), "sha256": job.sha256,
+            "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
+            "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
+            "worker": job.worker, "render_ms": job.render_ms, "batch_size": job.batch_size,
+            "job_id": job.id, "metadata": job.meta,
+        }
+
+
+def models() -> list[dict[str, Any]]:
+    return [p.to_dict() | {"queue": p.queue} for p in load_profiles().values()]

@@ -1,0 +1,235 @@
+"""The `lcmq` command: a thin face over the Python API (and the worker's entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from lcmq import api
+from lcmq.errors import InputError, LcmqError
+from lcmq.logs import setup_logging
+from lcmq.settings import get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a line per change otherwise."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.last = stream, width, None
+        self.tty = stream.isatty()
+
+    def __call__(self, st: api.BatchStatus) -> None:
+        final = st.succeeded + st.failed + st.canceled
+        filled = int(self.width * final / st.total) if st.total else self.width
+        text = (f"[{'#' * filled}{'.' * (self.width - filled)}] {final}/{st.total} "
+                f"succeeded={st.succeeded} failed={st.failed} canceled={st.canceled} "
+                f"running={st.running} queued={st.queued}")
+        if text == self.last:
+            return
+        self.last = text
+        self.stream.write(("\r" + text + ("\n" if st.done else "")) if self.tty else text + "\n")
+        self.stream.flush()
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _print_status(st: api.BatchStatus, as_json: bool) -> None:
+    if as_json:
+        _print_json(st.to_dict())
+    else:
+        print(f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, "
+              f"{st.canceled} canceled, {st.running} running, {st.queued} queued\noutput: {st.output}")
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def cmd_submit(args) -> int:
+    st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
+                    negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
+                    seed=args.seed, name=args.name, chunk_size=args.chunk_size)
+    print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.wait:
+        st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
+    _print_status(st, args.json) if (args.json or args.wait) else None
+    if args.wait:
+        return EXIT_OK if st.ok else EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    if args.watch:
+        st = api.wait(args.batch, on_progress=Progress())
+    else:
+        st = api.status(args.batch)
+    _print_status(st, args.json)
+    return EXIT_OK
+
+
+def cmd_manifest(args) -> int:
+    for record in api.manifest(args.batch):
+        _print_json(record)
+    return EXIT_OK
+
+
+def cmd_batches(args) -> int:
+    rows = api.batches(args.limit)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    print(f"{'batch':16}  {'created':19}  {'profile':10}  {'done':>11}  {'failed':>6}  name")
+    for r in rows:
+        print(f"{r['batch_id']:16}  {r['created_at'][:19]:19}  {r['profile']:10}  "
+              f"{r['succeeded']:>5}/{r['total']:<5}  {r['failed']:>6}  {r['name'] or ''}")
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    rows = api.models()
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['name']:10} {r['family']:6} {r['width']}x{r['height']} steps={r['steps']} "
+              f"base={r['base']} lcm_lora={r['lcm_lora']}")
+    return EXIT_OK
+
+
+def cmd_db(args) -> int:
+    from lcmq.migrate import current, upgrade
+
+    url = get_settings().database_url_resolved
+    if args.action == "upgrade":
+        upgrade(url)
+    print(f"database at revision {current(url)}")
+    return EXIT_OK
+
+
+def cmd_worker(args) -> int:
+    from worker.main import run_worker  # the CLI is the one place that reaches into worker/
+
+    run_worker(args.model, concurrency=args.concurrency, pool=args.pool, batch_size=args.batch_size,
+               device=args.device, name=args.name)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    """Render the sample batch on the embedded default: migrate, start a worker, submit, wait."""
+    from lcmq.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url_resolved)
+    prompts = resources.files("lcmq") / "samples" / "demo_prompts.txt"
+    worker = subprocess.Popen([sys.executable, "-m", "lcmq", "worker", "--model", args.model],
+                              start_new_session=True)
+    try:
+        with resources.as_file(prompts) as path:
+            st = api.submit(path, model=args.model, seed=0, name="demo")
+        print(f"demo batch {st.batch_id}: {st.total} prompts on profile {args.model!r}", file=sys.stderr)
+        st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
+    finally:
+        _stop(worker)
+    _print_status(st, as_json=False)
+    print(f"images are in {st.output}")
+    return EXIT_OK if st.ok else EXIT_FAILED
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # the Celery parent: a warm shutdown stops its children
+    deadline = time.monotonic() + grace_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# --- parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcmq", description="Batch rendering queue for LCM-LoRA diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="validate a prompt file and enqueue it as a batch")
+    p.add_argument("file", help=".txt (a prompt per line), .jsonl or .csv")
+    p.add_argument("--model", required=True, help="model profile (see `lcmq models`)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--seed", type=int, help="batch seed; a row without its own seed derives one from it")
+    p.add_argument("--name")
+    p.add_argument("--chunk-size", type=int, help="jobs per queue message")
+    p.add_argument("--wait", action="store_true", help="block until every job is final")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="job counts of a batch")
+    p.add_argument("batch")
+    p.add_argument("--watch", action="store_true", help="draw a progress bar until the batch is done")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("manifest", help="one JSON line per succeeded image")
+    p.add_argument("batch")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("batches", help="recent batches with their counts")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser("models", help="model profiles this install knows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade", "current"])
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("worker", help="a Celery worker pinned to one model profile")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch-size", type=int, help="images per pipeline call")
+    p.add_argument("--concurrency", type=int, default=1, help="processes; each pins its own pipeline")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--name", help="Celery node name (default <profile>-<pid>@<host>)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("demo", help="render the sample batch with an embedded worker")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--timeout", type=float, default=900)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "worker":  # the worker sets up its own logging
+            settings = get_settings()
+            quiet = "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level
+            setup_logging(quiet, settings.log_json)
+        return args.func(args)
+    except InputError as exc:
+        print(f"lcmq: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LcmqError as exc:
+        print(f"lcmq: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,116 @@
+"""Typed settings, built once: environment (`LCMQ_*`) over `lcmq.toml` over defaults.
+
+With nothing set, lcmq runs embedded: SQLite and a filesystem broker under `./.lcmq/`, and
+images under `./renders/`. The same code path serves a farm with Postgres, Redis and S3.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from lcmq.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "lcmq.toml"
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("LCMQ_CONFIG", DEFAULT_CONFIG_FILE))
+
+
+def read_config_file(path: Path | None = None) -> dict[str, Any]:
+    """The parsed lcmq.toml (empty when the file does not exist)."""
+    path = path or config_path()
+    if not path.exists():
+        return {}
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Top-level keys of lcmq.toml, except the [profiles.*] tables (profiles.py reads those)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by pydantic here
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = read_config_file()
+        return {k: v for k, v in data.items() if k != "profiles" and k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LCMQ_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".lcmq"), description="Folder for embedded state: SQLite, broker, model cache.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home.")
+    broker_url: str | None = Field(None, description="Celery broker URL; default a filesystem broker under home.")
+    storage_url: str = Field("file://renders", description="s3://bucket/prefix or file:///dir")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto).")
+    s3_region: str = "us-east-1"
+    chunk_size: int = Field(8, ge=1, le=10_000, description="Jobs per queue message.")
+    batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
+    render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")
+    visibility_timeout_s: int = Field(7200, ge=60, description="Redis redelivery timeout; > longest task.")
+    lease_s: int = Field(600, ge=5, description="How long a claimed job stays owned without renewal.")
+    poll_s: float = Field(0.5, gt=0, description="Status polling interval of --wait.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
+    models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_scheme(cls, value: str) -> str:
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("must start with s3:// or file://")
+        return value
+
+    @property
+    def database_url_resolved(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'lcmq.db').resolve()}"
+
+    @property
+    def broker_url_resolved(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.home / "models").resolve()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url_resolved.startswith("filesystem://")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, built once."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"LCMQ_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the CLI's --config change the environment)."""
+    get_settings.cache_clear()

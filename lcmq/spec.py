@@ -1,0 +1,271 @@
+"""Job specs: the one parser and the one validator that the CLI and the Python API share.
+
+A batch file is `.txt` (one prompt per line), `.jsonl` (objects with `prompt` and optional
+fields) or `.csv` (a header row with a `prompt` column). Rows are read as a stream; every row is
+validated before anything is written or enqueued, and an error names file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcmq.errors import InputError
+from lcmq.profiles import Profile
+
+MIN_STEPS, MAX_STEPS = 1, 8
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
+MAX_SIDE = 2048
+SIZE_MULTIPLE = 8
+MAX_SEED = 2**63 - 1
+# Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
+JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int | None  # None: derived from the batch seed and the index when the batch is built
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def render_shape(self) -> tuple[int, int, int, float]:
+        """Jobs with the same shape can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Batch-wide defaults from flags or API keywords; a row's own fields override them."""
+
+    model: str
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    name: str | None = None
+
+
+# --- field checks -------------------------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce_int(value: Any, fail, from_text: bool) -> int:
+    if from_text and isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            fail(f"must be an integer (got {value!r})")
+    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        return int(value)
+    if not _is_int(value):
+        fail(f"must be an integer (got {value!r})")
+    return value
+
+
+def _coerce_float(value: Any, fail, from_text: bool) -> float:
+    if from_text and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            fail(f"must be a number (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(f"must be a number (got {value!r})")
+    if not math.isfinite(value):
+        fail(f"must be a finite number (got {value!r})")
+    return float(value)
+
+
+def _check_text(value: Any, fail, *, required: bool) -> str:
+    if not isinstance(value, str):
+        fail(f"must be a string (got {type(value).__name__})")
+    bad = next((c for c in value if ord(c) < 32 and c not in "\t\n\r"), None)
+    if bad is not None:
+        fail(f"contains a control character (U+{ord(bad):04X})")
+    if required and not value.strip():
+        fail("must not be empty")
+    return value
+
+
+def _check_range(value, low, high, what: str, fail):
+    if not low <= value <= high:
+        fail(f"must be between {low:g} and {high:g} (got {value:g}){what}")
+    return value
+
+
+def _check_side(value: int, fail) -> int:
+    if value <= 0 or value > MAX_SIDE:
+        fail(f"must be between {SIZE_MULTIPLE} and {MAX_SIDE} (got {value})")
+    if value % SIZE_MULTIPLE:
+        fail(f"must be a multiple of {SIZE_MULTIPLE} (got {value})")
+    return value
+
+
+class RowValidator:
+    """Turns raw rows into JobSpecs, filling defaults from the batch options and the profile."""
+
+    def __init__(self, options: BatchOptions, profile: Profile, source: str):
+        self.source = source
+        self.profile = profile
+        # Batch defaults are validated once, up front, so a bad flag is named as a flag.
+        flags = {k: v for k, v in {
+            "steps": options.steps, "guidance": options.guidance, "width": options.width,
+            "height": options.height, "seed": options.seed, "negative_prompt": options.negative_prompt,
+        }.items() if v is not None}
+        checked = self._check_fields(flags, "--", line=None, from_text=False)
+        self.defaults = {
+            "negative_prompt": checked.get("negative_prompt", ""),
+            "steps": checked.get("steps", profile.steps),
+            "guidance": checked.get("guidance", profile.guidance),
+            "width": checked.get("width", profile.width),
+            "height": checked.get("height", profile.height),
+        }
+
+    def _check_fields(self, raw: Mapping[str, Any], prefix: str, line: int | None,
+                      from_text: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in JOB_FIELDS:
+            if name not in raw or raw[name] is None or (from_text and raw[name] == "" and name != "prompt"):
+                continue
+            value = raw[name]
+
+            def fail(message: str, _name=name):
+                raise InputError(self.source, line, prefix + _name if prefix else _name, message)
+
+            if name in ("prompt", "negative_prompt"):
+                out[name] = _check_text(value, fail, required=name == "prompt")
+            elif name == "seed":
+                out[name] = _check_range(_coerce_int(value, fail, from_text), 0, MAX_SEED, "", fail)
+            elif name == "steps":
+                out[name] = _check_range(_coerce_int(value, fail, from_text), MIN_STEPS, MAX_STEPS, "", fail)
+            elif name == "guidance":
+                out[name] = _check_range(_coerce_float(value, fail, from_text), MIN_GUIDANCE, MAX_GUIDANCE,
+                                         "; 1.0 disables CFG, above 2 breaks LCM images", fail)
+            else:  # width, height
+                out[name] = _check_side(_coerce_int(value, fail, from_text), fail)
+        return out
+
+    def validate(self, index: int, line: int, raw: Mapping[str, Any], from_text: bool = False) -> JobSpec:
+        if "prompt" not in raw:
+            raise InputError(self.source, line, "prompt", "missing")
+        checked = self._check_fields(raw, "", line, from_text)
+        values = self.defaults | checked
+        metadata = {k: v for k, v in raw.items() if k not in JOB_FIELDS}
+        return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
+                       seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
+                       width=values["width"], height=values["height"], metadata=metadata)
+
+
+# --- readers: (line number, raw row) streams --------------------------------------------
+
+def _decoded_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(source, number, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            yield number, text
+
+
+def _read_txt(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, text in _decoded_lines(path, source):
+        prompt = text.rstrip("\r\n")
+        if prompt.strip():
+            yield number, {"prompt": prompt}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, text in _decoded_lines(path, source):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise InputError(source, number, None, f"malformed JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise InputError(source, number, None, f"each line must be a JSON object (got {type(row).__name__})")
+        yield number, row
+
+
+def _read_csv(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    lines = _decoded_lines(path, source)
+    # csv.reader consumes the line stream; its line_num tells where a (multi-line) record ended.
+    reader = csv.reader((text for _, text in lines), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        names = [h.strip() for h in header]
+        seen: set[str] = set()
+        for name in names:
+            if not name:
+                raise InputError(source, 1, None, "empty column name in header")
+            if name in seen:
+                raise InputError(source, 1, name, "duplicate column in header")
+            seen.add(name)
+        if "prompt" not in seen:
+            raise InputError(source, 1, "prompt", "header has no 'prompt' column")
+        for record in reader:
+            if not record or all(not cell.strip() for cell in record):
+                continue
+            if len(record) != len(names):
+                raise InputError(source, reader.line_num, None,
+                                 f"expected {len(names)} fields, got {len(record)}")
+            yield reader.line_num, dict(zip(names, record))
+    except csv.Error as exc:
+        raise InputError(source, reader.line_num, None, f"malformed CSV: {exc}") from None
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Raw rows of a batch file with their line numbers, streamed."""
+    source = str(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(source, None, None, f"unknown file type {path.suffix!r}; use .txt, .jsonl or .csv")
+    if not path.is_file():
+        raise InputError(source, None, None, "no such file")
+    return {"txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](path, source)
+
+
+def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<rows>"
+                      ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows given in Python (API): strings are prompts, mappings are JSONL-like objects."""
+    for number, row in enumerate(rows, start=1):
+        if isinstance(row, str):
+            yield number, {"prompt": row}
+        elif isinstance(row, Mapping):
+            yield number, dict(row)
+        else:
+            raise InputError(source, number, None, f"a row must be a string or a mapping (got {type(row).__name__})")
+
+
+def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
+                  from_text: bool = False) -> list[JobSpec]:
+    """Validate every row; raises on the first bad one, before anything is written."""
+    specs = [validator.validate(index, line, raw, from_text) for index, (line, raw) in enumerate(rows)]
+    if not specs:
+        raise InputError(validator.source, None, None, "no prompts in input")
+    return specs

@@ -1,0 +1,169 @@
+"""Object storage behind one small interface: `s3://bucket/prefix` or `file:///dir`.
+
+Keys are built by lcmq from ids only (`<batch_id>/<index:06d>.png`); they are checked here
+anyway so no path can leave the storage root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lcmq.errors import ConfigError, PermanentStorageError, StorageError
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+def check_key(key: str) -> str:
+    if not _SAFE_KEY.match(key) or any(part in ("", ".", "..") for part in key.split("/")):
+        raise PermanentStorageError(f"unsafe object key {key!r}")
+    return key
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage(ABC):
+    """Where images go. `key` is relative to the storage root given by the URL."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def url(self, key: str) -> str:
+        """A URL a user can open or copy: s3://bucket/prefix/key or file:///abs/path."""
+
+    def batch_key(self, batch_id: str, index: int, ext: str = "png") -> str:
+        return check_key(f"{batch_id}/{index:06d}.{ext}")
+
+    def batch_url(self, batch_id: str) -> str:
+        return self.url(check_key(batch_id)) + "/"
+
+
+class FileStorage(Storage):
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise PermanentStorageError(f"key {key!r} escapes the storage root")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a reader never sees half an image, a crash leaves no torn file.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"writing {path}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith(".tmp-"))
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+class S3Storage(Storage):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
+                          read_timeout=30, max_pool_connections=16))
+
+    def _object_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = exc.response.get("Error", {}).get("Code", "")
+            message = f"s3 {what} s3://{self.bucket}/{kwargs.get('Key', kwargs.get('Prefix', ''))}: {code} ({status})"
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
+                raise StorageError(message) from exc
+            raise PermanentStorageError(message) from exc
+        except BotoCoreError as exc:  # connection refused, timeouts, broken responses
+            raise StorageError(f"s3 {what}: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        self._call("put", self.client.put_object, Bucket=self.bucket, Key=self._object_key(key), Body=data,
+                   ContentType=content_type, Metadata=metadata)
+
+    def get(self, key: str) -> bytes:
+        response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._object_key(key))
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise StorageError(f"s3 head {key}: {exc}") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full = self._object_key(prefix.rstrip("/")) + "/"
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in self._call("list", paginator.paginate, Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][len(self.prefix) + 1 if self.prefix else 0:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+
+def storage_from_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1") -> Storage:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        # file:///abs/dir is absolute; file://renders is relative to the working directory.
+        raw = url[len("file://"):]
+        return FileStorage(Path(raw or "."))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"storage URL {url!r} names no bucket")
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url, region)
+    raise ConfigError(f"storage URL {url!r}: use s3://bucket/prefix or file:///dir")

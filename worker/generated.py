@@ -1,0 +1,130 @@
+"""Models lcmq generates itself: random weights, the real SD1.5 component classes.
+
+Tests and the demo cannot reach a model hub, so `tiny` (a few MB, 64x64) and `sd15-arch` (the
+real 860M-parameter SD1.5 architecture, for speed measurements) are built here, saved with
+`save_pretrained`, and then loaded back through exactly the path real models take. Generation
+is seeded, so every machine builds the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("lcmq.worker")
+
+COMPLETE_MARKER = ".lcmq-complete"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# name -> (unet kwargs, vae block channels, text encoder kwargs, lora rank)
+ARCHITECTURES = {
+    "tiny-sd15": (
+        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, cross_attention_dim=32,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=32),
+        (32, 64),
+        dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+        4,
+    ),
+    "sd15-arch": (
+        dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
+             cross_attention_dim=768, attention_head_dim=8,
+             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        (128, 256, 512, 512),
+        dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
+        64,
+    ),
+}
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte that byte-level BPE tokenizers (GPT-2, CLIP) use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_level_tokenizer():
+    """A CLIP tokenizer over single bytes: no vocabulary files, tokenizes any text."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
+
+
+def _build(name: str, model_dir: Path, lora_dir: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_kwargs, vae_channels, text_kwargs, lora_rank = ARCHITECTURES[name]
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(block_out_channels=vae_channels, in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+                        layers_per_block=1 if name.startswith("tiny") else 2, norm_num_groups=32)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1, max_position_embeddings=77, **text_kwargs))
+    # SD1.5 ships a PNDM scheduler; the loader swaps in LCMScheduler exactly as for real models.
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(model_dir)
+
+    torch.manual_seed(3)
+    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              weight_name=LORA_FILE, safe_serialization=True)
+
+
+def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
+    """The folders of a generated model and its LCM-LoRA, built on first use.
+
+    Built in a temporary folder and renamed into place, so concurrent workers never load a
+    half-written model: the first rename wins, the others discard their copy.
+    """
+    if name not in ARCHITECTURES:
+        raise KeyError(f"no generated model named {name!r}; known: {', '.join(ARCHITECTURES)}")
+    target = cache / name
+    if (target / COMPLETE_MARKER).exists():
+        return target / "model", target / "lcm-lora"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+    try:
+        log.info("generating model", extra={"model": name, "path": str(target)})
+        _build(name, tmp / "model", tmp / "lcm-lora")
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / "model", target / "lcm-lora"

@@ -1,0 +1,38 @@
+"""`lcmq worker`: a Celery worker pinned to one model profile and its queue."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from lcmq.errors import ProfileError
+from lcmq.logs import setup_logging
+from lcmq.profiles import get_profile, preflight
+from lcmq.settings import get_settings, reset_settings
+
+
+def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork", batch_size: int | None = None,
+               device: str | None = None, name: str | None = None) -> None:
+    # Settings given as flags travel as LCMQ_* variables, so pool children build the same ones.
+    if batch_size is not None:
+        os.environ["LCMQ_BATCH_SIZE"] = str(batch_size)
+    if device is not None:
+        os.environ["LCMQ_DEVICE"] = device
+    reset_settings()
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+
+    profile = get_profile(profile_name)
+    preflight(profile)  # a missing path or wrong family stops the start, not the first task
+    from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
+
+    os.environ[WORKER_PROFILE_ENV] = profile.name
+    node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
+    app.worker_main([
+        "worker", "--queues", profile.queue, "--concurrency", str(concurrency), "--pool", pool,
+        "--hostname", node, "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
+        "--prefetch-multiplier", "1", "-O", "fair",
+    ])
+
+
+__all__ = ["run_worker", "ProfileError"]

@@ -1,0 +1,142 @@
+"""The pinned pipeline: one per worker process, loaded once, kept for the process's life.
+
+Every profile, the generated `tiny` included, loads through the same steps real models take:
+`from_pretrained` (or `from_single_file`), `LCMScheduler.from_config`, `load_lora_weights`,
+`fuse_lora`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lcmq.errors import ModelLoadError
+from lcmq.profiles import GENERATED_PREFIX, Profile, preflight
+from lcmq.settings import Settings
+
+log = logging.getLogger("lcmq.worker")
+
+LCM_ADAPTER = "lcm"
+
+
+@dataclass
+class LoadedPipeline:
+    profile: Profile
+    pipe: Any
+    device: str
+    dtype: Any
+    load_s: float
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _dtype(profile: Profile, device: str):
+    import torch
+
+    if device == "cpu":
+        return torch.float32  # half precision on CPU is slow and poorly supported
+    return getattr(torch, profile.dtype)
+
+
+def _resolve(ref: str, settings: Settings) -> str:
+    if ref.startswith(GENERATED_PREFIX):
+        from worker.generated import ensure_generated
+
+        name = ref[len(GENERATED_PREFIX):]
+        model_name = name.removesuffix("-lcm-lora")
+        model_dir, lora_dir = ensure_generated(model_name, settings.models_path)
+        return str(lora_dir if name.endswith("-lcm-lora") else model_dir)
+    return ref
+
+
+def _pipeline_class(profile: Profile):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionPipeline if profile.family == "sd15" else StableDiffusionXLPipeline
+
+
+def _load_lora(pipe, ref: str) -> None:
+    path = Path(ref)
+    kwargs: dict[str, Any] = {"adapter_name": LCM_ADAPTER, "low_cpu_mem_usage": True}
+    if path.is_file():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
+    else:
+        pipe.load_lora_weights(ref, **kwargs)
+
+
+def quiet_libraries() -> None:
+    """Loading bars and hub warnings are noise in a worker's log; lcmq logs the load itself."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
+    """Load, swap the scheduler, load and fuse the LCM-LoRA; ModelLoadError on any failure."""
+    import torch
+    from diffusers import LCMScheduler
+
+    quiet_libraries()
+    started = time.perf_counter()
+    preflight(profile)
+    device = pick_device(settings.device)
+    dtype = _dtype(profile, device)
+    if device == "cpu" and settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint.
+        base = _resolve(profile.base, settings)
+        cls = _pipeline_class(profile)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if profile.family == "sd15" else {}
+        if base.endswith((".safetensors", ".ckpt")):
+            pipe = cls.from_single_file(base, dtype=dtype, **extra)
+        else:
+            pipe = cls.from_pretrained(base, dtype=dtype, **extra)
+        # 2. The LCM scheduler, configured from the model's own scheduler.
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        # 3. The LCM-LoRA, fused into the weights: no per-step adapter cost.
+        _load_lora(pipe, _resolve(profile.lcm_lora, settings))
+        pipe.fuse_lora(adapter_names=[LCM_ADAPTER])
+        pipe.to(device)
+        if device != "cpu":
+            pipe.unet.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"profile {profile.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+    load_s = time.perf_counter() - started
+    log.info("pipeline loaded", extra={"profile": profile.name, "device": device, "dtype": str(dtype),
+                                       "load_s": round(load_s, 2), "pid": os.getpid()})
+    return LoadedPipeline(profile, pipe, device, dtype, load_s)
+
+
+_PINNED: dict[str, LoadedPipeline] = {}
+
+
+def pinned_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
+    """This process's pipeline for the profile, loaded on first use and never again."""
+    loaded = _PINNED.get(profile.name)
+    if loaded is None:
+        loaded = _PINNED[profile.name] = load_pipeline(profile, settings)
+    return loaded

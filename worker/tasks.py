@@ -1,0 +1,125 @@
+"""The render task: claim a chunk of jobs, render them in micro-batches, upload, record.
+
+1. Claim the chunk's free jobs (a conditional update: redelivered or duplicate messages find
+   nothing left to claim and do nothing).
+2. Get this process's pinned pipeline (loaded on the first task, never again).
+3. For each micro-batch: render, encode PNG with parameters, upload under a key made of ids,
+   record key, sha256 and timing in the job's row.
+Transient faults hand the unfinished jobs back and retry the task with backoff; permanent ones
+fail the affected jobs at once with the reason stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+from lcmq.errors import LcmqError, ModelLoadError, PermanentError, is_transient
+from lcmq.profiles import get_profile
+from lcmq.queue import RENDER_TASK, get_app
+from lcmq.repository import JobRecord, Repository
+from lcmq.settings import get_settings
+from lcmq.storage import sha256_hex, storage_from_url
+
+from worker.encode import PNG_CONTENT_TYPE, encode_png, parameters_text
+from worker.pipeline import pinned_pipeline
+from worker.render import micro_batches, render
+
+log = logging.getLogger("lcmq.worker")
+app = get_app()
+
+WORKER_PROFILE_ENV = "LCMQ_WORKER_PROFILE"
+MAX_TASK_RETRIES = 8
+
+
+def _backoff_s(retries: int) -> float:
+    # Exponential with full jitter, so a farm does not retry a flaky bucket in lockstep.
+    return random.uniform(0, min(60.0, 2.0 * 2**retries))
+
+
+class ChunkRun:
+    """One task's work over its jobs; owns nothing beyond the task."""
+
+    def __init__(self, batch_id: str, worker: str):
+        self.settings = get_settings()
+        self.batch_id = batch_id
+        self.worker = worker
+        self.repo = Repository(self.settings.database_url_resolved)
+        self.storage = storage_from_url(self.settings.storage_url, self.settings.s3_endpoint_url,
+                                        self.settings.s3_region)
+        self.pending: dict[str, JobRecord] = {}
+
+    def run(self, job_ids: list[str]) -> dict:
+        batch = self.repo.get_batch(self.batch_id)
+        served = os.environ.get(WORKER_PROFILE_ENV)
+        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
+        self.pending = {job.id: job for job in claimed}
+        if not claimed:
+            log.info("chunk had nothing to claim", extra={"batch_id": self.batch_id, "jobs": len(job_ids)})
+            return {"claimed": 0, "succeeded": 0}
+        if served and served != batch.profile:
+            raise ModelLoadError(f"worker serves profile {served!r} but batch {self.batch_id} "
+                                 f"needs {batch.profile!r}")
+        loaded = pinned_pipeline(get_profile(batch.profile), self.settings)
+
+        succeeded = 0
+        for group in micro_batches(claimed, self.settings.batch_size):
+            started = time.perf_counter()
+            images = render(loaded, group)
+            render_ms = (time.perf_counter() - started) * 1000 / len(group)
+            for job, image in zip(group, images, strict=True):
+                succeeded += self._store(job, image, batch.profile, render_ms, len(group))
+        log.info("chunk done", extra={"batch_id": self.batch_id, "claimed": len(claimed),
+                                      "succeeded": succeeded, "worker": self.worker, "pid": os.getpid()})
+        return {"claimed": len(claimed), "succeeded": succeeded}
+
+    def _store(self, job: JobRecord, image, profile: str, render_ms: float, batch_size: int) -> int:
+        data = encode_png(image, parameters_text(job, profile))
+        digest = sha256_hex(data)
+        key = self.storage.batch_key(job.batch_id, job.index)
+        self.storage.put(key, data, PNG_CONTENT_TYPE,
+                         {"job-id": job.id, "batch-id": job.batch_id, "seed": str(job.seed), "sha256": digest})
+        recorded = self.repo.record_success(job.id, self.worker, key, digest, round(render_ms, 2), batch_size)
+        self.pending.pop(job.id, None)
+        if not recorded:
+            log.warning("lease lost before recording", extra={"job_id": job.id, "batch_id": job.batch_id})
+        return int(recorded)
+
+    def fail_pending(self, error: str) -> None:
+        if self.pending:
+            self.repo.record_failure(list(self.pending), self.worker, error)
+
+    def release_pending(self, error: str) -> None:
+        if self.pending:
+            self.repo.release(list(self.pending), self.worker, error)
+
+
+@app.task(name=RENDER_TASK, bind=True)
+def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
+    worker = self.request.hostname or f"local-{os.getpid()}"
+    run = ChunkRun(batch_id, worker)
+    try:
+        return run.run(job_ids)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        if is_transient(exc) and self.request.retries < MAX_TASK_RETRIES:
+            log.warning("transient failure, retrying", extra={"batch_id": batch_id, "error": reason,
+                                                               "retries": self.request.retries})
+            _safely(run.release_pending, reason)
+            raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
+        log.error("chunk failed", extra={"batch_id": batch_id, "error": reason,
+                                         "permanent": isinstance(exc, PermanentError) or
+                                         not isinstance(exc, LcmqError)})
+        _safely(run.fail_pending, reason)
+        if isinstance(exc, LcmqError):
+            return {"failed": len(run.pending), "error": reason}
+        raise
+
+
+def _safely(action, reason: str) -> None:
+    try:
+        action(reason)
+    except LcmqError as exc:  # the database is gone too; the lease lets the sweeper recover
+        log.error("could not record failure", extra={"error": str(exc), "reason": reason})
