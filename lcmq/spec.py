@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,16 +67,30 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    """A value as an error message quotes it: ints exact, floats short, long text cut."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif _is_int(value):
+        try:
+            text = str(value)
+        except ValueError:  # more digits than int->str allows
+            text = "a very large integer"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _coerce_int(value: Any, fail, from_text: bool) -> int:
     if from_text and isinstance(value, str):
         try:
             return int(value.strip())
         except ValueError:
-            fail(f"must be an integer (got {value!r})")
+            fail(f"must be an integer (got {_show(value)})")
     if isinstance(value, float) and value.is_integer() and math.isfinite(value):
         return int(value)
     if not _is_int(value):
-        fail(f"must be an integer (got {value!r})")
+        fail(f"must be an integer (got {_show(value)})")
     return value
 
 
@@ -84,20 +99,38 @@ def _coerce_float(value: Any, fail, from_text: bool) -> float:
         try:
             value = float(value.strip())
         except ValueError:
-            fail(f"must be a number (got {value!r})")
+            fail(f"must be a number (got {_show(value)})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(f"must be a number (got {value!r})")
+        fail(f"must be a number (got {_show(value)})")
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        fail(f"is too large (got {_show(value)})")
     if not math.isfinite(value):
         fail(f"must be a finite number (got {value!r})")
-    return float(value)
+    return value
+
+
+def _bad_char(value: str, controls: bool) -> str | None:
+    """Why a string cannot be stored: a control character (C0, DEL, C1; tab and newlines are
+    fine) or a lone surrogate (JSON's \\ud800 escapes; not encodable as UTF-8)."""
+    for c in value:
+        if c.isprintable() or c in "\t\n\r":
+            continue
+        category = unicodedata.category(c)
+        if category == "Cs":
+            return f"contains an unpaired surrogate (U+{ord(c):04X})"
+        if controls and category == "Cc":
+            return f"contains a control character (U+{ord(c):04X})"
+    return None
 
 
 def _check_text(value: Any, fail, *, required: bool) -> str:
     if not isinstance(value, str):
         fail(f"must be a string (got {type(value).__name__})")
-    bad = next((c for c in value if ord(c) < 32 and c not in "\t\n\r"), None)
+    bad = _bad_char(value, controls=True)
     if bad is not None:
-        fail(f"contains a control character (U+{ord(bad):04X})")
+        fail(bad)
     if required and not value.strip():
         fail("must not be empty")
     return value
@@ -105,16 +138,42 @@ def _check_text(value: Any, fail, *, required: bool) -> str:
 
 def _check_range(value, low, high, what: str, fail):
     if not low <= value <= high:
-        fail(f"must be between {low:g} and {high:g} (got {value:g}){what}")
+        fail(f"must be between {_show(low)} and {_show(high)} (got {_show(value)}){what}")
     return value
 
 
 def _check_side(value: int, fail) -> int:
     if value <= 0 or value > MAX_SIDE:
-        fail(f"must be between {SIZE_MULTIPLE} and {MAX_SIDE} (got {value})")
+        fail(f"must be between {SIZE_MULTIPLE} and {MAX_SIDE} (got {_show(value)})")
     if value % SIZE_MULTIPLE:
         fail(f"must be a multiple of {SIZE_MULTIPLE} (got {value})")
     return value
+
+
+def _check_metadata(value: Any, fail, depth: int = 0) -> None:
+    """Metadata is stored as JSON: only JSON data, finite numbers, UTF-8-encodable text."""
+    if depth > 32:
+        fail("is nested too deeply")
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            fail(f"must be a finite number (got {value!r})")
+    elif isinstance(value, str):
+        bad = _bad_char(value, controls=False)
+        if bad is not None:
+            fail(bad)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_metadata(item, fail, depth + 1)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                fail(f"keys must be strings (got {type(key).__name__})")
+            _check_metadata(key, fail, depth + 1)
+            _check_metadata(item, fail, depth + 1)
+    else:
+        fail(f"must be JSON data (got {type(value).__name__})")
 
 
 class RowValidator:
@@ -146,7 +205,9 @@ class RowValidator:
             value = raw[name]
 
             def fail(message: str, _name=name):
-                raise InputError(self.source, line, prefix + _name if prefix else _name, message)
+                # A batch default is named as the CLI flag that sets it (--negative-prompt).
+                where = prefix + _name.replace("_", "-") if prefix else _name
+                raise InputError(self.source, line, where, message)
 
             if name in ("prompt", "negative_prompt"):
                 out[name] = _check_text(value, fail, required=name == "prompt")
@@ -164,9 +225,19 @@ class RowValidator:
     def validate(self, index: int, line: int, raw: Mapping[str, Any], from_text: bool = False) -> JobSpec:
         if "prompt" not in raw:
             raise InputError(self.source, line, "prompt", "missing")
+        if raw["prompt"] is None:  # _check_fields skips None (unset) fields; a prompt is required
+            raise InputError(self.source, line, "prompt", "must be a string (got null)")
         checked = self._check_fields(raw, "", line, from_text)
         values = self.defaults | checked
         metadata = {k: v for k, v in raw.items() if k not in JOB_FIELDS}
+        for key, value in metadata.items():
+            def fail(message: str, _key=key):
+                raise InputError(self.source, line, str(_key), message)
+
+            if not isinstance(key, str):
+                fail(f"keys must be strings (got {type(key).__name__})")
+            _check_metadata(key, fail)
+            _check_metadata(value, fail)
         return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
                        seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
                        width=values["width"], height=values["height"], metadata=metadata)
@@ -202,8 +273,10 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]
         if not text.strip():
             continue
         try:
-            row = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:
+            row = json.loads(text.rstrip("\r\n"), parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:  # its own "line 1" would only confuse: say the column
+            raise InputError(source, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+        except ValueError as exc:  # NaN/Infinity, or an integer with too many digits
             raise InputError(source, number, None, f"malformed JSON: {exc}") from None
         if not isinstance(row, dict):
             raise InputError(source, number, None, f"each line must be a JSON object (got {type(row).__name__})")
