@@ -278,6 +278,8 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]
             raise InputError(source, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
         except ValueError as exc:  # NaN/Infinity, or an integer with too many digits
             raise InputError(source, number, None, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise InputError(source, number, None, "malformed JSON: nested too deeply") from None
         if not isinstance(row, dict):
             raise InputError(source, number, None, f"each line must be a JSON object (got {type(row).__name__})")
         yield number, row
