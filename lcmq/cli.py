@@ -61,7 +61,8 @@ def cmd_submit(args) -> int:
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
-    _print_status(st, args.json) if (args.json or args.wait) else None
+    if args.json or args.wait:
+        _print_status(st, args.json)
     if args.wait:
         return EXIT_OK if st.ok else EXIT_FAILED
     return EXIT_OK

@@ -58,6 +58,10 @@ class DatabaseError(TransientError):
     """The database could not be reached or dropped the connection."""
 
 
+class RecordError(PermanentError):
+    """The database refused a write for its content (a constraint, a value out of range)."""
+
+
 class SchemaError(PermanentError):
     """The database has no lcmq schema (run `lcmq db upgrade`)."""
 

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from lcmq.errors import DatabaseError, NotFoundError, SchemaError
+from lcmq.errors import DatabaseError, NotFoundError, RecordError, SchemaError
 from lcmq.models import Batch, Job, JobState
 
 
@@ -132,6 +132,9 @@ def _translate_errors(method):
             raise DatabaseError(f"database error in {method.__name__}: {exc.orig or exc}") from exc
         except (sa_exc.InterfaceError, sa_exc.DisconnectionError) as exc:
             raise DatabaseError(f"database connection lost in {method.__name__}: {exc}") from exc
+        except (sa_exc.IntegrityError, sa_exc.DataError) as exc:
+            # The data itself was refused: retrying the same write cannot help.
+            raise RecordError(f"database refused the data in {method.__name__}: {exc.orig or exc}") from exc
     return wrapper
 
 

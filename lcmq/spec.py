@@ -24,6 +24,7 @@ MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
 MAX_SIDE = 2048
 SIZE_MULTIPLE = 8
 MAX_SEED = 2**63 - 1
+MAX_NAME = 200  # batches.name is a String(200)
 # Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
 JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -188,6 +189,8 @@ class RowValidator:
             "height": options.height, "seed": options.seed, "negative_prompt": options.negative_prompt,
         }.items() if v is not None}
         checked = self._check_fields(flags, "--", line=None, from_text=False)
+        if options.name is not None:
+            self._check_name(options.name)
         self.defaults = {
             "negative_prompt": checked.get("negative_prompt", ""),
             "steps": checked.get("steps", profile.steps),
@@ -195,6 +198,14 @@ class RowValidator:
             "width": checked.get("width", profile.width),
             "height": checked.get("height", profile.height),
         }
+
+    def _check_name(self, name: Any) -> None:
+        def fail(message: str):
+            raise InputError(self.source, None, "--name", message)
+
+        _check_text(name, fail, required=False)
+        if len(name) > MAX_NAME:
+            fail(f"must be at most {MAX_NAME} characters (got {len(name)})")
 
     def _check_fields(self, raw: Mapping[str, Any], prefix: str, line: int | None,
                       from_text: bool) -> dict[str, Any]:

@@ -78,13 +78,12 @@ def test_released_jobs_are_queued_again(repo):
 
 def test_create_batch_is_all_or_nothing(repo):
     batch_id, _ = _batch(repo, 1)
-    from lcmq.errors import LcmqError
-    from sqlalchemy.exc import IntegrityError
+    from lcmq.errors import RecordError
 
     duplicate_index = [{"id": uuid.uuid4().hex, "index": 0, "prompt": "p", "negative_prompt": "", "seed": 0,
                         "steps": 4, "guidance": 1.0, "width": 64, "height": 64, "meta": {}}] * 2
     new_batch = uuid.uuid4().hex[:16]
-    with pytest.raises((IntegrityError, LcmqError)):
+    with pytest.raises(RecordError, match="duplicate key"):
         repo.create_batch({"id": new_batch, "name": None, "profile": "tiny", "total": 2, "seed": 1,
                            "output": "file:///x/", "options": {}}, duplicate_index)
     with pytest.raises(NotFoundError):

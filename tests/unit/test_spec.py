@@ -170,6 +170,10 @@ def test_flags_are_batch_defaults_and_rows_override_them(tmp_path):
     assert (b.steps, b.guidance, b.width, b.height, b.negative_prompt, b.seed) == (8, 2.0, 16, 24, "own", 3)
 
 
+def test_a_batch_name_of_200_characters_is_fine(tmp_path):
+    assert load(write(tmp_path, "fox\n", ".txt"), name="n" * 200)[0].prompt == "fox"
+
+
 def test_partial_flags_leave_the_rest_to_the_profile(tmp_path):
     spec, = load(write(tmp_path, "fox\n", ".txt"), steps=1)
     assert (spec.steps, spec.guidance, spec.width, spec.height) == (1, 1.0, 64, 64)
@@ -272,7 +276,7 @@ BAD = [
     ("jsonl-steps-string", '{"prompt": "a", "steps": "4"}\n', ".jsonl", {}, "1:steps", "must be an integer"),
     ("jsonl-steps-bool", '{"prompt": "a", "steps": true}\n', ".jsonl", {}, "1:steps", "must be an integer"),
     ("jsonl-steps-fraction", '{"prompt": "a", "steps": 2.5}\n', ".jsonl", {}, "1:steps", "must be an integer"),
-    ("jsonl-steps-huge", '{"prompt": "a", "steps": 1' + "0" * 60 + "}\n", ".jsonl", {}, "1:steps",
+    ("jsonl-steps-huge", '{"prompt": "a", "steps": 1' + "0" * 400 + "}\n", ".jsonl", {}, "1:steps",
      "between 1 and 8"),
     ("jsonl-guidance-2.5", '{"prompt": "a", "guidance": 2.5}\n', ".jsonl", {}, "1:guidance",
      "between 1 and 2 (got 2.5)"),
@@ -326,6 +330,8 @@ BAD = [
     ("flag-seed-negative", "a\n", ".txt", {"seed": -1}, "--seed", "between 0 and"),
     ("flag-negative-prompt-control", "a\n", ".txt", {"negative_prompt": "x\x00"}, "--negative-prompt",
      "control character"),
+    ("flag-name-too-long", "a\n", ".txt", {"name": "n" * 201}, "--name", "at most 200 characters"),
+    ("flag-name-control", "a\n", ".txt", {"name": "run\x001"}, "--name", "control character"),
     # the file itself
     ("unknown-suffix", "a\n", ".md", {}, "", "unknown file type '.md'"),
 ]
