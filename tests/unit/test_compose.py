@@ -255,7 +255,7 @@ def test_lcmq_commands_parse_and_name_known_profiles(services):
     assert set(parsed) == set(LCMQ_SERVICES)
     assert (parsed["migrate"].command, parsed["migrate"].action) == ("db", "upgrade")
     gpu, cpu = parsed["worker-gpu"], parsed["worker-cpu"]
-    assert (gpu.command, gpu.model, gpu.device, gpu.pool) == ("worker", "sd15", "cuda", "solo")
+    assert (gpu.command, gpu.model, gpu.device, gpu.pool) == ("worker", "sd15", "cuda", "prefork")
     assert (cpu.command, cpu.model, cpu.device) == ("worker", "tiny", "cpu")
 
 
