@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -19,7 +21,9 @@ from lcmq.models import JobState
 from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.repository import BatchRecord, Repository
 from lcmq.settings import Settings, get_settings
-from lcmq.spec import BatchOptions, RowValidator, read_rows, rows_from_objects, validate_rows
+from lcmq.queue import MAX_PRIORITY
+from lcmq.spec import (BatchOptions, JobSpec, RowValidator, check_file, is_text_format, iter_specs, read_rows,
+                        rows_from_objects, validate_rows)
 from lcmq.storage import Storage, storage_from_url
 
 
@@ -63,31 +67,92 @@ def _resolve_profile(model: str, source: str) -> Profile:
         raise InputError(source, None, "model", str(exc)) from None
 
 
+def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profile, chunk_size: int) -> str:
+    """The same content, profile and parameters give the same key: a resubmission is found."""
+    parts = {"content": content_sha256, "options": asdict(options), "profile": profile.to_dict(),
+             "chunk_size": chunk_size}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_flags(source: str, chunk_size: int, priority: int, idempotency_key: str | None) -> None:
+    if not 1 <= chunk_size <= 10_000:
+        raise InputError(source, None, "--chunk-size", f"must be between 1 and 10000 (got {chunk_size})")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise InputError(source, None, "--priority", f"must be between 0 and {MAX_PRIORITY} (got {priority})")
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 64 and idempotency_key.isprintable()):
+        raise InputError(source, None, "--idempotency-key", "must be 1-64 printable characters")
+
+
 def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
            steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
            width: int | None = None, height: int | None = None, seed: int | None = None,
-           name: str | None = None, chunk_size: int | None = None) -> BatchStatus:
+           name: str | None = None, chunk_size: int | None = None, priority: int = 0,
+           idempotency_key: str | None = None) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
     `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
-    Nothing is written or enqueued unless every row is valid.
+    Nothing is written or enqueued unless every row is valid. Submitting the same content with
+    the same parameters again (even concurrently) returns the existing batch and renders
+    nothing new; `idempotency_key` replaces the key computed from them.
     """
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
 
     settings = get_settings()
     options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                            width=width, height=height, seed=seed, name=name)
-    if isinstance(rows, (str, Path)):
-        path = Path(rows)
-        source, raw_rows, from_text = str(path), read_rows(path), path.suffix.lower() == ".csv"
-    else:
-        source, raw_rows, from_text = "<rows>", rows_from_objects(rows), False
+    chunk_size = chunk_size or settings.chunk_size
+    path = Path(rows) if isinstance(rows, (str, Path)) else None
+    source = str(path) if path else "<rows>"
+    _check_flags(source, chunk_size, priority, idempotency_key)
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source)
-    specs = validate_rows(raw_rows, validator, from_text)
-    repo, store = repository(settings), storage(settings)
-    batch_id = create_and_enqueue(specs, profile, options, repo, store, chunk_size or settings.chunk_size)
+    if path is not None:
+        # Pass 1 validates the whole file keeping nothing; pass 2 streams it into the database.
+        _, content_sha256 = check_file(path, validator)
+        specs: Iterable[JobSpec] = iter_specs(read_rows(path), validator, is_text_format(path))
+    else:
+        specs = validate_rows(rows_from_objects(rows), validator)
+        content_sha256 = hashlib.sha256(json.dumps([asdict(spec) for spec in specs], sort_keys=True,
+                                                   default=str).encode()).hexdigest()
+    key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
+    batch_id, _ = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
+                                     chunk_size, idempotency_key=key, priority=priority)
     return status(batch_id)
+
+
+def cancel(batch_id: str) -> BatchStatus:
+    """Queued jobs never start; running ones stop at their worker's next micro-batch."""
+    repository().cancel_batch(batch_id)
+    return status(batch_id)
+
+
+def _requeue_and_dispatch(batch_id: str, states: list[JobState], reset_attempts: bool) -> BatchStatus:
+    from scheduler.dispatch import dispatch_batch
+
+    settings = get_settings()
+    repo = repository(settings)
+    batch = repo.get_batch(batch_id)
+    repo.requeue(batch_id, states, reset_attempts=reset_attempts)
+    dispatch_batch(repo, batch, settings.chunk_size)
+    return status(batch_id)
+
+
+def resume(batch_id: str) -> BatchStatus:
+    """Re-enqueue the jobs not yet final (queued, or running under an expired lease) and canceled ones."""
+    return _requeue_and_dispatch(batch_id, [JobState.queued, JobState.running, JobState.canceled], False)
+
+
+def retry_failed(batch_id: str) -> BatchStatus:
+    """Give the failed jobs of a batch a fresh set of attempts."""
+    return _requeue_and_dispatch(batch_id, [JobState.failed], True)
+
+
+def sweep() -> dict[str, int]:
+    """One pass of the sweeper (see scheduler.sweeper)."""
+    from scheduler.sweeper import sweep_once
+
+    settings = get_settings()
+    return sweep_once(repository(settings), settings).to_dict()
 
 
 def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:

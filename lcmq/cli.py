@@ -57,7 +57,8 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
 def cmd_submit(args) -> int:
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
-                    seed=args.seed, name=args.name, chunk_size=args.chunk_size)
+                    seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
+                    idempotency_key=args.idempotency_key)
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -74,6 +75,57 @@ def cmd_status(args) -> int:
     else:
         st = api.status(args.batch)
     _print_status(st, args.json)
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    _print_status(api.cancel(args.batch), args.json)
+    return EXIT_OK
+
+
+def cmd_resume(args) -> int:
+    _print_status(api.resume(args.batch), args.json)
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    if not args.failed:
+        print("lcmq: error: say which jobs to retry: --failed", file=sys.stderr)
+        return EXIT_USAGE
+    _print_status(api.retry_failed(args.batch), args.json)
+    return EXIT_OK
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '2m', '500ms', '1h' or plain seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, suffix = text, "s"
+    try:
+        value = float(number) * units[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 10s, 2m, 500ms)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return value
+
+
+def cmd_sweep(args) -> int:
+    from scheduler.sweeper import sweep_forever, sweep_once  # the CLI reaches into the producer side
+
+    settings = get_settings()
+    repo = api.repository(settings)
+    if args.every is None:
+        _print_json(sweep_once(repo, settings).to_dict())
+        return EXIT_OK
+    setup_logging(settings.log_level, settings.log_json)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    sweep_forever(repo, settings, args.every, stop=lambda: stop["now"])
     return EXIT_OK
 
 
@@ -174,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="batch seed; a row without its own seed derives one from it")
     p.add_argument("--name")
     p.add_argument("--chunk-size", type=int, help="jobs per queue message")
+    p.add_argument("--priority", type=int, default=0, help="0-9, 9 most urgent (default 0)")
+    p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
+                   "submitting the same key again returns the existing batch")
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")
@@ -184,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="draw a progress bar until the batch is done")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    for name, func, text in (("cancel", cmd_cancel, "queued jobs never start; running ones stop soon"),
+                             ("resume", cmd_resume, "re-enqueue the jobs of a batch that are not final")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("batch")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("retry", help="give failed jobs a fresh set of attempts")
+    p.add_argument("batch")
+    p.add_argument("--failed", action="store_true", help="retry the failed jobs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("sweep", help="requeue jobs of dead workers and publish lost messages")
+    p.add_argument("--every", type=parse_duration, help="keep sweeping at this interval (e.g. 10s)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("manifest", help="one JSON line per succeeded image")
     p.add_argument("batch")
@@ -234,3 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lcmq manifest | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -6,7 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -37,8 +38,15 @@ class Batch(Base):
     output: Mapped[str] = mapped_column(Text)  # storage prefix URL of the batch, ends with '/'
     options: Mapped[dict[str, Any]] = mapped_column(JSON)  # the batch defaults as submitted
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The same submission twice (even concurrently) finds this key and returns the first batch.
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # 0-9, 9 most urgent
+    canceled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_batches_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_created_at", "created_at"),
+        UniqueConstraint("idempotency_key", name="uq_batches_idempotency_key"),
+    )
 
 
 class Job(Base):
@@ -64,6 +72,10 @@ class Job(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     render_ms: Mapped[float | None] = mapped_column(Float)
     batch_size: Mapped[int | None] = mapped_column(Integer)  # images per pipeline call that rendered it
+    warning: Mapped[str | None] = mapped_column(Text)  # e.g. the prompt was truncated to the encoder's length
+    # The outbox: NULL until a message naming the job was published. The sweeper publishes
+    # queued jobs still NULL after a grace period (a crash between commit and publish).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -71,4 +83,6 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_jobs_batch_index"),
         Index("ix_jobs_batch_state", "batch_id", "state"),
+        Index("ix_jobs_state_lease", "state", "lease_until"),
+        Index("ix_jobs_state_dispatched", "state", "dispatched_at"),
     )

@@ -5,6 +5,7 @@ Messages carry job ids only; the worker reads everything else from the database.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -28,8 +29,13 @@ def _transport_options(settings: Settings) -> dict:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
                 "processed_folder": str(folder / "processed"), "store_processed": False}
-    # A message unacked this long is handed to another worker: keep it above the longest task.
-    return {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        # A message unacked this long is handed to another worker: keep it above the longest task.
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Batch priority: Redis keeps one list per step; 0 is served first on Redis.
+        "queue_order_strategy": "priority",
+        "priority_steps": list(range(10)),
+    }
 
 
 def make_app(settings: Settings) -> Celery:
@@ -62,15 +68,38 @@ def get_app() -> Celery:
     return make_app(get_settings())
 
 
-def publish_chunks(profile: str, batch_id: str, chunks: Sequence[Sequence[str]]) -> int:
-    """Send one render task per chunk of job ids over a single broker connection."""
+MAX_PRIORITY = 9
+
+
+def redis_priority(priority: int) -> int:
+    """lcmq's priority (0-9, 9 most urgent) as Redis's (0 served first)."""
+    return MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
+
+
+def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], priority: int = 0) -> int:
+    """Send one render task per (batch id, job ids) chunk over a single broker connection."""
     app = get_app()
     queue = queue_name(profile)
     try:
         with app.producer_or_acquire() as producer:
-            for number, job_ids in enumerate(chunks):
+            for batch_id, job_ids in chunks:
                 app.send_task(RENDER_TASK, args=[batch_id, list(job_ids)], queue=queue,
-                              task_id=f"{batch_id}-{number:06d}", producer=producer)
+                              task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}", producer=producer,
+                              priority=redis_priority(priority))
     except (KombuOperationalError, OSError) as exc:
         raise BrokerError(f"publishing to {queue}: {exc}") from exc
     return len(chunks)
+
+
+def queue_length(profile: str) -> int:
+    """Messages waiting in a profile's queue (not those a worker holds unacked)."""
+    app = get_app()
+    try:
+        with app.connection_for_write() as conn:
+            return conn.default_channel.queue_declare(queue_name(profile), passive=True).message_count
+    except (KombuOperationalError, OSError) as exc:
+        raise BrokerError(f"reading the length of {queue_name(profile)}: {exc}") from exc
+    except Exception as exc:  # a queue never declared yet holds nothing
+        if "NOT_FOUND" in str(exc) or "not found" in str(exc).lower():
+            return 0
+        raise

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Engine, String, cast, create_engine, event, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,6 +43,19 @@ class BatchRecord:
     output: str
     options: dict[str, Any]
     created_at: datetime
+    idempotency_key: str | None
+    priority: int
+    canceled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A queued job waiting for a message: what dispatch needs to route and chunk it."""
+
+    id: str
+    batch_id: str
+    shape: tuple[int, int, int, float]
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ class JobRecord:
     sha256: str | None
     render_ms: float | None
     batch_size: int | None
+    warning: str | None
+    dispatched_at: datetime | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -156,16 +171,45 @@ class Repository:
 
     # --- producer side --------------------------------------------------------------------
 
+    def _insert_batch(self, s: Session, batch: dict[str, Any]) -> bool:
+        """Insert the batch row; False when its idempotency key already names another batch."""
+        if s.bind.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = dialect_insert(Batch).values(**batch)
+        if batch.get("idempotency_key"):
+            # Concurrent submits of the same thing: the unique key makes the second wait for the
+            # first's commit and then insert nothing.
+            statement = statement.on_conflict_do_nothing(index_elements=["idempotency_key"])
+        return s.execute(statement.returning(Batch.id)).first() is not None
+
     @_translate_errors
-    def create_batch(self, batch: dict[str, Any], jobs: Sequence[dict[str, Any]]) -> None:
-        """The batch and all its jobs in one transaction: all of them exist, or none."""
+    def create_batch(self, batch: dict[str, Any], jobs: Iterable[dict[str, Any]],
+                     page: int = 5000) -> tuple[str, bool]:
+        """The batch and all its jobs in one transaction: all of them exist, or none.
+
+        Returns (batch id, created). With an idempotency key that is already taken, nothing is
+        written and the existing batch's id comes back with created=False.
+        """
         now = utcnow()
         with self._session() as s:
-            s.execute(insert(Batch), [batch | {"created_at": now}])
-            rows = [job | {"batch_id": batch["id"], "state": JobState.queued.value, "attempts": 0,
-                           "created_at": now} for job in jobs]
-            for start in range(0, len(rows), 5000):
-                s.execute(insert(Job), rows[start:start + 5000])
+            if not self._insert_batch(s, batch | {"created_at": now}):
+                existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
+                return existing, False
+            rows: list[dict[str, Any]] = []
+            total = 0
+            for job in jobs:  # a stream: a 10^6-row file is written page by page
+                rows.append(job | {"batch_id": batch["id"], "state": JobState.queued.value, "attempts": 0,
+                                   "created_at": now})
+                if len(rows) >= page:
+                    s.execute(insert(Job), rows)
+                    total, rows = total + len(rows), []
+            if rows:
+                s.execute(insert(Job), rows)
+                total += len(rows)
+            s.execute(update(Batch).where(Batch.id == batch["id"]).values(total=total))
+        return batch["id"], True
 
     @_translate_errors
     def get_batch(self, batch_id: str) -> BatchRecord:
@@ -205,6 +249,93 @@ class Repository:
                 query = query.where(Job.state == state.value)
             return [_record(JobRecord, j) for j in s.scalars(query)]
 
+    # --- dispatch (the outbox) ------------------------------------------------------------
+
+    @_translate_errors
+    def pending_dispatch(self, *, batch_id: str | None = None, created_before: datetime | None = None,
+                         dispatched_before: datetime | None = None, limit: int = 10_000) -> list[PendingJob]:
+        """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
+        query = select(Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.attempts) \
+            .where(Job.state == JobState.queued.value)
+        if dispatched_before is not None:
+            query = query.where(Job.dispatched_at < dispatched_before)
+        else:
+            query = query.where(Job.dispatched_at.is_(None))
+        if batch_id is not None:
+            query = query.where(Job.batch_id == batch_id)
+        if created_before is not None:
+            query = query.where(Job.created_at < created_before)
+        query = query.order_by(Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.index).limit(limit)
+        with self._session() as s:
+            return [PendingJob(r.id, r.batch_id, (r.width, r.height, r.steps, r.guidance), r.attempts)
+                    for r in s.execute(query)]
+
+    @_translate_errors
+    def mark_dispatched(self, job_ids: Sequence[str]) -> None:
+        now = utcnow()
+        with self._session() as s:
+            for start in range(0, len(job_ids), 5000):
+                s.execute(update(Job).where(Job.id.in_(list(job_ids[start:start + 5000])))
+                          .values(dispatched_at=now).execution_options(synchronize_session=False))
+
+    @_translate_errors
+    def recover_expired(self, max_attempts: int) -> tuple[int, int]:
+        """Running jobs whose lease expired (their worker is gone): requeue, or fail at the limit.
+
+        Returns (requeued, failed). Requeued jobs have no message yet: dispatch sends them.
+        """
+        now = utcnow()
+        expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
+        with self._session() as s:
+            failed = s.execute(
+                update(Job).where(expired, Job.attempts >= max_attempts)
+                .values(state=JobState.failed.value, finished_at=now, lease_until=None,
+                        error=func.coalesce(Job.error + "; ", "") + "worker lost during attempt " +
+                        cast(Job.attempts, String) + f" of {max_attempts}; giving up")
+                .execution_options(synchronize_session=False)).rowcount
+            requeued = s.execute(
+                update(Job).where(expired)
+                .values(state=JobState.queued.value, lease_until=None, dispatched_at=None,
+                        error="worker lost during attempt " + cast(Job.attempts, String))
+                .execution_options(synchronize_session=False)).rowcount
+        return requeued, failed
+
+    # --- control --------------------------------------------------------------------------
+
+    @_translate_errors
+    def cancel_batch(self, batch_id: str) -> int:
+        """Queued jobs become canceled now; running ones stop at their worker's next micro-batch."""
+        now = utcnow()
+        with self._session() as s:
+            if s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=now)).rowcount == 0:
+                raise NotFoundError(f"no batch {batch_id!r}")
+            return s.execute(
+                update(Job).where(Job.batch_id == batch_id, Job.state == JobState.queued.value)
+                .values(state=JobState.canceled.value, finished_at=now)
+                .execution_options(synchronize_session=False)).rowcount
+
+    @_translate_errors
+    def batch_canceled(self, batch_id: str) -> bool:
+        with self._session() as s:
+            return s.scalar(select(Batch.canceled_at).where(Batch.id == batch_id)) is not None
+
+    @_translate_errors
+    def requeue(self, batch_id: str, states: Sequence[JobState], reset_attempts: bool = False) -> int:
+        """Put a batch's jobs in the given states back in the queue (resume, retry)."""
+        values: dict[str, Any] = {"state": JobState.queued.value, "dispatched_at": None, "lease_until": None,
+                                  "finished_at": None}
+        if reset_attempts:
+            values |= {"attempts": 0, "error": None}
+        now = utcnow()
+        wanted = [st.value for st in states if st != JobState.running]
+        condition = Job.state.in_(wanted)
+        if JobState.running in states:  # running only when its lease expired: never steal a live job
+            condition = condition | ((Job.state == JobState.running.value) & (Job.lease_until < now))
+        with self._session() as s:
+            s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=None))
+            return s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
+                             .execution_options(synchronize_session=False)).rowcount
+
     # --- worker side ----------------------------------------------------------------------
 
     @_translate_errors
@@ -221,45 +352,63 @@ class Repository:
                 update(Job)
                 .where(Job.id.in_(list(job_ids)), claimable)
                 .values(state=JobState.running.value, attempts=Job.attempts + 1, worker=worker,
-                        lease_until=now + timedelta(seconds=lease_s), started_at=now, error=None)
+                        lease_until=now + timedelta(seconds=lease_s), started_at=now)
                 .returning(Job)
                 .execution_options(synchronize_session=False)
             )
             claimed = [_record(JobRecord, j) for j in result.scalars()]
         return sorted(claimed, key=lambda j: j.index)
 
-    def _held(self, job_id: str, worker: str):
-        return (Job.id == job_id) & (Job.state == JobState.running.value) & (Job.worker == worker)
+    def _held(self, job_ids: Sequence[str], worker: str):
+        return Job.id.in_(list(job_ids)) & (Job.state == JobState.running.value) & (Job.worker == worker)
+
+    @_translate_errors
+    def extend_leases(self, job_ids: Sequence[str], worker: str, lease_s: float) -> int:
+        with self._session() as s:
+            return s.execute(update(Job).where(self._held(job_ids, worker))
+                             .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                             .execution_options(synchronize_session=False)).rowcount
 
     @_translate_errors
     def record_success(self, job_id: str, worker: str, key: str, sha256: str, render_ms: float,
-                       batch_size: int) -> bool:
+                       batch_size: int, warning: str | None = None) -> bool:
         """Mark a job done if this worker still holds it; False when the lease was lost."""
         with self._session() as s:
             result = s.execute(
-                update(Job).where(self._held(job_id, worker))
+                update(Job).where(self._held([job_id], worker))
                 .values(state=JobState.succeeded.value, key=key, sha256=sha256, render_ms=render_ms,
-                        batch_size=batch_size, finished_at=utcnow(), lease_until=None)
+                        batch_size=batch_size, warning=warning, finished_at=utcnow(), lease_until=None,
+                        error=None)
                 .execution_options(synchronize_session=False))
             return result.rowcount == 1
 
+    def _finish(self, job_ids: Sequence[str], worker: str, state: JobState, error: str | None) -> int:
+        with self._session() as s:
+            return s.execute(
+                update(Job).where(self._held(job_ids, worker))
+                .values(state=state.value, error=error[:4000] if error else None, finished_at=utcnow(),
+                        lease_until=None)
+                .execution_options(synchronize_session=False)).rowcount
+
     @_translate_errors
     def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:
-        with self._session() as s:
-            result = s.execute(
-                update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.running.value,
-                                  Job.worker == worker)
-                .values(state=JobState.failed.value, error=error[:4000], finished_at=utcnow(), lease_until=None)
-                .execution_options(synchronize_session=False))
-            return result.rowcount
+        return self._finish(job_ids, worker, JobState.failed, error)
+
+    @_translate_errors
+    def record_canceled(self, job_ids: Sequence[str], worker: str) -> int:
+        return self._finish(job_ids, worker, JobState.canceled, "batch canceled")
 
     @_translate_errors
     def release(self, job_ids: Sequence[str], worker: str, error: str | None = None) -> int:
-        """Hand jobs back to the queue (a transient failure, a shutdown)."""
+        """Hand jobs back to the queue after a transient fault or at shutdown.
+
+        The attempt is not counted against the job (attempts - 1): max_attempts bounds the
+        workers a job takes down, not the outages of S3 or the database. The caller publishes
+        a message for them (a task retry, or a new chunk), hence dispatched_at = now.
+        """
         with self._session() as s:
-            result = s.execute(
-                update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.running.value,
-                                  Job.worker == worker)
-                .values(state=JobState.queued.value, error=error, lease_until=None)
-                .execution_options(synchronize_session=False))
-            return result.rowcount
+            return s.execute(
+                update(Job).where(self._held(job_ids, worker))
+                .values(state=JobState.queued.value, error=error, lease_until=None, attempts=Job.attempts - 1,
+                        dispatched_at=utcnow())
+                .execution_options(synchronize_session=False)).rowcount

@@ -60,7 +60,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
     render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")
     visibility_timeout_s: int = Field(7200, ge=60, description="Redis redelivery timeout; > longest task.")
-    lease_s: int = Field(600, ge=5, description="How long a claimed job stays owned without renewal.")
+    lease_s: float = Field(120, ge=1, description="How long a claimed job stays owned without renewal; "
+                           "workers renew every lease_s/3, so a dead worker's jobs return after this.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Workers a job may take down (crash, OOM, kill) "
+                              "before it is failed.")
+    dispatch_grace_s: float = Field(30, ge=0, description="A queued job with no message this long after "
+                                    "its commit is published by the sweeper.")
+    redispatch_s: float = Field(120, ge=1, description="A queued job whose message is this old while its "
+                                "queue is empty lost its message (broker restart): the sweeper republishes.")
     poll_s: float = Field(0.5, gt=0, description="Status polling interval of --wait.")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")

@@ -348,10 +348,40 @@ def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<r
             raise InputError(source, number, None, f"a row must be a string or a mapping (got {type(row).__name__})")
 
 
+def iter_specs(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
+               from_text: bool = False) -> Iterator[JobSpec]:
+    """Validated specs as a stream; raises on the first bad row."""
+    for index, (line, raw) in enumerate(rows):
+        yield validator.validate(index, line, raw, from_text)
+
+
 def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
                   from_text: bool = False) -> list[JobSpec]:
     """Validate every row; raises on the first bad one, before anything is written."""
-    specs = [validator.validate(index, line, raw, from_text) for index, (line, raw) in enumerate(rows)]
+    specs = list(iter_specs(rows, validator, from_text))
     if not specs:
         raise InputError(validator.source, None, None, "no prompts in input")
     return specs
+
+
+def check_file(path: Path, validator: RowValidator) -> tuple[int, str]:
+    """Validate a whole batch file without keeping its rows: (row count, sha256 of its bytes).
+
+    The first of two passes: nothing is written until every row passed, and a 10^6-line file
+    is never held in memory.
+    """
+    import hashlib
+
+    count = sum(1 for _ in iter_specs(read_rows(path), validator, is_text_format(path)))
+    if not count:
+        raise InputError(validator.source, None, None, "no prompts in input")
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return count, digest.hexdigest()
+
+
+def is_text_format(path: Path) -> bool:
+    """CSV cells are text: numbers in them are parsed, where JSON must give real numbers."""
+    return path.suffix.lower() == ".csv"

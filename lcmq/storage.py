@@ -42,6 +42,10 @@ class Storage(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def stored_sha256(self, key: str) -> str | None:
+        """The sha256 of the object at key, or None when there is none."""
+
+    @abstractmethod
     def list_keys(self, prefix: str) -> list[str]: ...
 
     @abstractmethod
@@ -82,6 +86,10 @@ class FileStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def stored_sha256(self, key: str) -> str | None:
+        path = self._path(key)
+        return sha256_hex(path.read_bytes()) if path.is_file() else None
 
     def list_keys(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/"))
@@ -133,24 +141,35 @@ class S3Storage(Storage):
         response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._object_key(key))
         return response["Body"].read()
 
-    def exists(self, key: str) -> bool:
+    def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise StorageError(f"s3 head {key}: {exc}") from exc
+            return self._call("head", self.client.head_object, Bucket=self.bucket, Key=self._object_key(key))
+        except PermanentStorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def stored_sha256(self, key: str) -> str | None:
+        head = self._head(key)
+        return None if head is None else head.get("Metadata", {}).get("sha256")
 
     def list_keys(self, prefix: str) -> list[str]:
         full = self._object_key(prefix.rstrip("/")) + "/"
         keys: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in self._call("list", paginator.paginate, Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][len(self.prefix) + 1 if self.prefix else 0:] for obj in page.get("Contents", []))
-        return sorted(keys)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: dict[str, str] = {}
+        while True:
+            page = self._call("list", self.client.list_objects_v2, Bucket=self.bucket, Prefix=full, **token)
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(key)}"

@@ -1,8 +1,9 @@
 """Producer side: turn validated job specs into a batch, its job rows and its queue messages.
 
 1. Resolve every job's seed (explicit, or derived from the batch seed and the row index).
-2. Write the batch and all its jobs in one transaction.
-3. Chunk the jobs by render shape so each chunk is one kind of pipeline call, and publish.
+2. Write the batch and all its jobs in one transaction (or find the batch that an identical
+   submission already wrote: the idempotency key).
+3. Dispatch: chunk the jobs by render shape so each chunk is one pipeline call, and publish.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from lcmq.profiles import Profile
-from lcmq.queue import publish_chunks
 from lcmq.repository import Repository
 from lcmq.spec import BatchOptions, JobSpec
 from lcmq.storage import Storage
+
+from scheduler.dispatch import dispatch_batch
 
 log = logging.getLogger("lcmq.scheduler")
 
@@ -35,14 +37,6 @@ def derive_seed(batch_seed: int, index: int) -> int:
     return int.from_bytes(digest[: SEED_BITS // 8], "big")
 
 
-def chunk_by_shape(jobs: Sequence[tuple[str, JobSpec]], chunk_size: int) -> list[list[str]]:
-    """Job ids in chunks of at most chunk_size, each chunk of a single render shape."""
-    by_shape: dict[tuple, list[str]] = {}
-    for job_id, spec in jobs:
-        by_shape.setdefault(spec.render_shape, []).append(job_id)
-    return [ids[i:i + chunk_size] for ids in by_shape.values() for i in range(0, len(ids), chunk_size)]
-
-
 def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
     seed = spec.seed if spec.seed is not None else derive_seed(batch_seed, spec.index)
     return {"id": job_id, "index": spec.index, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
@@ -50,22 +44,29 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
             "height": spec.height, "meta": spec.metadata}
 
 
-def create_and_enqueue(specs: Sequence[JobSpec], profile: Profile, options: BatchOptions, repo: Repository,
-                       storage: Storage, chunk_size: int) -> str:
-    """Write a validated batch and publish its chunks; returns the batch id."""
+def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: BatchOptions, repo: Repository,
+                       storage: Storage, chunk_size: int, idempotency_key: str | None = None,
+                       priority: int = 0) -> tuple[str, bool]:
+    """Write a validated batch and publish its chunks; returns (batch id, created).
+
+    `specs` may be a stream (a 10^6-row file is never held whole). When the idempotency key
+    names an existing batch, nothing is written or published and that batch's id is returned.
+    """
     batch_id = new_batch_id()
     batch_seed = options.seed if options.seed is not None else secrets.randbelow(2**SEED_BITS)
-    jobs = [(uuid.uuid4().hex, spec) for spec in specs]
 
     # 1-2. One transaction: a reader sees the whole batch or none of it.
-    repo.create_batch(
-        {"id": batch_id, "name": options.name, "profile": profile.name, "total": len(jobs), "seed": batch_seed,
-         "output": storage.batch_url(batch_id), "options": asdict(options)},
-        [job_row(job_id, spec, batch_seed) for job_id, spec in jobs])
+    batch_id, created = repo.create_batch(
+        {"id": batch_id, "name": options.name, "profile": profile.name, "total": 0, "seed": batch_seed,
+         "output": storage.batch_url(batch_id), "options": asdict(options), "idempotency_key": idempotency_key,
+         "priority": priority},
+        (job_row(uuid.uuid4().hex, spec, batch_seed) for spec in specs))
+    if not created:
+        log.info("identical batch exists", extra={"batch_id": batch_id, "idempotency_key": idempotency_key})
+        return batch_id, False
 
-    # 3. Publish after the commit, so a worker never receives ids it cannot read yet.
-    chunks = chunk_by_shape(jobs, chunk_size)
-    publish_chunks(profile.name, batch_id, chunks)
-    log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": len(jobs), "chunks": len(chunks),
-                                      "profile": profile.name})
-    return batch_id
+    # 3. Publish after the commit, so a worker never receives ids it cannot read yet. A crash
+    #    here leaves the jobs undispatched; the sweeper publishes them after its grace period.
+    published = dispatch_batch(repo, repo.get_batch(batch_id), chunk_size)
+    log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": published, "profile": profile.name})
+    return batch_id, True

@@ -24,8 +24,13 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
 
     profile = get_profile(profile_name)
     preflight(profile)  # a missing path or wrong family stops the start, not the first task
+    from celery.signals import worker_shutting_down
+
+    from worker.lifecycle import request_shutdown
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
 
+    # SIGTERM: the running chunk finishes its micro-batch and hands the rest back.
+    worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
     os.environ[WORKER_PROFILE_ENV] = profile.name
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
     app.worker_main([

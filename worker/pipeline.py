@@ -131,6 +131,18 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
     return LoadedPipeline(profile, pipe, device, dtype, load_s)
 
 
+def truncation_warnings(loaded: LoadedPipeline, prompts: list[str]) -> list[str | None]:
+    """A warning per prompt longer than the text encoder reads (the pipeline truncates it)."""
+    tokenizer = loaded.pipe.tokenizer
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
+    warnings = [f"prompt truncated to {limit} tokens (had {n})" if n > limit else None for n in lengths]
+    for prompt, warning in zip(prompts, warnings):
+        if warning:
+            log.warning("prompt truncated", extra={"tokens_limit": limit, "prompt_chars": len(prompt)})
+    return warnings
+
+
 _PINNED: dict[str, LoadedPipeline] = {}
 
 

@@ -24,14 +24,14 @@ def _drift(url: str) -> list:
 def test_sqlite_migrations_match_models(tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     upgrade(url)
-    assert current(url) == "0001"
+    assert current(url) == "0002"
     assert _drift(url) == []
     tables = set(inspect(create_engine(url)).get_table_names())
     assert {"batches", "jobs", "alembic_version"} <= tables
 
 
 def test_postgres_migrations_match_models(migrated_pg_url):
-    assert current(migrated_pg_url) == "0001"
+    assert current(migrated_pg_url) == "0002"
     assert _drift(migrated_pg_url) == []
 
 
@@ -39,7 +39,7 @@ def test_upgrade_twice_is_a_no_op(tmp_path):
     url = f"sqlite:///{tmp_path / 'twice.db'}"
     upgrade(url)
     upgrade(url)
-    assert current(url) == "0001"
+    assert current(url) == "0002"
 
 
 def test_missing_schema_says_to_upgrade(tmp_path):

@@ -27,7 +27,9 @@ def snapshot(services_env):
     def take() -> dict:
         with engine.connect() as conn:
             rows = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("batches", "jobs")}
-        return {"rows": rows, "keys": sorted(broker.keys("*")), "render.tiny": broker.llen("render.tiny")}
+        # With batch priorities on, Redis keeps one list per priority step: render.tiny<sep><n>.
+        waiting = sum(broker.llen(key) for key in broker.keys("render.tiny*") if broker.type(key) == b"list")
+        return {"rows": rows, "keys": sorted(broker.keys("*")), "render.tiny": waiting}
 
     yield take
     engine.dispose()

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import pytest
 from PIL import Image
 
 from lcmq.profiles import BUILTIN_PROFILES
+from helpers import job_record
+
 from lcmq.repository import JobRecord
 from lcmq.settings import get_settings
 
 
 def _job(index: int, seed: int, prompt: str = "a lighthouse at dusk", **changes) -> JobRecord:
-    job = JobRecord(id=f"job{index}", batch_id="b1", index=index, state="running", prompt=prompt,
-                    negative_prompt="", seed=seed, steps=4, guidance=1.0, width=64, height=64, meta={},
-                    attempts=1, worker="w", error=None, key=None, sha256=None, render_ms=None, batch_size=None,
-                    created_at=datetime.now(UTC), started_at=None, finished_at=None)
-    return replace(job, **changes)
+    return job_record(index, seed=seed, prompt=prompt, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
-from datetime import UTC, datetime
 
 from PIL import Image
 
+from helpers import job_record
+
 from lcmq.repository import JobRecord
 from lcmq.spec import JobSpec
-from scheduler.batches import chunk_by_shape, derive_seed, job_row
+from lcmq.repository import PendingJob
+from scheduler.batches import derive_seed, job_row
+from scheduler.dispatch import chunk_pending
 from worker.encode import encode_png, parameters_text
 from worker.render import micro_batches
 
@@ -28,20 +31,25 @@ def test_derived_seeds_are_stable_distinct_and_stored():
     assert job_row("j", _spec(3, seed=42), batch_seed=7)["seed"] == 42
 
 
-def test_chunks_hold_one_render_shape_and_respect_the_size():
-    jobs = [(f"j{i}", _spec(i, steps=4 if i % 3 else 6)) for i in range(10)]
-    chunks = chunk_by_shape(jobs, 3)
-    shapes = {f"j{i}": spec.render_shape for i, (_, spec) in enumerate(jobs)}
-    assert sorted(j for chunk in chunks for j in chunk) == sorted(j for j, _ in jobs)
-    assert all(len(chunk) <= 3 and len({shapes[j] for j in chunk}) == 1 for chunk in chunks)
+def test_chunks_hold_one_batch_and_render_shape_and_respect_the_size():
+    jobs = [PendingJob(f"j{i}", "b1" if i < 8 else "b2", _spec(i, steps=4 if i % 3 else 6).render_shape, 0)
+            for i in range(10)]
+    chunks = chunk_pending(jobs, 3)
+    shapes = {job.id: (job.batch_id, job.shape) for job in jobs}
+    assert sorted(j for _, chunk in chunks for j in chunk) == sorted(job.id for job in jobs)
+    assert all(len(chunk) <= 3 and len({shapes[j] for j in chunk}) == 1 for _, chunk in chunks)
+    assert all(shapes[chunk[0]][0] == batch_id for batch_id, chunk in chunks)
+
+
+def test_retried_jobs_travel_alone():
+    jobs = [PendingJob(f"j{i}", "b", (64, 64, 4, 1.0), attempts=1 if i in (2, 5) else 0) for i in range(6)]
+    chunks = [ids for _, ids in chunk_pending(jobs, 8)]
+    assert ["j2"] in chunks and ["j5"] in chunks
+    assert ["j0", "j1", "j3", "j4"] in chunks
 
 
 def _record(index: int, **changes) -> JobRecord:
-    return JobRecord(id=f"j{index}", batch_id="b", index=index, state="running", prompt="a ünïcode prompt",
-                     negative_prompt="", seed=index, steps=4, guidance=1.0, width=64, height=64, meta={},
-                     attempts=1, worker="w", error=None, key=None, sha256=None, render_ms=None, batch_size=None,
-                     created_at=datetime.now(UTC), started_at=None, finished_at=None) if not changes else \
-        replace(_record(index), **changes)
+    return job_record(index, prompt="a ünïcode prompt", **changes)
 
 
 def test_micro_batches_split_by_shape_and_size():

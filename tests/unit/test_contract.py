@@ -61,7 +61,7 @@ def test_settings_env_beats_toml_beats_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("LCMQ_BATCH_SIZE", "8")
     settings = Settings()
     assert settings.chunk_size == 32 and settings.batch_size == 8 and settings.storage_url == "s3://b/p"
-    assert settings.lease_s == 600
+    assert settings.lease_s == Settings.model_fields["lease_s"].default
     assert load_profiles()["tiny"].steps == 6
 
 
