@@ -24,7 +24,7 @@ from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
 from lcmq.spec import (BatchOptions, JobSpec, RowValidator, check_file, is_text_format, iter_specs, read_rows,
                         rows_from_objects, validate_rows)
-from lcmq.storage import Storage, storage_from_url
+from lcmq.storage import Storage, storage_from_settings
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ def repository(settings: Settings | None = None) -> Repository:
 
 
 def storage(settings: Settings | None = None) -> Storage:
-    settings = settings or get_settings()
-    return storage_from_url(settings.storage_url, settings.s3_endpoint_url, settings.s3_region)
+    return storage_from_settings(settings or get_settings())
 
 
 def _resolve_profile(model: str, source: str) -> Profile:

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lcmq.errors import BrokerError
 from lcmq.settings import Settings, get_settings
@@ -68,6 +70,8 @@ def get_app() -> Celery:
     return make_app(get_settings())
 
 
+# What a lost broker raises, depending on where the loss hits kombu.
+BROKER_DOWN = (KombuOperationalError, OSError, RedisConnectionError, RedisTimeoutError)
 MAX_PRIORITY = 9
 
 
@@ -86,7 +90,7 @@ def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], pr
                 app.send_task(RENDER_TASK, args=[batch_id, list(job_ids)], queue=queue,
                               task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}", producer=producer,
                               priority=redis_priority(priority))
-    except (KombuOperationalError, OSError) as exc:
+    except BROKER_DOWN as exc:
         raise BrokerError(f"publishing to {queue}: {exc}") from exc
     return len(chunks)
 
@@ -97,7 +101,7 @@ def queue_length(profile: str) -> int:
     try:
         with app.connection_for_write() as conn:
             return conn.default_channel.queue_declare(queue_name(profile), passive=True).message_count
-    except (KombuOperationalError, OSError) as exc:
+    except BROKER_DOWN as exc:
         raise BrokerError(f"reading the length of {queue_name(profile)}: {exc}") from exc
     except Exception as exc:  # a queue never declared yet holds nothing
         if "NOT_FOUND" in str(exc) or "not found" in str(exc).lower():

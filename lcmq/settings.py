@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     storage_url: str = Field("file://renders", description="s3://bucket/prefix or file:///dir")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto).")
     s3_region: str = "us-east-1"
+    s3_timeout_s: float = Field(30, gt=0, description="Connect and read timeout of one S3 request.")
+    s3_max_attempts: int = Field(3, ge=1, le=20, description="Tries of one S3 request before the task "
+                                 "retries with backoff.")
     chunk_size: int = Field(8, ge=1, le=10_000, description="Jobs per queue message.")
     batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
     render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")

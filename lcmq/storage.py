@@ -103,7 +103,8 @@ class FileStorage(Storage):
 
 
 class S3Storage(Storage):
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str,
+                 timeout_s: float = 30, max_attempts: int = 3):
         import boto3
         from botocore.config import Config
 
@@ -111,8 +112,8 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         self.client = boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
-                          read_timeout=30, max_pool_connections=16))
+            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
+                          read_timeout=timeout_s, max_pool_connections=16))
 
     def _object_key(self, key: str) -> str:
         check_key(key)
@@ -175,7 +176,14 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
 
-def storage_from_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1") -> Storage:
+def storage_from_settings(settings) -> Storage:
+    """The storage a process's settings name (both sides use this one door)."""
+    return storage_from_url(settings.storage_url, settings.s3_endpoint_url, settings.s3_region,
+                            settings.s3_timeout_s, settings.s3_max_attempts)
+
+
+def storage_from_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1",
+                     timeout_s: float = 30, max_attempts: int = 3) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         # file:///abs/dir is absolute; file://renders is relative to the working directory.
@@ -184,5 +192,5 @@ def storage_from_url(url: str, endpoint_url: str | None = None, region: str = "u
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"storage URL {url!r} names no bucket")
-        return S3Storage(parsed.netloc, parsed.path, endpoint_url, region)
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url, region, timeout_s, max_attempts)
     raise ConfigError(f"storage URL {url!r}: use s3://bucket/prefix or file:///dir")

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
 
+from lcmq.errors import BrokerError
 from lcmq.profiles import Profile
 from lcmq.repository import Repository
 from lcmq.spec import BatchOptions, JobSpec
@@ -62,11 +63,22 @@ def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: Batc
          "priority": priority},
         (job_row(uuid.uuid4().hex, spec, batch_seed) for spec in specs))
     if not created:
-        log.info("identical batch exists", extra={"batch_id": batch_id, "idempotency_key": idempotency_key})
+        # The same submission again: render nothing new, but publish whatever the first one
+        # committed and could not publish (a retry after "broker unreachable" heals the batch).
+        published = _dispatch(repo, batch_id, chunk_size)
+        log.info("identical batch exists", extra={"batch_id": batch_id, "published": published})
         return batch_id, False
 
     # 3. Publish after the commit, so a worker never receives ids it cannot read yet. A crash
     #    here leaves the jobs undispatched; the sweeper publishes them after its grace period.
-    published = dispatch_batch(repo, repo.get_batch(batch_id), chunk_size)
+    published = _dispatch(repo, batch_id, chunk_size)
     log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": published, "profile": profile.name})
     return batch_id, True
+
+
+def _dispatch(repo: Repository, batch_id: str, chunk_size: int) -> int:
+    try:
+        return dispatch_batch(repo, repo.get_batch(batch_id), chunk_size)
+    except BrokerError as exc:
+        raise BrokerError(f"batch {batch_id} is saved, but its messages could not be published ({exc}); "
+                          f"the sweeper publishes them, or run `lcmq resume {batch_id}`") from exc

@@ -79,4 +79,6 @@ def sweep_forever(repo: Repository, settings: Settings, every_s: float, stop=Non
             sweep_once(repo, settings)
         except LcmqError as exc:
             log.error("sweep failed", extra={"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the process that recovers crashes must not crash
+            log.exception("sweep failed unexpectedly", extra={"error": f"{type(exc).__name__}: {exc}"})
         time.sleep(every_s)

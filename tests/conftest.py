@@ -49,9 +49,8 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1, what: str =
 
 # --- services ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """A fresh Postgres database for this session, migrated to head by `lcmq db upgrade`."""
+def _create_database():
+    """A new, empty Postgres database; returns (url, drop)."""
     from sqlalchemy import create_engine, text
 
     name = f"lcmq_t_{uuid.uuid4().hex[:10]}"
@@ -62,14 +61,36 @@ def pg_url():
     except Exception as exc:  # noqa: BLE001 - any driver error means the service is missing
         service_missing("PostgreSQL at 127.0.0.1:5432", exc)
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    yield url
-    from lcmq.repository import _ENGINES
 
-    for key in [k for k in _ENGINES if k[0] == url]:
-        _ENGINES.pop(key).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    def drop():
+        from lcmq.repository import _ENGINES
+
+        for key in [k for k in _ENGINES if k[0] == url]:
+            _ENGINES.pop(key).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh Postgres database for this session."""
+    url, drop = _create_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def own_pg_url():
+    """A fresh, migrated Postgres database for one test (tests whose sweeper must see only them)."""
+    from lcmq.migrate import upgrade
+
+    url, drop = _create_database()
+    upgrade(url)
+    yield url
+    drop()
 
 
 @pytest.fixture(scope="session")

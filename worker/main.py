@@ -24,13 +24,18 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
 
     profile = get_profile(profile_name)
     preflight(profile)  # a missing path or wrong family stops the start, not the first task
-    from celery.signals import worker_shutting_down
+    from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
     from worker.lifecycle import request_shutdown
+    from worker.pipeline import preload
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
 
     # SIGTERM: the running chunk finishes its micro-batch and hands the rest back.
     worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
+    # Load the pipeline while the worker waits for its first task: in each pool child, never
+    # in the prefork parent (CUDA cannot be used in a child forked after the parent touched it).
+    start_loading = lambda **_: preload(profile, get_settings())  # noqa: E731
+    (worker_ready if pool in ("solo", "threads") else worker_process_init).connect(start_loading, weak=False)
     os.environ[WORKER_PROFILE_ENV] = profile.name
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
     app.worker_main([

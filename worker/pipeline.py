@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +145,34 @@ def truncation_warnings(loaded: LoadedPipeline, prompts: list[str]) -> list[str 
 
 
 _PINNED: dict[str, LoadedPipeline] = {}
+_PIN_LOCK = threading.Lock()
 
 
 def pinned_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
-    """This process's pipeline for the profile, loaded on first use and never again."""
-    loaded = _PINNED.get(profile.name)
-    if loaded is None:
-        loaded = _PINNED[profile.name] = load_pipeline(profile, settings)
-    return loaded
+    """This process's pipeline for the profile, loaded on first use and never again.
+
+    The lock makes a task that arrives while `preload` is still loading wait for that load
+    instead of starting a second one.
+    """
+    with _PIN_LOCK:
+        loaded = _PINNED.get(profile.name)
+        if loaded is None:
+            loaded = _PINNED[profile.name] = load_pipeline(profile, settings)
+        return loaded
+
+
+def preload(profile: Profile, settings: Settings) -> threading.Thread:
+    """Load the pipeline in the background as soon as a worker process starts.
+
+    Celery kills process-init handlers after 4 s, so the load runs in a thread; the first task
+    waits for it through the lock. A failed load is logged here and raised again by that task.
+    """
+    def load():
+        try:
+            pinned_pipeline(profile, settings)
+        except Exception as exc:  # noqa: BLE001 - the first task reports it against its jobs
+            log.error("pipeline preload failed", extra={"profile": profile.name, "error": str(exc)})
+
+    thread = threading.Thread(target=load, name="lcmq-preload", daemon=True)
+    thread.start()
+    return thread
