@@ -42,22 +42,25 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
 class RedisServer:
     """A redis-server of our own on a free loopback port, persisting to an append-only file."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, password: str | None = None):
         self.folder = folder
+        self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-             "--logfile", str(self.folder / "redis.log")],
+             "--logfile", str(self.folder / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._pingable, 10, what=f"redis-server on {self.port}")
         return self
@@ -66,7 +69,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -178,6 +181,11 @@ class Process:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def send_term(self) -> None:
+        """SIGTERM without waiting: the worker finishes its micro-batch and exits on its own."""
+        if self.alive():
+            self.proc.terminate()
+
     def terminate(self, timeout_s: float = 60) -> int:
         if self.alive():
             self.proc.terminate()
@@ -255,3 +263,64 @@ def write_prompts(path: Path, count: int, poison_at: set[int] | None = None, mar
             for i in range(count)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class MotoS3:
+    """moto's S3 server as a real HTTP process on a loopback port, with one bucket."""
+
+    def __init__(self, log_path: Path, bucket: str = "lcmq-bench"):
+        import boto3
+
+        self.port = free_port()
+        self.bucket = bucket
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited: {log_path.read_text()}")
+            try:
+                client.list_buckets()
+                return True
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+
+        wait_until(up, 30, what="moto_server")
+        client.create_bucket(Bucket=bucket)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+def create_database(admin_url: str) -> tuple[str, callable]:
+    """A new, empty Postgres database next to admin_url's; returns (url, drop)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"lcmq_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def drop() -> None:
+        from lcmq.repository import _ENGINES
+
+        for key in [k for k in _ENGINES if k[0] == url]:
+            _ENGINES.pop(key).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop

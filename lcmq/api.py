@@ -195,6 +195,7 @@ def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
             "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
             "worker": job.worker, "render_ms": job.render_ms, "batch_size": job.batch_size,
+            "warning": job.warning, "attempts": job.attempts,
             "job_id": job.id, "metadata": job.meta,
         }
 

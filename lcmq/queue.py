@@ -5,6 +5,7 @@ Messages carry job ids only; the worker reads everything else from the database.
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
@@ -40,8 +41,16 @@ def _transport_options(settings: Settings) -> dict:
     }
 
 
+def _tls_options(url: str) -> dict:
+    """rediss:// needs the certificate policy stated; verify certificates unless the URL says otherwise."""
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        return {"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED}}
+    return {}
+
+
 def make_app(settings: Settings) -> Celery:
     app = Celery("lcmq", broker=settings.broker_url_resolved, set_as_current=True)
+    app.conf.update(_tls_options(settings.broker_url_resolved))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -304,7 +304,8 @@ class Repository:
 
     @_translate_errors
     def cancel_batch(self, batch_id: str) -> int:
-        """Queued jobs become canceled now; running ones stop at their worker's next micro-batch."""
+        """Queued jobs become canceled now. Workers claim one micro-batch at a time, so a running
+        chunk renders the micro-batch it holds and finds the rest canceled."""
         now = utcnow()
         with self._session() as s:
             if s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=now)).rowcount == 0:
@@ -313,11 +314,6 @@ class Repository:
                 update(Job).where(Job.batch_id == batch_id, Job.state == JobState.queued.value)
                 .values(state=JobState.canceled.value, finished_at=now)
                 .execution_options(synchronize_session=False)).rowcount
-
-    @_translate_errors
-    def batch_canceled(self, batch_id: str) -> bool:
-        with self._session() as s:
-            return s.scalar(select(Batch.canceled_at).where(Batch.id == batch_id)) is not None
 
     @_translate_errors
     def requeue(self, batch_id: str, states: Sequence[JobState], reset_attempts: bool = False) -> int:
@@ -382,21 +378,13 @@ class Repository:
                 .execution_options(synchronize_session=False))
             return result.rowcount == 1
 
-    def _finish(self, job_ids: Sequence[str], worker: str, state: JobState, error: str | None) -> int:
+    @_translate_errors
+    def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:
         with self._session() as s:
             return s.execute(
                 update(Job).where(self._held(job_ids, worker))
-                .values(state=state.value, error=error[:4000] if error else None, finished_at=utcnow(),
-                        lease_until=None)
+                .values(state=JobState.failed.value, error=error[:4000], finished_at=utcnow(), lease_until=None)
                 .execution_options(synchronize_session=False)).rowcount
-
-    @_translate_errors
-    def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:
-        return self._finish(job_ids, worker, JobState.failed, error)
-
-    @_translate_errors
-    def record_canceled(self, job_ids: Sequence[str], worker: str) -> int:
-        return self._finish(job_ids, worker, JobState.canceled, "batch canceled")
 
     @_translate_errors
     def release(self, job_ids: Sequence[str], worker: str, error: str | None = None) -> int:

@@ -8,19 +8,16 @@ Without the services a test is skipped on a laptop and fails under CI=true.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
+
+from bench.harness import VENV_BIN, MotoS3, Process, RedisServer, create_database
 
 PG_ADMIN_URL = os.environ.get("LCMQ_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", int(os.environ.get("LCMQ_TEST_REDIS_PORT", "6379"))
 BUCKET = "lcmq-test"
-VENV_BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -31,47 +28,13 @@ def service_missing(what: str, exc: Exception):
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 # --- services ---------------------------------------------------------------------------
 
 def _create_database():
-    """A new, empty Postgres database; returns (url, drop)."""
-    from sqlalchemy import create_engine, text
-
-    name = f"lcmq_t_{uuid.uuid4().hex[:10]}"
     try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        return create_database(PG_ADMIN_URL)
     except Exception as exc:  # noqa: BLE001 - any driver error means the service is missing
         service_missing("PostgreSQL at 127.0.0.1:5432", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-
-    def drop():
-        from lcmq.repository import _ENGINES
-
-        for key in [k for k in _ENGINES if k[0] == url]:
-            _ENGINES.pop(key).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
 
 
 @pytest.fixture(scope="session")
@@ -130,31 +93,10 @@ def redis_url(redis_db):
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """moto's S3 server as a real HTTP process on a loopback port, with one bucket."""
-    import boto3
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-
-    def up():
-        try:
-            client.list_buckets()
-            return True
-        except Exception:  # noqa: BLE001 - not listening yet
-            return proc.poll() is not None and pytest.fail(f"moto_server exited: {log.read_text()}")
-
-    wait_until(up, 30, what="moto_server")
-    client.create_bucket(Bucket=BUCKET)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+    """moto's S3 server as a real HTTP process on a loopback port, with the test bucket."""
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log", bucket=BUCKET)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -213,49 +155,63 @@ def _reset_after(monkeypatch):
 
 # --- processes --------------------------------------------------------------------------
 
-class WorkerProcess:
-    """`lcmq worker` as a real subprocess in its own process group, logging to a file."""
+@pytest.fixture
+def procs(tmp_path):
+    """Start lcmq commands (workers, a sweeper) as real subprocesses, each in its own process
+    group; all are stopped at the end (killed: the test is over, no warm shutdown to wait for)."""
+    started: list[Process] = []
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen([str(VENV_BIN / "lcmq"), "worker", *args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+    def start(env: dict[str, str], *args: str) -> Process:
+        process = Process(env, tmp_path / f"proc-{len(started)}-{args[0]}.log", *args)
+        started.append(process)
+        return process
 
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log}")
-            return " ready." in self.log
-        wait_until(ready, timeout_s, what=f"worker ready ({self.log_path})")
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self._log.close()
+    yield start
+    for process in started:
+        process.kill()
+        process.close()
 
 
 @pytest.fixture
-def start_worker(tmp_path):
-    workers: list[WorkerProcess] = []
+def redis_server(tmp_path):
+    """A private redis-server (append-only file on) that a test may stop and restart."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
-    def start(env: dict[str, str], *args: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", *args)
-        workers.append(worker)
-        return worker
 
-    yield start
-    for worker in workers:
-        worker.stop()
+# Short leases and grace periods, so recoveries happen within a test's time.
+QUICK_RECOVERY = {
+    "LCMQ_LEASE_S": "3",  # a dead worker's jobs come back after 3 s
+    "LCMQ_DISPATCH_GRACE_S": "2",
+    "LCMQ_REDISPATCH_S": "4",
+    "LCMQ_MAX_ATTEMPTS": "3",
+    "LCMQ_S3_TIMEOUT_S": "2",
+    "LCMQ_S3_MAX_ATTEMPTS": "2",
+    "LCMQ_CHUNK_SIZE": "4",
+    "LCMQ_BATCH_SIZE": "2",
+}
+
+
+@pytest.fixture
+def isolated_env(services_env, redis_server, own_pg_url, monkeypatch):
+    """services_env with a Redis and a database of this test's own, and quick recovery timings.
+
+    A sweeper or worker sees every batch of its database and every message of its broker, so
+    tests that run them get both to themselves. The test process uses the same settings.
+    """
+    env = dict(services_env) | QUICK_RECOVERY | {
+        "LCMQ_BROKER_URL": redis_server.url, "LCMQ_DATABASE_URL": own_pg_url,
+        "LCMQ_STORAGE_URL": f"s3://{BUCKET}/i-{uuid.uuid4().hex[:8]}"}
+    for key, value in env.items():
+        if key.startswith("LCMQ_"):
+            monkeypatch.setenv(key, value)
+    from lcmq.queue import get_app
+    from lcmq.settings import reset_settings
+
+    reset_settings()
+    get_app.cache_clear()
+    return env
 
 
 def run_cli(env: dict[str, str], *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:

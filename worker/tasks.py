@@ -1,12 +1,12 @@
-"""The render task: claim a chunk of jobs, render them in micro-batches, upload, record.
+"""The render task: a chunk of job ids, rendered in micro-batches, uploaded, recorded.
 
-1. Claim the chunk's free jobs (a conditional update: redelivered or duplicate messages find
-   nothing left to claim and do nothing) and renew their leases while working.
-2. Get this process's pinned pipeline (loaded on the first task, never again).
-3. For each micro-batch: stop if the batch was canceled or the worker is shutting down;
-   render; encode PNG with parameters; upload under a key made of ids (an object already
-   there with the same sha256 counts as uploaded); record key, sha256 and timing in the row,
-   only while this worker still holds the job.
+1. Get this process's pinned pipeline (loaded once, at start or on the first task).
+2. For each micro-batch of the chunk: stop and hand the rest back if the worker is shutting
+   down; claim the micro-batch's free jobs (a conditional update: jobs already taken, done or
+   canceled are skipped, so redelivered or duplicate messages do nothing) and renew their
+   leases while working; render; encode PNG with parameters; upload under a key made of ids
+   (an object already there with the same sha256 counts as uploaded); record key, sha256 and
+   timing in the row, only while this worker still holds the job.
 Transient faults hand the unfinished jobs back and retry the task with backoff and jitter;
 permanent ones fail the affected jobs at once with the reason stored.
 """
@@ -55,7 +55,11 @@ def process_clients() -> tuple[Repository, Storage]:
 
 
 class ChunkRun:
-    """One task's work over its jobs; `pending` holds the claimed jobs not yet final."""
+    """One task's work over its jobs; `pending` holds the claimed jobs not yet final.
+
+    Jobs are claimed one micro-batch at a time: a crash costs an attempt only to the jobs that
+    were being rendered, and the redelivered message finds the rest still queued.
+    """
 
     def __init__(self, batch_id: str, worker: str):
         self.settings = get_settings()
@@ -70,55 +74,42 @@ class ChunkRun:
         if served and served != batch.profile:
             raise ModelLoadError(f"worker serves profile {served!r} but batch {self.batch_id} "
                                  f"needs {batch.profile!r}")
-        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
-        self.pending = {job.id: job for job in claimed}
-        if not claimed:
-            log.info("chunk had nothing to claim", extra={"batch_id": self.batch_id, "jobs": len(job_ids)})
-            return {"claimed": 0, "succeeded": 0}
+        loaded = pinned_pipeline(get_profile(batch.profile), self.settings)
+        size = self.settings.batch_size
+        claimed = succeeded = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
-            succeeded = self._render_all(batch, claimed)
-        log.info("chunk done", extra={"batch_id": self.batch_id, "claimed": len(claimed), "succeeded": succeeded,
-                                      "worker": self.worker, "pid": os.getpid()})
-        return {"claimed": len(claimed), "succeeded": succeeded}
+            for start in range(0, len(job_ids), size):
+                if shutting_down():
+                    self.hand_back(batch, job_ids[start:])
+                    break
+                # Jobs already taken, done or canceled are skipped by the claim itself.
+                group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
+                claimed += len(group)
+                for same_shape in micro_batches(group, size):
+                    succeeded += self._render_and_store(loaded, batch, same_shape)
+        log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
+                                      "succeeded": succeeded, "worker": self.worker, "pid": os.getpid()})
+        return {"claimed": claimed, "succeeded": succeeded}
 
     def _renew_leases(self) -> None:
         if self.pending:
             self.repo.extend_leases(list(self.pending), self.worker, self.settings.lease_s)
 
-    def _render_all(self, batch: BatchRecord, claimed: list[JobRecord]) -> int:
-        loaded = pinned_pipeline(get_profile(batch.profile), self.settings)
-        succeeded = 0
-        for group in micro_batches(claimed, self.settings.batch_size):
-            if self._stopped(batch):
-                break
-            maybe_crash([job.prompt for job in group])
-            warnings = truncation_warnings(loaded, [job.prompt for job in group])
-            started = time.perf_counter()
-            images = render(loaded, group)
-            render_ms = (time.perf_counter() - started) * 1000 / len(group)
-            for job, image, warning in zip(group, images, warnings, strict=True):
-                succeeded += self._store(job, image, batch.profile, render_ms, len(group), warning)
-        return succeeded
+    def _render_and_store(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> int:
+        self.pending = {job.id: job for job in group}
+        prompts = [job.prompt for job in group]
+        maybe_crash(prompts)
+        warnings = truncation_warnings(loaded, prompts)
+        started = time.perf_counter()
+        images = render(loaded, group)
+        render_ms = (time.perf_counter() - started) * 1000 / len(group)
+        return sum(self._store(job, image, batch.profile, render_ms, len(group), warning)
+                   for job, image, warning in zip(group, images, warnings, strict=True))
 
-    def _stopped(self, batch: BatchRecord) -> bool:
-        """Between micro-batches: a canceled batch or a stopping worker ends the chunk here."""
-        if self.repo.batch_canceled(batch.id):
-            count = self.repo.record_canceled(list(self.pending), self.worker)
-            log.info("batch canceled, stopping chunk", extra={"batch_id": batch.id, "canceled": count})
-            self.pending.clear()
-            return True
-        if shutting_down():
-            self.hand_back(batch)
-            return True
-        return False
-
-    def hand_back(self, batch: BatchRecord) -> None:
-        """Shutdown: the unrendered jobs go back to the queue with a message of their own."""
-        ids = list(self.pending)
-        released = self.repo.release(ids, self.worker, "handed back at worker shutdown")
-        publish_chunks(batch.profile, [(batch.id, ids)], batch.priority)
-        log.info("worker stopping, jobs handed back", extra={"batch_id": batch.id, "released": released})
-        self.pending.clear()
+    def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
+        """Shutdown: the jobs not yet claimed go back to the queue in a message of their own."""
+        publish_chunks(batch.profile, [(batch.id, job_ids)], batch.priority)
+        log.info("worker stopping, jobs handed back", extra={"batch_id": batch.id, "jobs": len(job_ids)})
 
     def _store(self, job: JobRecord, image, profile: str, render_ms: float, batch_size: int,
                warning: str | None) -> int:

@@ -17,9 +17,9 @@ REQUIRED_MANIFEST_KEYS = {"index", "key", "sha256", "prompt", "negative_prompt",
                           "width", "height", "profile", "worker", "render_ms", "metadata"}
 
 
-def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, start_worker, cli, tmp_path):
+def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, procs, cli, tmp_path):
     env = services_env
-    workers = [start_worker(env, "--model", "tiny", "--batch-size", "4") for _ in range(2)]
+    workers = [procs(env, "worker", "--model", "tiny", "--batch-size", "4") for _ in range(2)]
     for worker in workers:
         worker.wait_ready()
 
@@ -86,7 +86,7 @@ def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, start_wor
 
     # Each worker loaded its pipeline once and then served several chunks with it.
     for worker in workers:
-        worker.stop()
+        worker.terminate()
         log = worker.log
         assert log.count("pipeline loaded") == 1, log
         assert log.count("chunk done") >= 2, log

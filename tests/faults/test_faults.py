@@ -68,7 +68,7 @@ def test_kill_9_a_worker_while_it_renders(fault_env, procs, tmp_path):
 def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back(fault_env, procs, tmp_path):
     (stopping,) = _workers(procs, fault_env, 1, "--batch-size", "1")
     # 128x128 images take long enough that the stop lands inside a chunk of 8.
-    batch_id = _submit(write_prompts(tmp_path / "p.jsonl", 16), chunk_size=8, width=128, height=128)
+    batch_id = _submit(write_prompts(tmp_path / "p.jsonl", 8), chunk_size=8, width=128, height=128)
     _when_rendering(batch_id, stopping)
     assert stopping.terminate() == 0
     node = worker_node(stopping)

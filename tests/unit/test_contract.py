@@ -109,3 +109,18 @@ def test_bad_profiles_are_named(tmp_path, table, message):
 def test_preflight_accepts_hub_ids_and_generated_models():
     preflight(BUILTIN_PROFILES["sd15"])
     preflight(BUILTIN_PROFILES["tiny"])
+
+
+def test_tls_and_authenticated_urls_are_accepted():
+    import ssl
+
+    settings = Settings(broker_url="rediss://:s3cret@redis.example:6380/0",
+                        database_url="postgresql://lcmq:s3cret@db.example:5432/lcmq?sslmode=verify-full",
+                        storage_url="s3://bucket/prefix", s3_endpoint_url="https://minio.example:9000")
+    app = make_app(settings)
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    from lcmq.repository import Repository
+
+    repo = Repository(settings.database_url_resolved)  # builds the engine; connects lazily
+    assert "s3cret" not in repo.safe_url and "sslmode=verify-full" in repo.safe_url
+    assert repo.engine.dialect.name == "postgresql"

@@ -1,0 +1,101 @@
+"""A 10^6-line batch file is validated as a stream: a bad row anywhere is refused with its line
+number, nothing reaches Postgres or Redis, and validation memory does not grow with the file.
+
+`lcmq.submit` runs in-process against the real services (Postgres, Redis, moto S3).
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+LINES = 1_000_000
+PEAK_LIMIT = 50 * 1024 * 1024  # the file alone is ~36 MB; holding its rows would be hundreds of MB
+
+
+@pytest.fixture
+def written(services_env):
+    """A callable returning what a submit would change: batches/jobs row counts and queued messages."""
+    import redis
+    from sqlalchemy import create_engine, text
+
+    from lcmq.repository import normalize_url
+
+    engine = create_engine(normalize_url(services_env["LCMQ_DATABASE_URL"]))
+    broker = redis.Redis.from_url(services_env["LCMQ_BROKER_URL"])
+
+    def take() -> dict:
+        with engine.connect() as conn:
+            rows = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("batches", "jobs")}
+        # Priority queues: one Redis list per priority step, render.tiny<sep><n>.
+        waiting = sum(broker.llen(key) for key in broker.keys("render.tiny*") if broker.type(key) == b"list")
+        return {"rows": rows, "render.tiny": waiting}
+
+    yield take
+    engine.dispose()
+    broker.close()
+
+
+def _write_big(path: Path, line, bad_at: int, bad: str) -> Path:
+    """LINES lines from `line(i)` (1-based), line `bad_at` replaced by `bad`; one write."""
+    body = "".join(bad if i == bad_at else line(i) for i in range(1, LINES + 1))
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def test_last_of_a_million_lines_bad_is_refused_in_bounded_memory(services_env, written, tmp_path):
+    import lcmq
+    from lcmq.errors import InputError
+
+    path = _write_big(tmp_path / "big.txt", lambda i: f"a lighthouse at dusk, variation {i}\n",
+                      LINES, "a lighthouse \x00 at dusk\n")
+    assert path.stat().st_size > 30_000_000
+
+    # Warm up outside the trace: imports (scheduler, celery), settings and profiles are
+    # allocated once per process and are not what this test measures.
+    warm = tmp_path / "warm.txt"
+    warm.write_text("a red fox\n\x00\n")
+    with pytest.raises(InputError):
+        lcmq.submit(warm, model="tiny")
+
+    before = written()
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(InputError) as info:
+            lcmq.submit(path, model="tiny")
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert str(info.value).startswith(f"{path}:{LINES}:prompt: "), str(info.value)
+    assert "control character (U+0000)" in str(info.value)
+    assert written() == before
+    assert peak < PEAK_LIMIT, f"peak traced memory {peak / 2**20:.1f} MiB while validating ({elapsed:.1f}s)"
+    print(f"\n10^6-line .txt, bad last line: {elapsed:.1f}s under tracemalloc, peak {peak / 2**20:.2f} MiB")
+
+
+def test_bad_line_in_the_middle_of_a_million_is_named(services_env, written, tmp_path):
+    import lcmq
+    from lcmq.errors import InputError
+
+    middle = LINES // 2
+    path = _write_big(tmp_path / "big.jsonl", lambda i: f'{{"prompt": "a lighthouse at dusk", "seed": {i}}}\n',
+                      middle, '{"prompt": "a lighthouse at dusk", "steps": 9}\n')
+
+    before = written()
+    started = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        lcmq.submit(path, model="tiny")
+    elapsed = time.perf_counter() - started
+
+    assert str(info.value).startswith(f"{path}:{middle}:steps: "), str(info.value)
+    assert "must be between 1 and 8 (got 9)" in str(info.value)
+    assert written() == before
+    print(f"\n10^6-line .jsonl, bad line {middle}: refused after {elapsed:.1f}s")
