@@ -73,12 +73,17 @@ def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profil
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _check_flags(source: str, chunk_size: int, priority: int, idempotency_key: str | None) -> None:
-    if not 1 <= chunk_size <= 10_000:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_flags(source: str, chunk_size: Any, priority: Any, idempotency_key: Any) -> None:
+    if not _is_int(chunk_size) or not 1 <= chunk_size <= 10_000:
         raise InputError(source, None, "--chunk-size", f"must be between 1 and 10000 (got {chunk_size})")
-    if not 0 <= priority <= MAX_PRIORITY:
+    if not _is_int(priority) or not 0 <= priority <= MAX_PRIORITY:
         raise InputError(source, None, "--priority", f"must be between 0 and {MAX_PRIORITY} (got {priority})")
-    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 64 and idempotency_key.isprintable()):
+    if idempotency_key is not None and not (isinstance(idempotency_key, str) and 1 <= len(idempotency_key) <= 64
+                                            and idempotency_key.isprintable()):
         raise InputError(source, None, "--idempotency-key", "must be 1-64 printable characters")
 
 
@@ -99,9 +104,12 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     settings = get_settings()
     options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                            width=width, height=height, seed=seed, name=name)
-    chunk_size = chunk_size or settings.chunk_size
+    chunk_size = settings.chunk_size if chunk_size is None else chunk_size
     path = Path(rows) if isinstance(rows, (str, Path)) else None
     source = str(path) if path else "<rows>"
+    if path is None and (not isinstance(rows, Iterable) or isinstance(rows, (bytes, Mapping))):
+        raise InputError(source, None, None, "rows must be a file path or an iterable of prompts and "
+                                             f"mappings (got {type(rows).__name__})")
     _check_flags(source, chunk_size, priority, idempotency_key)
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source)

@@ -115,6 +115,8 @@ def _coerce_float(value: Any, fail, from_text: bool) -> float:
 def _bad_char(value: str, controls: bool) -> str | None:
     """Why a string cannot be stored: a control character (C0, DEL, C1; tab and newlines are
     fine) or a lone surrogate (JSON's \\ud800 escapes; not encodable as UTF-8)."""
+    if value.isprintable():  # the common case, in C: no control characters, no surrogates
+        return None
     for c in value:
         if c.isprintable() or c in "\t\n\r":
             continue

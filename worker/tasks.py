@@ -71,10 +71,15 @@ class ChunkRun:
     def run(self, job_ids: list[str]) -> dict:
         batch = self.repo.get_batch(self.batch_id)
         served = os.environ.get(WORKER_PROFILE_ENV)
-        if served and served != batch.profile:
-            raise ModelLoadError(f"worker serves profile {served!r} but batch {self.batch_id} "
-                                 f"needs {batch.profile!r}")
-        loaded = pinned_pipeline(get_profile(batch.profile), self.settings)
+        if served and served != batch.profile:  # misrouted: send it where its profile is served
+            publish_chunks(batch.profile, [(batch.id, job_ids)], batch.priority)
+            log.warning("chunk for another profile forwarded", extra={"batch_id": batch.id, "profile": batch.profile})
+            return {"claimed": 0, "succeeded": 0}
+        try:
+            loaded = pinned_pipeline(get_profile(batch.profile), self.settings)
+        except ModelLoadError as exc:  # permanent: the chunk's jobs fail now, with the reason
+            failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
+            return {"claimed": failed, "succeeded": 0}
         size = self.settings.batch_size
         claimed = succeeded = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
@@ -86,10 +91,28 @@ class ChunkRun:
                 group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
                 claimed += len(group)
                 for same_shape in micro_batches(group, size):
-                    succeeded += self._render_and_store(loaded, batch, same_shape)
+                    succeeded += self._render_or_fail(loaded, batch, same_shape)
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
                                       "succeeded": succeeded, "worker": self.worker, "pid": os.getpid()})
         return {"claimed": claimed, "succeeded": succeeded}
+
+    def _fail_now(self, job_ids: list[str], reason: str) -> int:
+        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
+        log.error("jobs failed", extra={"batch_id": self.batch_id, "jobs": len(claimed), "error": reason})
+        return self.repo.record_failure([job.id for job in claimed], self.worker, reason)
+
+    def _render_or_fail(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> int:
+        """Transient faults propagate (the task retries); anything else fails this micro-batch only."""
+        try:
+            return self._render_and_store(loaded, batch, group)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("micro-batch failed", extra={"batch_id": batch.id, "jobs": len(self.pending), "error": reason})
+            self.fail_pending(reason)
+            self.pending = {}
+            return 0
 
     def _renew_leases(self) -> None:
         if self.pending:
@@ -145,10 +168,14 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if is_transient(exc) and self.request.retries < MAX_TASK_RETRIES:
+            # The held micro-batch goes back to the queue; the retried message covers it and
+            # every job of the chunk not rendered yet.
             log.warning("transient failure, retrying", extra={"batch_id": batch_id, "error": reason,
                                                                "retries": self.request.retries})
             _safely(run.release_pending, reason)
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
+        # Out of retries, or a fault outside the render loop: fail the jobs held, keep the rest
+        # queued for the sweeper's redispatch.
         log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": len(run.pending)})
         _safely(run.fail_pending, reason)
         if isinstance(exc, LcmqError):

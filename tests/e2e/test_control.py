@@ -4,6 +4,7 @@ records tell (truncated prompts) and what logs never tell (secrets)."""
 from __future__ import annotations
 
 import json
+import uuid
 
 from bench.harness import RedisServer, done, outcome, wait_until, worker_node, write_prompts
 from lcmq import api
@@ -30,7 +31,7 @@ def _clean(batch_id: str):
 def test_cancel_stops_queued_and_running_jobs_and_resume_finishes_them(isolated_env, procs, cli, tmp_path):
     env = isolated_env
     batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 16), model="tiny", chunk_size=8,
-                          width=128, height=128).batch_id
+                          width=96, height=96).batch_id
     worker = procs(env, "worker", "--model", "tiny", "--batch-size", "1").wait_ready()
     node = worker_node(worker)
 
@@ -53,24 +54,27 @@ def test_cancel_stops_queued_and_running_jobs_and_resume_finishes_them(isolated_
 
 
 def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, tmp_path):
-    # One image per micro-batch: a crash costs an attempt to the poison job alone.
-    poisoned = isolated_env | {"LCMQ_FAULT_KILL_PROMPT": "POISON", "LCMQ_MAX_ATTEMPTS": "1",
-                               "LCMQ_BATCH_SIZE": "1"}
-    crashing = procs(poisoned, "worker", "--model", "tiny").wait_ready()
-    procs(poisoned, "sweep", "--every", "0.5s")
-    batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 6, poison_at={2}), model="tiny").batch_id
-    _drain(batch_id)
-    first = _clean(batch_id)
-    assert (first.succeeded, first.failed) == (5, 1)
+    import boto3
 
-    crashing.kill()
-    procs(isolated_env, "worker", "--model", "tiny").wait_ready()  # a fixed worker: no crash now
-    retried = _lcmq(cli, isolated_env, "retry", batch_id, "--failed")
+    # A bucket that does not exist yet: every upload is refused for good (404), so each job
+    # fails at once with the reason stored, not retried.
+    bucket = f"later-{uuid.uuid4().hex[:8]}"
+    env = isolated_env | {"LCMQ_STORAGE_URL": f"s3://{bucket}/x"}
+    procs(env, "worker", "--model", "tiny").wait_ready()
+    batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 6), model="tiny").batch_id
+    _drain(batch_id)
+    failed = api.repository().jobs(batch_id)
+    assert [j.state for j in failed] == ["failed"] * 6
+    assert all("NoSuchBucket" in j.error and j.attempts == 1 for j in failed)
+
+    boto3.client("s3", endpoint_url=env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
+        Bucket=bucket)
+    retried = _lcmq(cli, env, "retry", batch_id, "--failed")
     assert retried["failed"] == 0
     _drain(batch_id)
-    assert _clean(batch_id).succeeded == 6
-    (job,) = [j for j in api.repository().jobs(batch_id) if j.index == 2]
-    assert job.attempts == 1 and job.error is None
+    jobs = api.repository().jobs(batch_id)
+    assert [j.state for j in jobs] == ["succeeded"] * 6
+    assert all(j.attempts == 1 and j.error is None for j in jobs)
 
 
 def test_urgent_batches_are_served_first(isolated_env, procs, tmp_path):

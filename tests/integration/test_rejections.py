@@ -170,13 +170,6 @@ class File:
         return f"File({self.name!r})"
 
 
-NOT_ITERABLE = pytest.mark.xfail(
-    raises=TypeError, strict=True,
-    reason="BUG: submit(42) / submit(None) raise TypeError from enumerate(), not an InputError")
-CHUNK_SIZE_ZERO = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api.submit does `chunk_size or settings.chunk_size`, so 0 (and `--chunk-size 0`) "
-           "silently becomes the default instead of failing _check_flags")
 GOOD = {"prompt": "a red fox"}
 
 # (id, input (File or API rows), submit keywords, where ("LINE:FIELD", "LINE", "--FLAG", "model", ""),
@@ -315,7 +308,7 @@ API_CASES = [
     ("missing-file", File("missing.txt", None), {}, "", "no such file"),
     ("directory-named-txt", File("folder.txt", "<dir>"), {}, "", "no such file"),
     ("chunk-size-0", [{"prompt": "chunk-size-0 must be refused"}], {"chunk_size": 0}, "--chunk-size",
-     "must be between 1 and 10000 (got 0)", [CHUNK_SIZE_ZERO]),
+     "must be between 1 and 10000 (got 0)"),
     ("chunk-size-20000", [GOOD], {"chunk_size": 20_000}, "--chunk-size", "must be between 1 and 10000 (got 20000)"),
     ("chunk-size-minus-1", File("prompts.txt", "a red fox\n"), {"chunk_size": -1}, "--chunk-size",
      "must be between 1 and 10000 (got -1)"),
@@ -330,8 +323,11 @@ API_CASES = [
     # -- what only the API can be given
     ("api-row-42", ["a red fox", 42], {}, "2", "a row must be a string or a mapping (got int)"),
     ("api-row-none", [GOOD, None], {}, "2", "a row must be a string or a mapping (got NoneType)"),
-    ("api-rows-42", 42, {}, "", "", [NOT_ITERABLE]),
-    ("api-rows-none", None, {}, "", "", [NOT_ITERABLE]),
+    ("api-rows-42", 42, {}, "", "rows must be a file path or an iterable of prompts and mappings (got int)"),
+    ("api-rows-none", None, {}, "", "rows must be a file path or an iterable of prompts and mappings (got NoneType)"),
+    ("api-rows-dict", {"prompt": "a"}, {}, "", "rows must be a file path or an iterable"),
+    ("priority-string", [GOOD], {"priority": "5"}, "--priority", "must be between 0 and 9 (got 5)"),
+    ("priority-bool", [GOOD], {"priority": True}, "--priority", "must be between 0 and 9 (got True)"),
     ("api-unpaired-surrogate-prompt", ["a red fox", "a \ud800 owl"], {}, "2:prompt",
      "contains an unpaired surrogate (U+D800)"),
     ("api-unpaired-surrogate-metadata", [{"prompt": "a", "note": "x\udfff"}], {}, "1:note",
