@@ -20,6 +20,8 @@ from lcmq.errors import ProfileError
 from lcmq.settings import config_path, read_config_file
 
 FAMILIES = ("sd15", "sdxl", "ssd1b")
+# `null` renders nothing: it returns a fixed image, to measure the queue's own cost.
+NULL_FAMILY = "null"
 DTYPES = ("float16", "bfloat16", "float32")
 # The diffusers pipeline class a family's model_index.json names.
 FAMILY_PIPELINE_CLASS = {
@@ -72,6 +74,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         # Real SD1.5 architecture (860M UNet) with random weights: measures true speed.
         Profile("sd15-arch", "sd15", GENERATED_PREFIX + "sd15-arch", GENERATED_PREFIX + "sd15-arch-lcm-lora",
                 width=256, height=256),
+        # No model: a fixed image per job. For measuring and testing the farm without rendering.
+        Profile("null", NULL_FAMILY, "none", "none", dtype="float32", width=64, height=64),
     )
 }
 
@@ -137,6 +141,8 @@ def preflight(profile: Profile) -> None:
     message that names the profile and the field.
     """
     where = f"profile {profile.name!r}"
+    if profile.family == NULL_FAMILY:
+        return
     if profile.family not in FAMILIES:
         raise ProfileError(f"{where}: family must be one of {', '.join(FAMILIES)} (got {profile.family!r})")
     for field in ("base", "lcm_lora"):

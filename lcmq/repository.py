@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, String, cast, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Engine, String, bindparam, cast, create_engine, event, func, insert, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +46,18 @@ class BatchRecord:
     idempotency_key: str | None
     priority: int
     canceled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A rendered job's result, ready to be recorded."""
+
+    job_id: str
+    key: str
+    sha256: str
+    render_ms: float
+    batch_size: int
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -366,17 +378,32 @@ class Repository:
                              .execution_options(synchronize_session=False)).rowcount
 
     @_translate_errors
+    def record_successes(self, results: Sequence[StoredImage], worker: str) -> int:
+        """Mark jobs done, one round trip for a micro-batch; only those this worker still holds.
+
+        Returns how many were recorded: fewer than given means some leases were lost (another
+        worker owns those jobs now, and its record will stand).
+        """
+        if not results:
+            return 0
+        now = utcnow()
+        rows = [{"b_id": r.job_id, "b_key": r.key, "b_sha256": r.sha256, "b_render_ms": r.render_ms,
+                 "b_batch_size": r.batch_size, "b_warning": r.warning} for r in results]
+        statement = (
+            update(Job)
+            .where(Job.id == bindparam("b_id"), Job.state == JobState.running.value, Job.worker == worker)
+            .values(state=JobState.succeeded.value, key=bindparam("b_key"), sha256=bindparam("b_sha256"),
+                    render_ms=bindparam("b_render_ms"), batch_size=bindparam("b_batch_size"),
+                    warning=bindparam("b_warning"), finished_at=now, lease_until=None, error=None)
+            .execution_options(synchronize_session=False))
+        with self.engine.begin() as conn:  # Core executemany: psycopg pipelines the statements
+            return conn.execute(statement, rows).rowcount
+
     def record_success(self, job_id: str, worker: str, key: str, sha256: str, render_ms: float,
                        batch_size: int, warning: str | None = None) -> bool:
-        """Mark a job done if this worker still holds it; False when the lease was lost."""
-        with self._session() as s:
-            result = s.execute(
-                update(Job).where(self._held([job_id], worker))
-                .values(state=JobState.succeeded.value, key=key, sha256=sha256, render_ms=render_ms,
-                        batch_size=batch_size, warning=warning, finished_at=utcnow(), lease_until=None,
-                        error=None)
-                .execution_options(synchronize_session=False))
-            return result.rowcount == 1
+        """Mark one job done if this worker still holds it; False when the lease was lost."""
+        return self.record_successes([StoredImage(job_id, key, sha256, render_ms, batch_size, warning)],
+                                     worker) == 1
 
     @_translate_errors
     def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     s3_timeout_s: float = Field(30, gt=0, description="Connect and read timeout of one S3 request.")
     s3_max_attempts: int = Field(3, ge=1, le=20, description="Tries of one S3 request before the task "
                                  "retries with backoff.")
-    chunk_size: int = Field(8, ge=1, le=10_000, description="Jobs per queue message.")
+    chunk_size: int = Field(32, ge=1, le=10_000, description="Jobs per queue message: a task of seconds, not "
+                            "milliseconds, so the broker and the claim are a small share of it.")
     batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
     render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")
     visibility_timeout_s: int = Field(7200, ge=60, description="Redis redelivery timeout; > longest task.")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmq.errors import ModelLoadError
-from lcmq.profiles import GENERATED_PREFIX, Profile, preflight
+from lcmq.profiles import GENERATED_PREFIX, NULL_FAMILY, Profile, preflight
 from lcmq.settings import Settings
 
 log = logging.getLogger("lcmq.worker")
@@ -92,8 +92,23 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+class NullPipeline:
+    """Renders nothing: one fixed image per prompt, at the requested size (the `null` profile)."""
+
+    tokenizer = None
+
+    def __call__(self, prompt: list[str], width: int, height: int, **_ignored):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127))] * len(prompt))
+
+
 def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
     """Load, swap the scheduler, load and fuse the LCM-LoRA; ModelLoadError on any failure."""
+    if profile.family == NULL_FAMILY:
+        return LoadedPipeline(profile, NullPipeline(), "cpu", None, 0.0)
     import torch
     from diffusers import LCMScheduler
 
@@ -135,6 +150,8 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
 def truncation_warnings(loaded: LoadedPipeline, prompts: list[str]) -> list[str | None]:
     """A warning per prompt longer than the text encoder reads (the pipeline truncates it)."""
     tokenizer = loaded.pipe.tokenizer
+    if tokenizer is None:
+        return [None] * len(prompts)
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
     warnings = [f"prompt truncated to {limit} tokens (had {n})" if n > limit else None for n in lengths]

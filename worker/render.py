@@ -21,9 +21,11 @@ def micro_batches(jobs: Sequence[JobRecord], batch_size: int) -> Iterator[list[J
 
 def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord]):
     """PIL images for jobs of one shape; each image's noise comes from its own seeded generator."""
+    first = jobs[0]
+    if loaded.dtype is None:  # the null renderer: no noise, no compute
+        return loaded.pipe(prompt=[job.prompt for job in jobs], width=first.width, height=first.height).images
     import torch
 
-    first = jobs[0]
     # CPU generators give the same noise on every device: an image depends on its seed alone
     # (and, slightly, on the batch size through kernel choice; the row records it).
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcmq.errors import LcmqError, ModelLoadError, is_transient
 from lcmq.profiles import get_profile
 from lcmq.queue import RENDER_TASK, get_app, publish_chunks
-from lcmq.repository import BatchRecord, JobRecord, Repository
+from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, sha256_hex, storage_from_settings
 
@@ -54,11 +56,19 @@ def process_clients() -> tuple[Repository, Storage]:
     return _CLIENTS[pid]
 
 
+# Encoding and uploading a micro-batch overlaps the rendering of the next one: one store thread
+# (at most one micro-batch waits on it: backpressure), which uploads through a few connections.
+_STORE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmq-store")
+_UPLOADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lcmq-upload")
+
+
 class ChunkRun:
-    """One task's work over its jobs; `pending` holds the claimed jobs not yet final.
+    """One task's work over its jobs.
 
     Jobs are claimed one micro-batch at a time: a crash costs an attempt only to the jobs that
-    were being rendered, and the redelivered message finds the rest still queued.
+    were being rendered or stored, and the redelivered message finds the rest still queued.
+    `held` maps the claimed jobs not yet final (rendering, or storing) for lease renewal and
+    hand-back; the heartbeat thread reads it, the store thread shrinks it.
     """
 
     def __init__(self, batch_id: str, worker: str):
@@ -66,7 +76,12 @@ class ChunkRun:
         self.batch_id = batch_id
         self.worker = worker
         self.repo, self.storage = process_clients()
-        self.pending: dict[str, JobRecord] = {}
+        self.held: dict[str, JobRecord] = {}
+        self._held_lock = threading.Lock()
+        self._storing: tuple[Future, list[JobRecord]] | None = None
+        self.succeeded = 0
+
+    # --- the chunk ------------------------------------------------------------------------
 
     def run(self, job_ids: list[str]) -> dict:
         batch = self.repo.get_batch(self.batch_id)
@@ -81,82 +96,133 @@ class ChunkRun:
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
         size = self.settings.batch_size
-        claimed = succeeded = 0
+        claimed = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
             for start in range(0, len(job_ids), size):
                 if shutting_down():
+                    self._finish_storing()
                     self.hand_back(batch, job_ids[start:])
                     break
                 # Jobs already taken, done or canceled are skipped by the claim itself.
                 group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
+                self._hold(group)
                 claimed += len(group)
                 for same_shape in micro_batches(group, size):
-                    succeeded += self._render_or_fail(loaded, batch, same_shape)
+                    self._render_then_store(loaded, batch, same_shape)
+            self._finish_storing()
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
-                                      "succeeded": succeeded, "worker": self.worker, "pid": os.getpid()})
-        return {"claimed": claimed, "succeeded": succeeded}
-
-    def _fail_now(self, job_ids: list[str], reason: str) -> int:
-        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
-        log.error("jobs failed", extra={"batch_id": self.batch_id, "jobs": len(claimed), "error": reason})
-        return self.repo.record_failure([job.id for job in claimed], self.worker, reason)
-
-    def _render_or_fail(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> int:
-        """Transient faults propagate (the task retries); anything else fails this micro-batch only."""
-        try:
-            return self._render_and_store(loaded, batch, group)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("micro-batch failed", extra={"batch_id": batch.id, "jobs": len(self.pending), "error": reason})
-            self.fail_pending(reason)
-            self.pending = {}
-            return 0
-
-    def _renew_leases(self) -> None:
-        if self.pending:
-            self.repo.extend_leases(list(self.pending), self.worker, self.settings.lease_s)
-
-    def _render_and_store(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> int:
-        self.pending = {job.id: job for job in group}
-        prompts = [job.prompt for job in group]
-        maybe_crash(prompts)
-        warnings = truncation_warnings(loaded, prompts)
-        started = time.perf_counter()
-        images = render(loaded, group)
-        render_ms = (time.perf_counter() - started) * 1000 / len(group)
-        return sum(self._store(job, image, batch.profile, render_ms, len(group), warning)
-                   for job, image, warning in zip(group, images, warnings, strict=True))
+                                      "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid()})
+        return {"claimed": claimed, "succeeded": self.succeeded}
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
         """Shutdown: the jobs not yet claimed go back to the queue in a message of their own."""
         publish_chunks(batch.profile, [(batch.id, job_ids)], batch.priority)
         log.info("worker stopping, jobs handed back", extra={"batch_id": batch.id, "jobs": len(job_ids)})
 
-    def _store(self, job: JobRecord, image, profile: str, render_ms: float, batch_size: int,
-               warning: str | None) -> int:
-        data = encode_png(image, parameters_text(job, profile))
-        digest = sha256_hex(data)
-        key = self.storage.batch_key(job.batch_id, job.index)
-        # Keys are deterministic: an attempt that uploaded and then died left this very object.
-        if self.storage.stored_sha256(key) != digest:
-            self.storage.put(key, data, PNG_CONTENT_TYPE,
-                             {"job-id": job.id, "batch-id": job.batch_id, "seed": str(job.seed), "sha256": digest})
-        recorded = self.repo.record_success(job.id, self.worker, key, digest, round(render_ms, 2), batch_size,
-                                            warning)
-        self.pending.pop(job.id, None)
-        if not recorded:
-            log.warning("lease lost before recording", extra={"job_id": job.id, "batch_id": job.batch_id})
-        return int(recorded)
+    # --- holding jobs -----------------------------------------------------------------------
+
+    def _hold(self, jobs: list[JobRecord]) -> None:
+        with self._held_lock:
+            self.held.update((job.id, job) for job in jobs)
+
+    def _drop(self, jobs: list[JobRecord]) -> None:
+        with self._held_lock:
+            for job in jobs:
+                self.held.pop(job.id, None)
+
+    def held_ids(self) -> list[str]:
+        with self._held_lock:
+            return list(self.held)
+
+    def _renew_leases(self) -> None:
+        if ids := self.held_ids():
+            self.repo.extend_leases(ids, self.worker, self.settings.lease_s)
+
+    def _fail_jobs(self, jobs: list[JobRecord], reason: str) -> None:
+        log.error("micro-batch failed", extra={"batch_id": self.batch_id, "jobs": len(jobs), "error": reason})
+        self.repo.record_failure([job.id for job in jobs], self.worker, reason)
+        self._drop(jobs)
+
+    def _fail_now(self, job_ids: list[str], reason: str) -> int:
+        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
+        log.error("jobs failed", extra={"batch_id": self.batch_id, "jobs": len(claimed), "error": reason})
+        return self.repo.record_failure([job.id for job in claimed], self.worker, reason)
+
+    # --- render, then store in the background -----------------------------------------------
+
+    def _render_then_store(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> None:
+        """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
+        prompts = [job.prompt for job in group]
+        try:
+            maybe_crash(prompts)
+            warnings = truncation_warnings(loaded, prompts)
+            started = time.perf_counter()
+            images = render(loaded, group)
+            render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
+            return
+        self._finish_storing()  # backpressure: one micro-batch stored while the next renders
+        future = _STORE_THREAD.submit(self._store, batch.profile, group, images, warnings, render_ms)
+        self._storing = (future, group)
+
+    def _finish_storing(self) -> None:
+        if self._storing is None:
+            return
+        future, group = self._storing
+        self._storing = None
+        try:
+            self.succeeded += future.result()
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self._fail_jobs([job for job in group if job.id in self.held], f"{type(exc).__name__}: {exc}")
+
+    def _store(self, profile: str, group: list[JobRecord], images, warnings, render_ms: float) -> int:
+        """Encode, upload (an identical object already there counts), record; returns recorded."""
+        def upload(item) -> StoredImage:
+            job, image, warning = item
+            data = encode_png(image, parameters_text(job, profile))
+            digest = sha256_hex(data)
+            key = self.storage.batch_key(job.batch_id, job.index)
+            # Keys are deterministic: an earlier attempt that uploaded and then died left this
+            # very object (only a retried job can find one, so first attempts skip the check).
+            if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
+                self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
+                                                               "seed": str(job.seed), "sha256": digest})
+            return StoredImage(job.id, key, digest, render_ms, len(group), warning)
+
+        stored = list(_UPLOADS.map(upload, zip(group, images, warnings, strict=True)))
+        recorded = self.repo.record_successes(stored, self.worker)
+        self._drop(group)
+        if recorded < len(stored):
+            log.warning("leases lost before recording", extra={"batch_id": self.batch_id,
+                                                               "lost": len(stored) - recorded})
+        return recorded
+
+    # --- after a failure ----------------------------------------------------------------------
+
+    def abandon_storing(self) -> None:
+        """Let a background store finish (or fail) before the held jobs are released or failed."""
+        if self._storing is not None:
+            future, _ = self._storing
+            self._storing = None
+            try:
+                self.succeeded += future.result()
+            except Exception:  # noqa: BLE001 - its jobs are still held and handled by the caller
+                pass
 
     def fail_pending(self, error: str) -> None:
-        if self.pending:
-            self.repo.record_failure(list(self.pending), self.worker, error)
+        self.abandon_storing()
+        if ids := self.held_ids():
+            self.repo.record_failure(ids, self.worker, error)
 
     def release_pending(self, error: str) -> None:
-        if self.pending:
-            self.repo.release(list(self.pending), self.worker, error)
+        self.abandon_storing()
+        if ids := self.held_ids():
+            self.repo.release(ids, self.worker, error)
 
 
 @app.task(name=RENDER_TASK, bind=True)
@@ -176,10 +242,10 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
             raise self.retry(exc=exc, countdown=backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
         # Out of retries, or a fault outside the render loop: fail the jobs held, keep the rest
         # queued for the sweeper's redispatch.
-        log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": len(run.pending)})
+        log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": len(run.held)})
         _safely(run.fail_pending, reason)
         if isinstance(exc, LcmqError):
-            return {"failed": len(run.pending), "error": reason}
+            return {"failed": len(run.held), "error": reason}
         raise
 
 

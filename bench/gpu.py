@@ -1,0 +1,679 @@
+"""GPU throughput: SD1.5 512² and SDXL 1024², 4 LCM steps, bare pipeline vs the lcmq worker loop.
+
+On the lent GPU machine (one H100/H200; diffusers and the project's other dependencies that its
+image lacks travel as wheels in .whl/, see below), from the repository root:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:. && python bench/gpu.py --out $OUT/gpu.json
+
+About 3-4 minutes on an H100 after imports (`--quick`: under 2), machine start not counted.
+Wheels, fetched here (where pip works) into .whl/ (git-ignored), for CPython 3.12 x86-64:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl diffusers importlib-metadata sqlalchemy pydantic pydantic-core pydantic-settings \
+        python-dotenv annotated-types typing-inspection typing-extensions celery kombu amqp billiard vine \
+        redis tzlocal
+
+(the machine's image has torch, transformers, peft, accelerate, safetensors, pillow, huggingface-hub,
+tokenizers, click, python-dateutil; importing the worker modules pulls in lcmq's package, hence
+SQLAlchemy, pydantic-settings and celery). The script checks for all of them before it starts and
+names the missing ones at once (exit 3). Without a CUDA device it says so and exits 2.
+
+Nothing is downloaded or written to disk: every model is built in memory from the real diffusers
+and transformers classes with random weights, directly on the GPU, in fp16:
+
+- sd15-512: the SD1.5 architecture (worker.generated's `sd15-arch`: 860M UNet, VAE, CLIP ViT-L text
+  encoder), 512x512.
+- sdxl-1024: the SDXL base architecture (2.6B UNet with SDXL's published config, SDXL VAE, CLIP ViT-L
+  and OpenCLIP bigG text encoders), 1024x1024. The VAE keeps SDXL base's `force_upcast=True`, so the
+  pipeline decodes in fp32 as the `sdxl` profile does with stabilityai/stable-diffusion-xl-base-1.0;
+  `--fp16-vae` models madebyollin/sdxl-vae-fp16-fix instead (same architecture, decodes in fp16).
+
+Each gets a random LCM-LoRA of the real ones' rank (64) and target modules, loaded with
+`load_lora_weights` and fused, after the scheduler is swapped for LCMScheduler: the steps
+worker.pipeline.load_pipeline takes. Random weights run at the speed of real ones; the images are
+noise, so PNG encoding costs somewhat more than for real images.
+
+Procedure:
+1. Dense matmul ceiling: bf16 8192x8192 products timed with CUDA events -> TFLOP/s.
+2. Per config: build, LoRA load + fuse, channels_last UNet, one batch-1 call under a FLOP counter.
+3. Per batch size (1, 4, 8, 16), each loop warmed up 2 iterations, then timed for ~5 s:
+   a. bare: `pipe(...)` then PNG encoding of each image; img_s counts the pipeline call alone,
+      tflop_share = img_s x TFLOP per image / measured matmul TFLOP/s;
+   b. lcmq: what a worker does per micro-batch minus database and queue (micro_batches,
+      truncation_warnings, worker.render.render, encode_png with the job's parameters, sha256,
+      upload to an in-memory sink); lcmq_ratio = lcmq img/s / bare (pipeline + PNG) img/s.
+4. One line per config and batch size; last line `sd15_512_img_s=… sdxl_1024_img_s=… matmul_tflops=…`.
+
+    python bench/gpu.py [--quick] [--out FILE] [--compile] [--fp16-vae] [--config NAME] [--batch-sizes 1,4]
+    python bench/gpu.py --cpu-smoke      # the whole code path on CPU, tiny models, float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXIT_NO_CUDA = 2
+EXIT_MISSING_MODULES = 3
+
+STEPS = 4
+GUIDANCE = 1.0  # LCM: no classifier-free guidance, one UNet pass per step
+BATCH_SIZES = (1, 4, 8, 16)
+WARMUP_ITERS = 2
+TARGET_S = 5.0
+QUICK_TARGET_S = 1.5
+MIN_ITERS = 3
+MAX_ITERS = 500
+MATMUL_N = 8192
+PROMPT = "a lighthouse on a cliff at dusk, waves breaking, oil painting"
+BARE_PARAMETERS = f"{PROMPT}\nSteps: {STEPS}, Sampler: LCM, CFG scale: {GUIDANCE:g}"
+FLOP_SCOPE = f"{STEPS} UNet steps + VAE decode + text encoder(s), guidance {GUIDANCE:g} (no CFG)"
+
+# The modules targeted by diffusers' LCM-LoRA distillation scripts (train_lcm_distill_lora_*),
+# which trained latent-consistency/lcm-lora-sdv1-5 and lcm-lora-sdxl (both rank 64).
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_LORA_RANK = 64
+
+# Top-level module -> distribution, for everything the worker's import chain needs.
+REQUIRED_MODULES = {
+    "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
+    "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "importlib_metadata":
+    "importlib-metadata", "sqlalchemy": "sqlalchemy", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
+    "pydantic_settings": "pydantic-settings", "dotenv": "python-dotenv", "annotated_types": "annotated-types",
+    "typing_inspection": "typing-inspection", "celery": "celery", "kombu": "kombu", "amqp": "amqp",
+    "billiard": "billiard", "vine": "vine", "redis": "redis", "tzlocal": "tzlocal", "dateutil": "python-dateutil",
+    "click": "click",
+}
+
+# SDXL base 1.0's published UNet config (unet/config.json), less the defaults.
+SDXL_UNET = dict(
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+# The same topology, narrow and shallow, for --cpu-smoke: cross_attention_dim = the two encoders'
+# hidden sizes, projection input = 6 time ids x addition_time_embed_dim + encoder 2's projection.
+SDXL_SMOKE_UNET = SDXL_UNET | dict(
+    block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+    cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    sample_size=8,
+)
+SDXL_TEXT_ENCODERS = (
+    dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+         hidden_act="quick_gelu", projection_dim=768),
+    dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+         hidden_act="gelu", projection_dim=1280),
+)
+SDXL_SMOKE_TEXT_ENCODERS = (
+    dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+    dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    profile: str  # the lcmq built-in profile whose family and defaults it stands for
+    family: str
+    size_px: int
+    unet: dict[str, Any]
+    vae_channels: tuple[int, ...]
+    text_encoders: tuple[dict[str, Any], ...]
+    lora_rank: int
+    tflop_per_image: float | None  # None: use the counted value (smoke models)
+
+    @property
+    def summary_key(self) -> str:
+        return self.name.replace("-", "_") + "_img_s"
+
+
+def gpu_configs() -> list[Config]:
+    from worker.generated import ARCHITECTURES
+
+    sd15_unet, sd15_vae, sd15_text, _ = ARCHITECTURES["sd15-arch"]
+    return [
+        Config("sd15-512", "sd15", "sd15", 512, sd15_unet, sd15_vae, (sd15_text,), LCM_LORA_RANK, 5.9),
+        Config("sdxl-1024", "sdxl", "sdxl", 1024, SDXL_UNET, (128, 256, 512, 512), SDXL_TEXT_ENCODERS,
+               LCM_LORA_RANK, 37.8),
+    ]
+
+
+def smoke_configs() -> list[Config]:
+    from worker.generated import ARCHITECTURES
+
+    tiny_unet, tiny_vae, tiny_text, tiny_rank = ARCHITECTURES["tiny-sd15"]
+    return [
+        Config("sd15-64-smoke", "sd15", "sd15", 64, tiny_unet, tiny_vae, (tiny_text,), tiny_rank, None),
+        Config("sdxl-64-smoke", "sdxl", "sdxl", 64, SDXL_SMOKE_UNET, (32, 32, 64, 64), SDXL_SMOKE_TEXT_ENCODERS,
+               4, None),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def missing_modules() -> list[str]:
+    return sorted({dist for module, dist in REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None})
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "diffusers": _version("diffusers"), "transformers": _version("transformers"), "peft": _version("peft"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info |= {"card": torch.cuda.get_device_name(0), "capability": f"{props.major}.{props.minor}",
+                 "sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
+                 "cudnn": torch.backends.cudnn.version()}
+    else:
+        info |= {"card": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    return info
+
+
+def set_backends(device: str) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (e.g. an upcast VAE) on tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes repeat every iteration: pick the fastest kernels
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The dense matmul ceiling
+
+
+def matmul_tflops(device: str, quick: bool) -> dict[str, Any]:
+    """Median TFLOP/s of n x n x n products: bf16 on the GPU (CUDA events), fp32 on CPU (smoke)."""
+    import torch
+
+    n = MATMUL_N if device == "cuda" else 512
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # never zeros: they run faster
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    per_trial, trials = 10, (5 if quick else 20)
+    for _ in range(5):
+        torch.matmul(a, b, out=out)
+    synchronize(device)
+    times_s = []
+    for _ in range(trials):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_trial):
+                torch.matmul(a, b, out=out)
+            end.record()
+            end.synchronize()
+            times_s.append(start.elapsed_time(end) / 1000)
+        else:
+            started = time.perf_counter()
+            for _ in range(per_trial):
+                torch.matmul(a, b, out=out)
+            times_s.append(time.perf_counter() - started)
+    median_s = statistics.median(times_s)
+    tflops = 2 * n**3 * per_trial / median_s / 1e12
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "trials": trials, "tflops": tflops,
+            "spread": (max(times_s) - min(times_s)) / median_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Building the pipelines: real classes, random weights, on the device
+
+
+def _on_device(build: Callable[[], Any], device: str, dtype, seed: int):
+    """Construct a module with its weights allocated (and randomly initialised) on the device."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        module = build()
+    return module.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def _text_encoder(kwargs: dict[str, Any], vocab_size: int, with_projection: bool, device: str, dtype, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                            max_position_embeddings=77, **kwargs)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _on_device(lambda: cls(config), device, dtype, seed)
+
+
+def _vae(config: Config, device: str, dtype, fp16_vae: bool):
+    from diffusers import AutoencoderKL
+
+    extra: dict[str, Any] = {}
+    if config.family == "sdxl":
+        # SDXL base's VAE overflows in fp16, so its config asks the pipeline to decode in fp32.
+        extra = {"scaling_factor": 0.13025, "force_upcast": not fp16_vae}
+    n = len(config.vae_channels)
+    return _on_device(lambda: AutoencoderKL(
+        block_out_channels=config.vae_channels, in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=2, norm_num_groups=32, sample_size=config.size_px, **extra), device, dtype, seed=1)
+
+
+def build_pipeline(config: Config, device: str, dtype, fp16_vae: bool):
+    """The family's diffusers pipeline with its original scheduler, as from_pretrained gives it."""
+    from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    from worker.generated import byte_level_tokenizer
+
+    unet = _on_device(lambda: UNet2DConditionModel(in_channels=4, out_channels=4, **config.unet),
+                      device, dtype, seed=0)
+    vae = _vae(config, device, dtype, fp16_vae)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1)
+    tokenizer = byte_level_tokenizer()
+    if config.family == "sd15":
+        text_encoder = _text_encoder(config.text_encoders[0], len(tokenizer), False, device, dtype, seed=2)
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=PNDMScheduler(skip_prk_steps=True, **betas), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    tokenizer_2 = byte_level_tokenizer()
+    text_encoder = _text_encoder(config.text_encoders[0], len(tokenizer), False, device, dtype, seed=2)
+    text_encoder_2 = _text_encoder(config.text_encoders[1], len(tokenizer_2), True, device, dtype, seed=4)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas),
+        add_watermarker=False)
+
+
+def random_lcm_lora(unet, rank: int, device: str, dtype) -> dict[str, Any]:
+    """A PEFT-format LoRA state dict (`unet.<module>.lora_A/B.weight`) over the LCM-LoRA targets.
+
+    Built in memory, on the device, instead of being saved: load_lora_weights takes a state dict.
+    B is small but not zero, so fusing really changes the weights.
+    """
+    import torch
+
+    gen = torch.Generator(device).manual_seed(3)
+    state: dict[str, Any] = {}
+    for name, module in unet.named_modules():
+        if not any(name == target or name.endswith("." + target) for target in LCM_LORA_TARGETS):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            a_shape, b_shape = (rank, module.in_features), (module.out_features, rank)
+        elif isinstance(module, torch.nn.Conv2d):
+            a_shape, b_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+        else:
+            continue
+        fan_in = math.prod(a_shape[1:])
+        state[f"unet.{name}.lora_A.weight"] = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / fan_in**0.5
+        state[f"unet.{name}.lora_B.weight"] = torch.randn(b_shape, generator=gen, device=device, dtype=dtype) * 1e-3
+    return state
+
+
+def prepare(pipe, config: Config, device: str, dtype) -> dict[str, Any]:
+    """load_pipeline's steps 2 and 3 on an in-memory pipeline: LCM scheduler, LCM-LoRA fused."""
+    import torch
+    from diffusers import LCMScheduler
+
+    from worker.pipeline import LCM_ADAPTER
+
+    # 2. The LCM scheduler, configured from the model's own scheduler.
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    # 3. The LCM-LoRA, fused into the weights.
+    lora = random_lcm_lora(pipe.unet, config.lora_rank, device, dtype)
+    lora_modules, lora_params = len(lora) // 2, sum(t.numel() for t in lora.values())
+    pipe.load_lora_weights(lora, adapter_name=LCM_ADAPTER, low_cpu_mem_usage=True)
+    if LCM_ADAPTER not in pipe.get_list_adapters().get("unet", []):
+        raise RuntimeError(f"{config.name}: the LCM-LoRA did not load into the UNet")
+    pipe.fuse_lora(adapter_names=[LCM_ADAPTER])
+    if device != "cpu":
+        pipe.unet.to(memory_format=torch.channels_last)
+    pipe.set_progress_bar_config(disable=True)
+    return {"lora_modules": lora_modules, "lora_params_m": round(lora_params / 1e6, 1),
+            "unet_params_m": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1)}
+
+
+def count_tflop_per_image(pipe, config: Config) -> float:
+    """Dense FLOPs (matmuls, convolutions, attention) of one batch-1 call, by torch's counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        pipe(prompt=[PROMPT], num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=config.size_px,
+             height=config.size_px, output_type="pil")
+    return counter.get_total_flops() / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The two loops
+
+
+class MemorySink:
+    """Object storage in memory, as lcmq.storage.S3Storage behaves: the sha256 rides in metadata."""
+
+    def __init__(self):
+        from lcmq.storage import check_key
+
+        self._check_key = check_key
+        self.objects: dict[str, tuple[int, str]] = {}
+
+    def batch_key(self, batch_id: str, index: int) -> str:
+        return self._check_key(f"{batch_id}/{index:06d}.png")
+
+    def stored_sha256(self, key: str) -> str | None:
+        stored = self.objects.get(key)
+        return stored[1] if stored else None
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        self.objects[key] = (len(data), metadata["sha256"])
+
+
+def job_record(index: int, size_px: int):
+    """A claimed job as the repository returns it (the shape of tests/helpers.py's builder)."""
+    from lcmq.repository import JobRecord
+
+    return JobRecord(id=f"job{index}", batch_id="bench", index=index, state="running", prompt=PROMPT,
+                     negative_prompt="", seed=index, steps=STEPS, guidance=GUIDANCE, width=size_px, height=size_px,
+                     meta={}, attempts=1, worker="bench", error=None, key=None, sha256=None, render_ms=None,
+                     batch_size=None, warning=None, dispatched_at=None, created_at=datetime.now(UTC),
+                     started_at=None, finished_at=None)
+
+
+def bare_step(pipe, config: Config, batch: int, device: str) -> Callable[[], tuple[float, float]]:
+    """pipe(...) and PNG encoding, nothing else; returns (pipeline s, encoding s)."""
+    import torch
+
+    from worker.encode import encode_png
+
+    gen = torch.Generator(device).manual_seed(0)
+
+    def step() -> tuple[float, float]:
+        started = time.perf_counter()
+        images = pipe(prompt=[PROMPT] * batch, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      width=config.size_px, height=config.size_px, generator=gen, output_type="pil").images
+        rendered = time.perf_counter()  # PIL images: the GPU work is done
+        for image in images:
+            encode_png(image, BARE_PARAMETERS)
+        return rendered - started, time.perf_counter() - rendered
+
+    return step
+
+
+def lcmq_step(loaded, config: Config, batch: int) -> Callable[[], tuple[float, float]]:
+    """A worker's work on one micro-batch minus database and queue (worker.tasks.ChunkRun).
+
+    Fresh job indexes every iteration, so each upload is new, as in a real batch.
+    """
+    from lcmq.storage import sha256_hex
+    from worker.encode import PNG_CONTENT_TYPE, encode_png, parameters_text
+    from worker.pipeline import truncation_warnings
+    from worker.render import micro_batches, render
+
+    sink = MemorySink()
+    next_index = [0]
+
+    def step() -> tuple[float, float]:
+        jobs = [job_record(next_index[0] + i, config.size_px) for i in range(batch)]
+        next_index[0] += batch
+        render_s = store_s = 0.0
+        for group in micro_batches(jobs, batch):
+            started = time.perf_counter()
+            truncation_warnings(loaded, [job.prompt for job in group])
+            images = render(loaded, group)
+            rendered = time.perf_counter()
+            for job, image in zip(group, images, strict=True):
+                data = encode_png(image, parameters_text(job, loaded.profile.name))
+                digest = sha256_hex(data)
+                key = sink.batch_key(job.batch_id, job.index)
+                if sink.stored_sha256(key) != digest:
+                    sink.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "sha256": digest})
+            render_s += rendered - started
+            store_s += time.perf_counter() - rendered
+        return render_s, store_s
+
+    return step
+
+
+@dataclass
+class Timing:
+    iters: int
+    elapsed_s: float
+    phase_s: tuple[float, float]  # summed over the timed iterations: (pipeline or render, encode + store)
+    per_iter_s: list[float] = field(default_factory=list)
+
+
+def timed(step: Callable[[], tuple[float, float]], device: str, target_s: float) -> Timing:
+    """Warm up, size N from the last warmup iteration to fill ~target_s, time N iterations."""
+    for _ in range(WARMUP_ITERS):
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        last_s = time.perf_counter() - started
+    iters = max(MIN_ITERS, min(MAX_ITERS, math.ceil(target_s / max(last_s, 1e-6))))
+    synchronize(device)
+    per_iter_s, phases = [], [0.0, 0.0]
+    started = time.perf_counter()
+    for _ in range(iters):
+        began = time.perf_counter()
+        first, second = step()
+        phases[0] += first
+        phases[1] += second
+        per_iter_s.append(time.perf_counter() - began)
+    synchronize(device)
+    return Timing(iters, time.perf_counter() - started, (phases[0], phases[1]), per_iter_s)
+
+
+def measure_batch(pipe, loaded, config: Config, batch: int, device: str, target_s: float,
+                  tflop_per_image: float, matmul: float) -> dict[str, Any]:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        bare = timed(bare_step(pipe, config, batch, device), device, target_s)
+        lcmq = timed(lcmq_step(loaded, config, batch), device, target_s)
+    images_bare, images_lcmq = batch * bare.iters, batch * lcmq.iters
+    img_s = images_bare / bare.phase_s[0]
+    bare_png_img_s = images_bare / bare.elapsed_s
+    lcmq_img_s = images_lcmq / lcmq.elapsed_s
+    return {
+        "config": config.name, "batch": batch, "img_s": img_s,
+        "tflop_share": img_s * tflop_per_image / matmul, "lcmq_ratio": lcmq_img_s / bare_png_img_s,
+        "bare_png_img_s": bare_png_img_s, "lcmq_img_s": lcmq_img_s,
+        "pipe_ms": 1000 * bare.phase_s[0] / bare.iters,
+        "png_ms_per_img": 1000 * bare.phase_s[1] / images_bare,
+        "lcmq_store_ms_per_img": 1000 * lcmq.phase_s[1] / images_lcmq,
+        "iter_ms_median": 1000 * statistics.median(bare.per_iter_s),
+        "iters": bare.iters, "lcmq_iters": lcmq.iters,
+        "mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Reporting
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def line(pairs: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_fmt(value)}" for key, value in pairs.items())
+
+
+def free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_config(config: Config, args, device: str, dtype, matmul: float, target_s: float) -> dict[str, Any]:
+    """Steps 2 and 3 for one config; a batch size that runs out of memory is recorded, not fatal."""
+    import torch
+
+    from lcmq.profiles import BUILTIN_PROFILES
+    from worker.pipeline import LoadedPipeline
+
+    # 2. Build, LoRA, FLOP count (before compiling: the counter needs eager ops).
+    started = time.perf_counter()
+    pipe = build_pipeline(config, device, dtype, args.fp16_vae)
+    built = prepare(pipe, config, device, dtype)
+    synchronize(device)
+    load_s = time.perf_counter() - started
+    counted = count_tflop_per_image(pipe, config)
+    tflop_per_image = config.tflop_per_image if config.tflop_per_image is not None else counted
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+    loaded = LoadedPipeline(BUILTIN_PROFILES[config.profile], pipe, device, dtype, load_s)
+    vae_decode = "fp32 (force_upcast)" if getattr(pipe.vae.config, "force_upcast", False) and config.family == "sdxl" \
+        else str(dtype).removeprefix("torch.")
+    info = {"config": config.name, "size_px": config.size_px, "load_s": load_s, **built,
+            "lora_rank": config.lora_rank, "vae_decode": vae_decode, "compiled": args.compile,
+            "tflop_per_image": tflop_per_image, "tflop_scope": FLOP_SCOPE, "counted_tflop_per_image": counted}
+    print(f"# {line(info | {'tflop_scope': None})}", flush=True)
+    print(f"#   tflop_per_image={_fmt(tflop_per_image)} covers {FLOP_SCOPE}"
+          f"{'' if config.tflop_per_image else ' (counted: smoke model)'}", flush=True)
+
+    # 3. Every batch size, each with both loops.
+    results = []
+    for batch in args.batch_sizes:
+        try:
+            result = measure_batch(pipe, loaded, config, batch, device, target_s, tflop_per_image, matmul)
+        except torch.cuda.OutOfMemoryError as exc:
+            result = {"config": config.name, "batch": batch, "error": f"OutOfMemoryError: {str(exc)[:200]}"}
+        free(device)
+        results.append(result)
+        print(line({k: v for k, v in result.items() if k != "error"} | (
+            {"error": "OOM"} if "error" in result else {})), flush=True)
+    del pipe, loaded
+    free(device)
+    return {"info": info, "results": results}
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"time ~{QUICK_TARGET_S:g} s per loop instead of "
+                        f"~{TARGET_S:g} s")
+    parser.add_argument("--out", type=Path, help="also write every result as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (max-autotune-no-cudagraphs); minutes of autotuning per shape")
+    parser.add_argument("--fp16-vae", action="store_true",
+                        help="SDXL VAE decodes in fp16 (sdxl-vae-fp16-fix) instead of SDXL base's fp32 upcast")
+    parser.add_argument("--config", action="append", help="run only this config (repeatable)")
+    parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="the whole code path on CPU: tiny models of both architectures, 64x64, float32")
+    args = parser.parse_args(argv)
+    if args.batch_sizes is None:
+        args.batch_sizes = (1, 2) if args.cpu_smoke else BATCH_SIZES
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    # 0. Fail fast: no GPU, or a dependency the machine lacks (all of them named at once).
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(f"bench/gpu.py: no CUDA device available (torch {torch.__version__}, built for CUDA "
+              f"{torch.version.cuda or 'none'}): run it on a machine with an NVIDIA GPU, or pass --cpu-smoke "
+              "to check the code path on CPU", file=sys.stderr)
+        return EXIT_NO_CUDA
+    missing = missing_modules()
+    if missing:
+        print(f"bench/gpu.py: missing Python packages: {' '.join(missing)} (bring their wheels; see this "
+              "file's docstring)", file=sys.stderr)
+        return EXIT_MISSING_MODULES
+
+    from worker.pipeline import quiet_libraries
+
+    quiet_libraries()
+    device = "cpu" if args.cpu_smoke else "cuda"
+    dtype = torch.float32 if args.cpu_smoke else torch.float16
+    target_s = 0.2 if args.cpu_smoke else QUICK_TARGET_S if args.quick else TARGET_S
+    set_backends(device)
+    configs = smoke_configs() if args.cpu_smoke else gpu_configs()
+    if args.config:
+        unknown = set(args.config) - {c.name for c in configs}
+        if unknown:
+            print(f"bench/gpu.py: unknown config(s) {', '.join(sorted(unknown))}; known: "
+                  f"{', '.join(c.name for c in configs)}", file=sys.stderr)
+            return 1
+        configs = [c for c in configs if c.name in args.config]
+
+    env = environment(device)
+    print(f"# {line(env)}", flush=True)
+    print(f"# dtype={str(dtype).removeprefix('torch.')} steps={STEPS} guidance={GUIDANCE:g} "
+          f"batch_sizes={','.join(map(str, args.batch_sizes))} target_s={target_s:g} warmup_iters={WARMUP_ITERS} "
+          f"tf32=on sdpa=default channels_last={device != 'cpu'} compile={args.compile}", flush=True)
+
+    # 1. The dense matmul ceiling.
+    matmul = matmul_tflops(device, args.quick)
+    print(f"# {line({'matmul_' + k: v for k, v in matmul.items()})}", flush=True)
+
+    # 2-3. Each config: build, then every batch size with both loops.
+    runs = [bench_config(config, args, device, dtype, matmul["tflops"], target_s) for config in configs]
+
+    # 4. Summary: best img/s per architecture, the ceiling.
+    summary: dict[str, Any] = {}
+    for run in runs:
+        ok = [r for r in run["results"] if "error" not in r]
+        name = run["info"]["config"]
+        summary[name.replace("-", "_") + "_img_s"] = max((r["img_s"] for r in ok), default=None)
+    summary["matmul_tflops"] = matmul["tflops"]
+    for run in runs:
+        ok = [r for r in run["results"] if "error" not in r]
+        summary[run["info"]["config"].replace("-", "_") + "_lcmq_img_s"] = max(
+            (r["lcmq_img_s"] for r in ok), default=None)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                                    for k, v in vars(args).items()},
+                                        "matmul": matmul, "configs": runs, "summary": summary}, indent=2) + "\n")
+    print(line(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
