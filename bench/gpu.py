@@ -10,7 +10,7 @@ Wheels, fetched here (where pip works) into .whl/ (git-ignored), for CPython 3.1
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers importlib-metadata sqlalchemy pydantic pydantic-core pydantic-settings \
+        -d .whl diffusers sqlalchemy pydantic pydantic-core pydantic-settings \
         python-dotenv annotated-types typing-inspection typing-extensions celery kombu amqp billiard vine \
         redis tzlocal
 
@@ -94,12 +94,11 @@ LCM_LORA_RANK = 64
 # Top-level module -> distribution, for everything the worker's import chain needs.
 REQUIRED_MODULES = {
     "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
-    "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "importlib_metadata":
-    "importlib-metadata", "sqlalchemy": "sqlalchemy", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
-    "pydantic_settings": "pydantic-settings", "dotenv": "python-dotenv", "annotated_types": "annotated-types",
-    "typing_inspection": "typing-inspection", "celery": "celery", "kombu": "kombu", "amqp": "amqp",
-    "billiard": "billiard", "vine": "vine", "redis": "redis", "tzlocal": "tzlocal", "dateutil": "python-dateutil",
-    "click": "click",
+    "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "sqlalchemy": "sqlalchemy",
+    "pydantic": "pydantic", "pydantic_core": "pydantic-core", "pydantic_settings": "pydantic-settings",
+    "dotenv": "python-dotenv", "annotated_types": "annotated-types", "typing_inspection": "typing-inspection",
+    "celery": "celery", "kombu": "kombu", "amqp": "amqp", "billiard": "billiard", "vine": "vine", "redis": "redis",
+    "tzlocal": "tzlocal", "dateutil": "python-dateutil", "click": "click",
 }
 
 # SDXL base 1.0's published UNet config (unet/config.json), less the defaults.
@@ -141,9 +140,8 @@ class Config:
     lora_rank: int
     tflop_per_image: float | None  # None: use the counted value (smoke models)
 
-    @property
-    def summary_key(self) -> str:
-        return self.name.replace("-", "_") + "_img_s"
+    def summary_key(self, measure: str) -> str:
+        return f"{self.name.replace('-', '_')}_{measure}"
 
 
 def gpu_configs() -> list[Config]:
@@ -173,7 +171,12 @@ def smoke_configs() -> list[Config]:
 
 
 def missing_modules() -> list[str]:
-    return sorted({dist for module, dist in REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None})
+    def present(module: str) -> bool:
+        if module in sys.modules:
+            return True
+        return importlib.util.find_spec(module) is not None
+
+    return sorted({dist for module, dist in REQUIRED_MODULES.items() if not present(module)})
 
 
 def _version(dist: str) -> str | None:
@@ -201,13 +204,12 @@ def environment(device: str) -> dict[str, Any]:
     return info
 
 
-def set_backends(device: str) -> None:
+def set_backends() -> None:
+    """TF32 for what still runs in fp32 (SDXL base's upcast VAE decode); SDPA is diffusers' default."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (e.g. an upcast VAE) on tensor cores
+    torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes repeat every iteration: pick the fastest kernels
 
 
 def synchronize(device: str) -> None:
@@ -340,9 +342,9 @@ def random_lcm_lora(unet, rank: int, device: str, dtype) -> dict[str, Any]:
             a_shape, b_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
         else:
             continue
-        fan_in = math.prod(a_shape[1:])
-        state[f"unet.{name}.lora_A.weight"] = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / fan_in**0.5
-        state[f"unet.{name}.lora_B.weight"] = torch.randn(b_shape, generator=gen, device=device, dtype=dtype) * 1e-3
+        a = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / math.prod(a_shape[1:])**0.5
+        b = torch.randn(b_shape, generator=gen, device=device, dtype=dtype) * 1e-3
+        state[f"unet.{name}.lora_A.weight"], state[f"unet.{name}.lora_B.weight"] = a, b
     return state
 
 
@@ -369,16 +371,21 @@ def prepare(pipe, config: Config, device: str, dtype) -> dict[str, Any]:
             "unet_params_m": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1)}
 
 
-def count_tflop_per_image(pipe, config: Config) -> float:
-    """Dense FLOPs (matmuls, convolutions, attention) of one batch-1 call, by torch's counter."""
+def count_tflop_per_image(pipe, config: Config) -> tuple[float, bool]:
+    """Dense FLOPs (matmuls, convolutions, attention) of one batch-1 call, by torch's counter.
+
+    Also says whether the image came out flat (one value per channel): random fp16 weights that
+    overflow give NaN, which PIL turns into a black image that encodes faster than a real one.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        pipe(prompt=[PROMPT], num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=config.size_px,
-             height=config.size_px, output_type="pil")
-    return counter.get_total_flops() / 1e12
+        image = pipe(prompt=[PROMPT], num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=config.size_px,
+                     height=config.size_px, output_type="pil").images[0]
+    flat = all(low == high for low, high in image.getextrema())
+    return counter.get_total_flops() / 1e12, flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +547,16 @@ def line(pairs: dict[str, Any]) -> str:
     return " ".join(f"{key}={_fmt(value)}" for key, value in pairs.items())
 
 
+def write_json(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def best(run: dict[str, Any], measure: str) -> float | None:
+    return max((r[measure] for r in run["results"] if "error" not in r), default=None)
+
+
 def free(device: str) -> None:
     import torch
 
@@ -548,8 +565,12 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_config(config: Config, args, device: str, dtype, matmul: float, target_s: float) -> dict[str, Any]:
-    """Steps 2 and 3 for one config; a batch size that runs out of memory is recorded, not fatal."""
+def bench_config(config: Config, args, device: str, dtype, matmul: float, target_s: float,
+                 record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Steps 2 and 3 for one config; a batch size that runs out of memory is recorded, not fatal.
+
+    `record` gets the run so far after every batch size (the JSON file survives a timeout).
+    """
     import torch
 
     from lcmq.profiles import BUILTIN_PROFILES
@@ -561,22 +582,28 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
     built = prepare(pipe, config, device, dtype)
     synchronize(device)
     load_s = time.perf_counter() - started
-    counted = count_tflop_per_image(pipe, config)
+    counted, flat = count_tflop_per_image(pipe, config)
     tflop_per_image = config.tflop_per_image if config.tflop_per_image is not None else counted
     if args.compile:
         pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
     loaded = LoadedPipeline(BUILTIN_PROFILES[config.profile], pipe, device, dtype, load_s)
-    vae_decode = "fp32 (force_upcast)" if getattr(pipe.vae.config, "force_upcast", False) and config.family == "sdxl" \
-        else str(dtype).removeprefix("torch.")
+    # The SDXL pipeline decodes in fp32 when an fp16 VAE's config says force_upcast.
+    upcast = config.family == "sdxl" and dtype == torch.float16 and pipe.vae.config.force_upcast
     info = {"config": config.name, "size_px": config.size_px, "load_s": load_s, **built,
-            "lora_rank": config.lora_rank, "vae_decode": vae_decode, "compiled": args.compile,
-            "tflop_per_image": tflop_per_image, "tflop_scope": FLOP_SCOPE, "counted_tflop_per_image": counted}
-    print(f"# {line(info | {'tflop_scope': None})}", flush=True)
+            "lora_rank": config.lora_rank, "vae_decode": "float32" if upcast else str(dtype).removeprefix("torch."),
+            "compiled": args.compile, "tflop_per_image": tflop_per_image, "counted_tflop_per_image": counted,
+            "images_flat": flat}
+    print(f"# {line(info)}", flush=True)
     print(f"#   tflop_per_image={_fmt(tflop_per_image)} covers {FLOP_SCOPE}"
           f"{'' if config.tflop_per_image else ' (counted: smoke model)'}", flush=True)
+    if flat:
+        print("#   warning: the images are flat (fp16 overflow in random weights?): PNG times are understated",
+              flush=True)
+    info["tflop_scope"] = FLOP_SCOPE
 
     # 3. Every batch size, each with both loops.
-    results = []
+    results: list[dict[str, Any]] = []
+    run = {"info": info, "results": results}
     for batch in args.batch_sizes:
         try:
             result = measure_batch(pipe, loaded, config, batch, device, target_s, tflop_per_image, matmul)
@@ -586,9 +613,10 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
         results.append(result)
         print(line({k: v for k, v in result.items() if k != "error"} | (
             {"error": "OOM"} if "error" in result else {})), flush=True)
+        record(run)
     del pipe, loaded
     free(device)
-    return {"info": info, "results": results}
+    return run
 
 
 def parse_args(argv: list[str] | None):
@@ -632,7 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     dtype = torch.float32 if args.cpu_smoke else torch.float16
     target_s = 0.2 if args.cpu_smoke else QUICK_TARGET_S if args.quick else TARGET_S
-    set_backends(device)
+    set_backends()
+    if args.cpu_smoke:
+        torch.set_num_threads(1)  # smoke checks the code path, not speed; one thread stays quick on a busy CPU
     configs = smoke_configs() if args.cpu_smoke else gpu_configs()
     if args.config:
         unknown = set(args.config) - {c.name for c in configs}
@@ -653,24 +683,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {line({'matmul_' + k: v for k, v in matmul.items()})}", flush=True)
 
     # 2-3. Each config: build, then every batch size with both loops.
-    runs = [bench_config(config, args, device, dtype, matmul["tflops"], target_s) for config in configs]
+    report: dict[str, Any] = {"environment": env, "args": {k: str(v) if isinstance(v, Path) else v
+                                                          for k, v in vars(args).items()},
+                              "matmul": matmul, "configs": []}
 
-    # 4. Summary: best img/s per architecture, the ceiling.
-    summary: dict[str, Any] = {}
-    for run in runs:
-        ok = [r for r in run["results"] if "error" not in r]
-        name = run["info"]["config"]
-        summary[name.replace("-", "_") + "_img_s"] = max((r["img_s"] for r in ok), default=None)
+    def record(run: dict[str, Any]) -> None:
+        if run not in report["configs"]:
+            report["configs"].append(run)
+        write_json(args.out, report)
+
+    runs = [bench_config(config, args, device, dtype, matmul["tflops"], target_s, record) for config in configs]
+
+    # 4. Summary: best img/s per architecture, the ceiling, then the best through the lcmq loop.
+    summary = {config.summary_key("img_s"): best(run, "img_s") for config, run in zip(configs, runs)}
     summary["matmul_tflops"] = matmul["tflops"]
-    for run in runs:
-        ok = [r for r in run["results"] if "error" not in r]
-        summary[run["info"]["config"].replace("-", "_") + "_lcmq_img_s"] = max(
-            (r["lcmq_img_s"] for r in ok), default=None)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                                    for k, v in vars(args).items()},
-                                        "matmul": matmul, "configs": runs, "summary": summary}, indent=2) + "\n")
+    summary |= {config.summary_key("lcmq_img_s"): best(run, "lcmq_img_s") for config, run in zip(configs, runs)}
+    report["summary"] = summary
+    write_json(args.out, report)
     print(line(summary), flush=True)
     return 0
 

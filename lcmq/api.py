@@ -22,8 +22,7 @@ from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.repository import BatchRecord, Repository
 from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
-from lcmq.spec import (BatchOptions, JobSpec, RowValidator, check_file, is_text_format, iter_specs, read_rows,
-                        rows_from_objects, validate_rows)
+from lcmq.spec import BatchOptions, JobSpec, RowValidator, check_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
 
@@ -113,17 +112,17 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     _check_flags(source, chunk_size, priority, idempotency_key)
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source)
+    specs: Iterable[JobSpec]
     if path is not None:
-        # Pass 1 validates the whole file keeping nothing; pass 2 streams it into the database.
-        _, content_sha256 = check_file(path, validator)
-        specs: Iterable[JobSpec] = iter_specs(read_rows(path), validator, is_text_format(path))
+        specs, content_sha256 = check_file(path, validator)  # every row, before anything is written
     else:
         specs = validate_rows(rows_from_objects(rows), validator)
         content_sha256 = hashlib.sha256(json.dumps([asdict(spec) for spec in specs], sort_keys=True,
                                                    default=str).encode()).hexdigest()
     key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
     batch_id, _ = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
-                                     chunk_size, idempotency_key=key, priority=priority)
+                                     chunk_size, idempotency_key=key, priority=priority,
+                                     max_chunks=settings.max_chunks_per_batch)
     return status(batch_id)
 
 

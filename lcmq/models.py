@@ -42,6 +42,9 @@ class Batch(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # 0-9, 9 most urgent
     canceled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The outbox, batch level: NULL until every job's first message was published. The sweeper
+    # publishes batches still NULL after a grace period (a crash between commit and publish).
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_batches_created_at", "created_at"),
@@ -73,8 +76,8 @@ class Job(Base):
     render_ms: Mapped[float | None] = mapped_column(Float)
     batch_size: Mapped[int | None] = mapped_column(Integer)  # images per pipeline call that rendered it
     warning: Mapped[str | None] = mapped_column(Text)  # e.g. the prompt was truncated to the encoder's length
-    # The outbox: NULL until a message naming the job was published. The sweeper publishes
-    # queued jobs still NULL after a grace period (a crash between commit and publish).
+    # When the job's latest message was (or, until its batch is published, will be) sent. NULL:
+    # requeued and waiting for a message, which whoever requeued it sends (sweeper, resume).
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

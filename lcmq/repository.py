@@ -7,6 +7,7 @@ DatabaseError, a missing table a SchemaError that says to run `lcmq db upgrade`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,7 +15,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, String, bindparam, cast, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import (Engine, String, bindparam, cast, create_engine, event, func, insert, or_, select, text,
+                        update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +48,7 @@ class BatchRecord:
     idempotency_key: str | None
     priority: int
     canceled_at: datetime | None
+    published_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,71 @@ def engine_for(url: str) -> Engine:
     return _ENGINES[key]
 
 
+# Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta.
+_NEW_JOB_COLUMNS = ("id", "batch_id", "index", "state", "prompt", "negative_prompt", "seed", "steps", "guidance",
+                    "width", "height", "metadata", "attempts", "created_at", "dispatched_at")
+
+
+def _copy_text(value: Any) -> str:
+    """One field in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    text_value = value if isinstance(value, str) else str(value)
+    if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
+        text_value = (text_value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+                      .replace("\r", "\\r"))
+    return text_value
+
+
+def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> int:
+    """Postgres: stream the rows with COPY in text format, in blocks, inside the session's
+    transaction (about 20x executemany)."""
+    cursor = session.connection().connection.driver_connection.cursor()
+    columns = ", ".join(f'"{c}"' for c in _NEW_JOB_COLUMNS)  # quoted: "index" is a keyword
+    total = 0
+    block: list[str] = []
+    with cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
+        for job in jobs:
+            row = job | fixed
+            row["metadata"] = json.dumps(row.pop("meta"))
+            block.append("\t".join(_copy_text(row[c]) for c in _NEW_JOB_COLUMNS) + "\n")
+            total += 1
+            if len(block) >= 5000:
+                copy.write("".join(block))
+                block = []
+        if block:
+            copy.write("".join(block))
+    return total
+
+
+def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any], page: int) -> int:
+    """Other databases (SQLite): executemany, page by page."""
+    rows: list[dict[str, Any]] = []
+    total = 0
+    for job in jobs:
+        rows.append(job | fixed)
+        if len(rows) >= page:
+            session.execute(insert(Job), rows)
+            total, rows = total + len(rows), []
+    if rows:
+        session.execute(insert(Job), rows)
+        total += len(rows)
+    return total
+
+
+def _translate_driver_error(exc: Exception, where: str) -> None:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return
+    if isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)):
+        raise RecordError(f"database refused the data in {where}: {exc}") from exc
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        raise DatabaseError(f"database error in {where}: {exc}") from exc
+
+
 def _translate_errors(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -162,6 +230,9 @@ def _translate_errors(method):
         except (sa_exc.IntegrityError, sa_exc.DataError) as exc:
             # The data itself was refused: retrying the same write cannot help.
             raise RecordError(f"database refused the data in {method.__name__}: {exc.orig or exc}") from exc
+        except Exception as exc:  # psycopg's own errors, from COPY, which bypasses SQLAlchemy
+            _translate_driver_error(exc, method.__name__)
+            raise
     return wrapper
 
 
@@ -209,17 +280,13 @@ class Repository:
             if not self._insert_batch(s, batch | {"created_at": now}):
                 existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
                 return existing, False
-            rows: list[dict[str, Any]] = []
-            total = 0
-            for job in jobs:  # a stream: a 10^6-row file is written page by page
-                rows.append(job | {"batch_id": batch["id"], "state": JobState.queued.value, "attempts": 0,
-                                   "created_at": now})
-                if len(rows) >= page:
-                    s.execute(insert(Job), rows)
-                    total, rows = total + len(rows), []
-            if rows:
-                s.execute(insert(Job), rows)
-                total += len(rows)
+            # dispatched_at = now: the batch's publish covers every job (see mark_published).
+            fixed = {"batch_id": batch["id"], "state": JobState.queued.value, "attempts": 0, "created_at": now,
+                     "dispatched_at": now}
+            if s.bind.dialect.name == "postgresql":
+                total = _copy_jobs(s, jobs, fixed)
+            else:
+                total = _insert_jobs(s, jobs, fixed, page)
             s.execute(update(Batch).where(Batch.id == batch["id"]).values(total=total))
         return batch["id"], True
 
@@ -264,7 +331,7 @@ class Repository:
     # --- dispatch (the outbox) ------------------------------------------------------------
 
     @_translate_errors
-    def pending_dispatch(self, *, batch_id: str | None = None, created_before: datetime | None = None,
+    def pending_dispatch(self, *, batch_id: str | None = None,
                          dispatched_before: datetime | None = None, limit: int = 10_000) -> list[PendingJob]:
         """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
         query = select(Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.attempts) \
@@ -275,19 +342,42 @@ class Repository:
             query = query.where(Job.dispatched_at.is_(None))
         if batch_id is not None:
             query = query.where(Job.batch_id == batch_id)
-        if created_before is not None:
-            query = query.where(Job.created_at < created_before)
         query = query.order_by(Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.index).limit(limit)
         with self._session() as s:
             return [PendingJob(r.id, r.batch_id, (r.width, r.height, r.steps, r.guidance), r.attempts)
                     for r in s.execute(query)]
 
     @_translate_errors
+    def queued_jobs(self, batch_id: str, after_index: int = -1, limit: int = 10_000) -> list[tuple[int, PendingJob]]:
+        """A page of a batch's queued jobs in row order, with their index (keyset pagination)."""
+        query = (select(Job.index, Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.attempts)
+                 .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
+                 .order_by(Job.index).limit(limit))
+        with self._session() as s:
+            return [(r.index, PendingJob(r.id, r.batch_id, (r.width, r.height, r.steps, r.guidance), r.attempts))
+                    for r in s.execute(query)]
+
+    @_translate_errors
+    def mark_published(self, batch_id: str) -> None:
+        with self._session() as s:
+            s.execute(update(Batch).where(Batch.id == batch_id).values(published_at=utcnow()))
+
+    @_translate_errors
+    def unpublished_batches(self, created_before: datetime) -> list[str]:
+        with self._session() as s:
+            return list(s.scalars(select(Batch.id).where(Batch.published_at.is_(None),
+                                                         Batch.created_at < created_before)))
+
+    @_translate_errors
     def mark_dispatched(self, job_ids: Sequence[str]) -> None:
         now = utcnow()
         with self._session() as s:
-            for start in range(0, len(job_ids), 5000):
-                s.execute(update(Job).where(Job.id.in_(list(job_ids[start:start + 5000])))
+            if s.bind.dialect.name == "postgresql":  # one array parameter, not 10^4 bound values
+                s.execute(text("UPDATE jobs SET dispatched_at = :now WHERE id = ANY(:ids)"),
+                          {"now": now, "ids": list(job_ids)})
+                return
+            for start in range(0, len(job_ids), 500):
+                s.execute(update(Job).where(Job.id.in_(list(job_ids[start:start + 500])))
                           .values(dispatched_at=now).execution_options(synchronize_session=False))
 
     @_translate_errors

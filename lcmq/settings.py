@@ -61,6 +61,8 @@ class Settings(BaseSettings):
                                  "retries with backoff.")
     chunk_size: int = Field(32, ge=1, le=10_000, description="Jobs per queue message: a task of seconds, not "
                             "milliseconds, so the broker and the claim are a small share of it.")
+    max_chunks_per_batch: int = Field(1000, ge=1, description="A larger batch gets larger chunks, so "
+                                      "publishing 10^5 jobs costs 10^3 messages, not 10^4.")
     batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
     render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")
     visibility_timeout_s: int = Field(7200, ge=60, description="Redis redelivery timeout; > longest task.")

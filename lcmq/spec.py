@@ -366,22 +366,35 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowVali
     return specs
 
 
-def check_file(path: Path, validator: RowValidator) -> tuple[int, str]:
-    """Validate a whole batch file without keeping its rows: (row count, sha256 of its bytes).
+# Files with up to this many rows keep their validated specs from the first pass (one read);
+# longer ones are read twice, so memory stays bounded whatever the file's length.
+KEEP_SPECS_UP_TO = 250_000
 
-    The first of two passes: nothing is written until every row passed, and a 10^6-line file
-    is never held in memory.
+
+def check_file(path: Path, validator: RowValidator) -> tuple[Iterable[JobSpec], str]:
+    """Validate a whole batch file: (its specs, the sha256 of its bytes).
+
+    Nothing is written until every row passed. The specs come back as a list for files of up
+    to KEEP_SPECS_UP_TO rows, and as a second streaming pass over the file beyond that.
     """
     import hashlib
 
-    count = sum(1 for _ in iter_specs(read_rows(path), validator, is_text_format(path)))
+    kept: list[JobSpec] | None = []
+    count = 0
+    for spec in iter_specs(read_rows(path), validator, is_text_format(path)):
+        count += 1
+        if kept is not None:
+            kept.append(spec)
+            if count > KEEP_SPECS_UP_TO:
+                kept = None  # too many to hold: read the file again when writing
     if not count:
         raise InputError(validator.source, None, None, "no prompts in input")
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return count, digest.hexdigest()
+    specs = kept if kept is not None else iter_specs(read_rows(path), validator, is_text_format(path))
+    return specs, digest.hexdigest()
 
 
 def is_text_format(path: Path) -> bool:

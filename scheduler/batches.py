@@ -17,11 +17,11 @@ from dataclasses import asdict
 
 from lcmq.errors import BrokerError
 from lcmq.profiles import Profile
-from lcmq.repository import Repository
+from lcmq.repository import PendingJob, Repository
 from lcmq.spec import BatchOptions, JobSpec
 from lcmq.storage import Storage
 
-from scheduler.dispatch import dispatch_batch
+from scheduler.dispatch import chunk_size_for, publish_batch
 
 log = logging.getLogger("lcmq.scheduler")
 
@@ -30,6 +30,11 @@ SEED_BITS = 32
 
 def new_batch_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def job_id(batch_id: str, index: int) -> str:
+    """A job's id: its batch's id and its row index (unique, and cheap for 10^6 rows)."""
+    return f"{batch_id}{index:016x}"
 
 
 def derive_seed(batch_seed: int, index: int) -> int:
@@ -47,7 +52,7 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
 
 def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: BatchOptions, repo: Repository,
                        storage: Storage, chunk_size: int, idempotency_key: str | None = None,
-                       priority: int = 0) -> tuple[str, bool]:
+                       priority: int = 0, max_chunks: int = 1000) -> tuple[str, bool]:
     """Write a validated batch and publish its chunks; returns (batch id, created).
 
     `specs` may be a stream (a 10^6-row file is never held whole). When the idempotency key
@@ -55,30 +60,35 @@ def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: Batc
     """
     batch_id = new_batch_id()
     batch_seed = options.seed if options.seed is not None else secrets.randbelow(2**SEED_BITS)
+    # A submit that holds its specs keeps what publishing needs; a streamed one re-reads it.
+    kept: list[PendingJob] | None = [] if isinstance(specs, list) else None
+
+    def rows():
+        for spec in specs:
+            row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
+            if kept is not None:
+                kept.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))
+            yield row
 
     # 1-2. One transaction: a reader sees the whole batch or none of it.
     batch_id, created = repo.create_batch(
         {"id": batch_id, "name": options.name, "profile": profile.name, "total": 0, "seed": batch_seed,
          "output": storage.batch_url(batch_id), "options": asdict(options), "idempotency_key": idempotency_key,
          "priority": priority},
-        (job_row(uuid.uuid4().hex, spec, batch_seed) for spec in specs))
-    if not created:
-        # The same submission again: render nothing new, but publish whatever the first one
-        # committed and could not publish (a retry after "broker unreachable" heals the batch).
-        published = _dispatch(repo, batch_id, chunk_size)
-        log.info("identical batch exists", extra={"batch_id": batch_id, "published": published})
-        return batch_id, False
-
-    # 3. Publish after the commit, so a worker never receives ids it cannot read yet. A crash
-    #    here leaves the jobs undispatched; the sweeper publishes them after its grace period.
-    published = _dispatch(repo, batch_id, chunk_size)
-    log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": published, "profile": profile.name})
-    return batch_id, True
-
-
-def _dispatch(repo: Repository, batch_id: str, chunk_size: int) -> int:
+        rows())
+    batch = repo.get_batch(batch_id)
     try:
-        return dispatch_batch(repo, repo.get_batch(batch_id), chunk_size)
+        if not created:
+            # The same submission again: render nothing new, but publish whatever the first one
+            # committed and could not publish (a retry after "broker unreachable" heals the batch).
+            published = publish_batch(repo, batch, chunk_size) if batch.published_at is None else 0
+            log.info("identical batch exists", extra={"batch_id": batch_id, "published": published})
+            return batch_id, False
+        # 3. Publish after the commit, so a worker never receives ids it cannot read yet. A crash
+        #    here leaves the batch unpublished; the sweeper publishes it after its grace period.
+        published = publish_batch(repo, batch, chunk_size_for(batch.total, chunk_size, max_chunks), kept)
     except BrokerError as exc:
         raise BrokerError(f"batch {batch_id} is saved, but its messages could not be published ({exc}); "
                           f"the sweeper publishes them, or run `lcmq resume {batch_id}`") from exc
+    log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": published, "profile": profile.name})
+    return batch_id, True

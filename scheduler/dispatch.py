@@ -1,8 +1,11 @@
-"""Dispatch: publish messages for queued jobs that have none yet (the outbox relay).
+"""Dispatch: publish messages for queued jobs (the outbox relay).
 
-Submit commits jobs with `dispatched_at` NULL, then calls `dispatch_batch`; the sweeper calls
-the same code for jobs a crash left behind. Jobs that were tried before (attempts > 0) go out
-one per message, so a job that kills its worker takes no innocent neighbours down with it.
+Two markers say what still needs a message. A new batch is committed with `published_at` NULL;
+`publish_batch` sends all its jobs and then sets it (one row, however many jobs). A requeued job
+(sweeper, resume, retry) has `dispatched_at` NULL; `dispatch_batch` sends those and stamps them.
+The sweeper calls both for whatever a crash left behind. Jobs that were tried before
+(attempts > 0) go out one per message, so a job that kills its worker takes no innocent
+neighbours down with it.
 """
 
 from __future__ import annotations
@@ -33,17 +36,40 @@ def chunk_pending(jobs: Sequence[PendingJob], chunk_size: int) -> list[tuple[str
     return chunks
 
 
-def dispatch_batch(repo: Repository, batch: BatchRecord, chunk_size: int, *,
-                   created_before: datetime | None = None, dispatched_before: datetime | None = None) -> int:
-    """Publish every undispatched queued job of a batch, page by page; returns jobs published.
+def chunk_size_for(total: int, chunk_size: int, max_chunks: int) -> int:
+    """chunk_size, or more for a batch that would otherwise need more than max_chunks messages."""
+    return max(chunk_size, -(-total // max_chunks))
 
-    Publish first, then mark: a crash in between publishes twice, which the workers' claim
-    turns into a no-op; the other order could lose the message.
+
+def publish_batch(repo: Repository, batch: BatchRecord, chunk_size: int,
+                  jobs: Sequence[PendingJob] | None = None) -> int:
+    """Publish every queued job of a new batch, then mark the batch published; returns jobs sent.
+
+    `jobs` are the batch's jobs when the caller still holds them (a submit); otherwise they are
+    read page by page. Publish first, then mark: a crash in between publishes twice, which the
+    workers' claim turns into a no-op; the other order could lose the messages.
     """
     published = 0
+    if jobs is not None:
+        publish_chunks(batch.profile, chunk_pending(jobs, chunk_size), batch.priority)
+        published = len(jobs)
+    else:
+        after = -1
+        while page := repo.queued_jobs(batch.id, after_index=after, limit=PAGE):
+            publish_chunks(batch.profile, chunk_pending([job for _, job in page], chunk_size), batch.priority)
+            published += len(page)
+            after = page[-1][0]
+    repo.mark_published(batch.id)
+    return published
+
+
+def dispatch_batch(repo: Repository, batch: BatchRecord, chunk_size: int, *,
+                   dispatched_before: datetime | None = None) -> int:
+    """Publish a batch's requeued jobs (dispatched_at NULL, or with dispatched_before: older than
+    that), page by page, and stamp them; returns jobs published. Publish first, then mark."""
+    published = 0
     while True:
-        pending = repo.pending_dispatch(batch_id=batch.id, created_before=created_before,
-                                        dispatched_before=dispatched_before, limit=PAGE)
+        pending = repo.pending_dispatch(batch_id=batch.id, dispatched_before=dispatched_before, limit=PAGE)
         if not pending:
             return published
         publish_chunks(batch.profile, chunk_pending(pending, chunk_size), batch.priority)

@@ -2,8 +2,9 @@
 
 1. Running jobs whose lease expired (their worker died): requeue them, or fail them once they
    have taken down `max_attempts` workers.
-2. Queued jobs with no message `dispatch_grace_s` after their commit (a crash between the
-   submit's commit and its publish, or the jobs step 1 just requeued): publish them.
+2. Jobs requeued without a message (step 1's, or a resume that crashed): publish them. Batches
+   not published `dispatch_grace_s` after their commit (a crash between the submit's commit and
+   its publish): publish them.
 3. Queued jobs whose message is older than `redispatch_s` while their queue is empty: the
    message was lost (a broker restart without its append-only file): publish again.
 A duplicate message is harmless: the worker's claim finds the job taken and does nothing.
@@ -20,7 +21,7 @@ from lcmq.queue import queue_length
 from lcmq.repository import Repository, utcnow
 from lcmq.settings import Settings
 
-from scheduler.dispatch import dispatch_batch
+from scheduler.dispatch import dispatch_batch, publish_batch
 
 log = logging.getLogger("lcmq.sweeper")
 
@@ -46,12 +47,12 @@ def sweep_once(repo: Repository, settings: Settings) -> SweepReport:
     # 1. Dead workers' jobs.
     requeued, failed = repo.recover_expired(settings.max_attempts)
 
-    # 2. Jobs without a message: the ones step 1 requeued go out at once, others after the grace.
+    # 2. Jobs without a message: requeued ones at once, unpublished batches after the grace.
     dispatched = 0
-    grace_cutoff = now - timedelta(seconds=settings.dispatch_grace_s)
-    for batch_id in _batches_of(repo, created_before=grace_cutoff):
-        dispatched += dispatch_batch(repo, repo.get_batch(batch_id), settings.chunk_size,
-                                     created_before=grace_cutoff)
+    for batch_id in _batches_of(repo):
+        dispatched += dispatch_batch(repo, repo.get_batch(batch_id), settings.chunk_size)
+    for batch_id in repo.unpublished_batches(now - timedelta(seconds=settings.dispatch_grace_s)):
+        dispatched += publish_batch(repo, repo.get_batch(batch_id), settings.chunk_size)
 
     # 3. Jobs whose message was lost with the broker's memory.
     redispatched = 0

@@ -166,7 +166,7 @@ def test_crash_between_commit_and_publish(fault_env, procs, tmp_path, redis_serv
     assert "is saved, but its messages could not be published" in failed.stderr
     batch_id = re.search(r"batch (\w+) is saved", failed.stderr).group(1)
     assert api.status(batch_id).queued == 12
-    assert all(j.dispatched_at is None for j in api.repository().jobs(batch_id))
+    assert api.repository().get_batch(batch_id).published_at is None
     redis_server.start()
     _workers(procs, fault_env, 1)
     procs(fault_env, "sweep", "--every", "0.5s")  # publishes what the submit could not
