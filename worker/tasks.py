@@ -80,6 +80,12 @@ class ChunkRun:
         self._held_lock = threading.Lock()
         self._storing: tuple[Future, list[JobRecord]] | None = None
         self.succeeded = 0
+        # Where the chunk's time went, in ms (the store thread adds its own parts).
+        self.timings = {"claim_ms": 0.0, "render_ms": 0.0, "wait_store_ms": 0.0, "encode_ms": 0.0,
+                        "upload_ms": 0.0, "record_ms": 0.0}
+
+    def _timed(self, part: str, started: float) -> None:
+        self.timings[part] += (time.perf_counter() - started) * 1000
 
     # --- the chunk ------------------------------------------------------------------------
 
@@ -104,14 +110,17 @@ class ChunkRun:
                     self.hand_back(batch, job_ids[start:])
                     break
                 # Jobs already taken, done or canceled are skipped by the claim itself.
+                started = time.perf_counter()
                 group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
+                self._timed("claim_ms", started)
                 self._hold(group)
                 claimed += len(group)
                 for same_shape in micro_batches(group, size):
                     self._render_then_store(loaded, batch, same_shape)
             self._finish_storing()
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
-                                      "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid()})
+                                      "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid(),
+                                      **{k: round(v, 2) for k, v in self.timings.items()}})
         return {"claimed": claimed, "succeeded": self.succeeded}
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
@@ -158,13 +167,16 @@ class ChunkRun:
             warnings = truncation_warnings(loaded, prompts)
             started = time.perf_counter()
             images = render(loaded, group)
+            self._timed("render_ms", started)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
         except Exception as exc:
             if is_transient(exc):
                 raise
             self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
             return
+        started = time.perf_counter()
         self._finish_storing()  # backpressure: one micro-batch stored while the next renders
+        self._timed("wait_store_ms", started)
         future = _STORE_THREAD.submit(self._store, batch.profile, group, images, warnings, render_ms)
         self._storing = (future, group)
 
@@ -184,18 +196,24 @@ class ChunkRun:
         """Encode, upload (an identical object already there counts), record; returns recorded."""
         def upload(item) -> StoredImage:
             job, image, warning = item
+            started = time.perf_counter()
             data = encode_png(image, parameters_text(job, profile))
             digest = sha256_hex(data)
+            self._timed("encode_ms", started)
+            started = time.perf_counter()
             key = self.storage.batch_key(job.batch_id, job.index)
             # Keys are deterministic: an earlier attempt that uploaded and then died left this
             # very object (only a retried job can find one, so first attempts skip the check).
             if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
                 self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
                                                                "seed": str(job.seed), "sha256": digest})
+            self._timed("upload_ms", started)
             return StoredImage(job.id, key, digest, render_ms, len(group), warning)
 
         stored = list(_UPLOADS.map(upload, zip(group, images, warnings, strict=True)))
+        started = time.perf_counter()
         recorded = self.repo.record_successes(stored, self.worker)
+        self._timed("record_ms", started)
         self._drop(group)
         if recorded < len(stored):
             log.warning("leases lost before recording", extra={"batch_id": self.batch_id,

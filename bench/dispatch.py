@@ -1,0 +1,129 @@
+"""The queue's own cost: the `null` profile (no model, a fixed 64x64 image) through the real
+broker, database and storage, with 1 and 2 workers; file storage and S3 (moto), the latter side
+by side with a raw boto3 PUT loop of the same objects at the same concurrency.
+
+    .venv/bin/python bench/dispatch.py [--jobs 3000] [--s3-jobs 800]
+
+Starts its own Redis, database (Postgres at LCMQ_BENCH_PG) and moto server. Per-job overhead
+comes from the workers' own `chunk done` timings. Last line (2 workers):
+`jobs_per_s=… overhead_ms=… s3_ratio=…` (jobs/s and ms per job with file storage; s3_ratio =
+lcmq jobs/s on S3 ÷ raw PUT/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import MotoS3, Process, RedisServer, create_database, done, wait_until  # noqa: E402
+
+PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PARTS = ("claim_ms", "render_ms", "wait_store_ms", "encode_ms", "upload_ms", "record_ms")
+UPLOAD_THREADS = 4  # per worker: worker/tasks.py's upload pool
+
+
+def chunk_timings(logs: list[str], batch_id: str) -> dict[str, float]:
+    totals = {part: 0.0 for part in PARTS}
+    for log in logs:
+        for line in log.splitlines():
+            if line.startswith("{") and '"chunk done"' in line:
+                record = json.loads(line)
+                if record.get("batch_id") == batch_id:
+                    for part in PARTS:
+                        totals[part] += record.get(part, 0.0)
+    return totals
+
+
+def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jobs: int) -> dict:
+    from lcmq import api
+
+    case_env = env | {"LCMQ_STORAGE_URL": storage_url}
+    os.environ.update(case_env)
+    from lcmq.settings import reset_settings
+
+    reset_settings()
+    procs = [Process(case_env, work / f"w{workers}-{time.time_ns()}.log", "worker", "--model", "null",
+                     "--batch-size", "32") for _ in range(workers)]
+    try:
+        for proc in procs:
+            proc.wait_ready()
+        started = time.perf_counter()
+        batch_id = api.submit([f"job {i} {time.time_ns()}" for i in range(jobs)], model="null").batch_id
+        wait_until(lambda: done(batch_id), 600, interval_s=0.05, what="the batch")
+        seconds = time.perf_counter() - started
+        assert api.status(batch_id).succeeded == jobs
+    finally:
+        for proc in procs:
+            proc.terminate()
+    parts = chunk_timings([p.log for p in procs], batch_id)
+    busy_ms = seconds * 1000 * workers  # worker-time spent on the batch
+    per_job = {k.removesuffix("_ms"): round(v / jobs, 3) for k, v in parts.items()}
+    # What the chunk timings do not cover: the broker, Celery, task start-up, the submit.
+    per_job["broker_and_rest"] = round((busy_ms - parts["claim_ms"] - parts["render_ms"] - parts["wait_store_ms"])
+                                       / jobs, 3)
+    return {"storage": storage_url.split(":")[0], "workers": workers, "jobs": jobs, "seconds": round(seconds, 2),
+            "jobs_per_s": round(jobs / seconds, 1), "overhead_ms": round(busy_ms / jobs, 3), "per_job_ms": per_job}
+
+
+def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int) -> float:
+    """boto3 put_object of the same objects (the null image's PNG) at the same concurrency."""
+    import boto3
+    from PIL import Image
+
+    from worker.encode import encode_png
+
+    data = encode_png(Image.new("RGB", (64, 64), (127, 127, 127)), "a prompt\nSteps: 4")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"raw/{i:06d}.png", Body=data,
+                                                  ContentType="image/png", Metadata={"sha256": "x"}),
+                      range(count)))
+    return count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--s3-jobs", type=int, default=800)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lcmq-dispatch-"))
+    redis = RedisServer(work / "redis").start()
+    s3 = MotoS3(work / "moto.log")
+    db_url, drop_db = create_database(PG_ADMIN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
+        "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url, "LCMQ_S3_ENDPOINT_URL": s3.url,
+        "LCMQ_HOME": str(work / "home"), "LCMQ_CHUNK_SIZE": "64", "LCMQ_LOG_JSON": "true",
+        "LCMQ_POLL_S": "0.05", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    try:
+        from lcmq.migrate import upgrade
+
+        upgrade(db_url)
+        results = []
+        for storage_url, jobs in ((f"file://{work}/out", args.jobs), (f"s3://{s3.bucket}/bench", args.s3_jobs)):
+            for workers in (1, 2):
+                result = run_case(env, work, storage_url, workers, jobs)
+                results.append(result)
+                print(json.dumps(result))
+        raw = raw_put_rate(s3.url, s3.bucket, args.s3_jobs, threads=2 * UPLOAD_THREADS)
+        file2, s3_2 = results[1], results[3]
+        print(json.dumps({"raw_put_per_s": round(raw, 1), "threads": 2 * UPLOAD_THREADS}))
+        print(f"jobs_per_s={file2['jobs_per_s']} overhead_ms={file2['overhead_ms']} "
+              f"s3_ratio={s3_2['jobs_per_s'] / raw:.2f}")
+        return 0
+    finally:
+        redis.stop()
+        s3.stop()
+        drop_db()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
