@@ -1,0 +1,117 @@
+"""What the queue costs a render farm: a bare diffusers loop against lcmq end to end, side by
+side, the same model, parameters and batch size, alternating A B A B in one run.
+
+    .venv/bin/python bench/overhead.py --model tiny --images 96 --rounds 2
+    .venv/bin/python bench/overhead.py --model sd15-arch --images 8 --rounds 1
+
+(A) bare: load the pipeline (the worker's own loader), `pipe(...)` over the prompts in batches,
+    PNG-encode, write to disk.
+(B) lcmq: submit → 1 `lcmq worker` (pipeline preloaded, like a warm farm) → moto S3 server →
+    Postgres rows; timed from the submit call until every job is final.
+Starts its own Redis, database (Postgres at LCMQ_BENCH_PG) and moto server. Last line:
+`ratio=… lcmq_img_s=… bare_img_s=…` (ratio = B/A, best round of each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import MotoS3, Process, RedisServer, create_database, done, wait_until  # noqa: E402
+
+PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def prompts(n: int, round_no: int) -> list[str]:
+    return [f"a product photo of item {i}, studio light, round {round_no}" for i in range(n)]
+
+
+def bare_loop(loaded, texts: list[str], batch_size: int, steps: int, out: Path) -> float:
+    """The plain diffusers loop a user would write; returns images/s."""
+    import torch
+
+    from worker.encode import encode_png
+
+    profile = loaded.profile
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(start + i) for i in range(len(batch))]
+        with torch.inference_mode():
+            images = loaded.pipe(prompt=batch, num_inference_steps=steps, guidance_scale=1.0, width=profile.width,
+                                 height=profile.height, generator=generators, output_type="pil").images
+        for i, image in enumerate(images):
+            (out / f"{start + i:06d}.png").write_bytes(encode_png(image, batch[i]))
+    return len(texts) / (time.perf_counter() - started)
+
+
+def lcmq_run(texts: list[str], model: str, steps: int) -> float:
+    from lcmq import api
+
+    started = time.perf_counter()
+    batch_id = api.submit(texts, model=model, steps=steps).batch_id
+    wait_until(lambda: done(batch_id), 3600, interval_s=0.05, what="the batch")
+    seconds = time.perf_counter() - started
+    assert api.status(batch_id).succeeded == len(texts)
+    return len(texts) / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "sd15-arch"])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="lcmq-overhead-"))
+    redis = RedisServer(work / "redis").start()
+    s3 = MotoS3(work / "moto.log")
+    db_url, drop_db = create_database(PG_ADMIN)
+    models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
+        "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url, "LCMQ_STORAGE_URL": f"s3://{s3.bucket}/o",
+        "LCMQ_S3_ENDPOINT_URL": s3.url, "LCMQ_HOME": str(work / "home"), "LCMQ_MODELS_DIR": models,
+        "LCMQ_BATCH_SIZE": str(args.batch_size), "LCMQ_POLL_S": "0.05",
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    os.environ.update(env)
+    worker = None
+    try:
+        from lcmq.migrate import upgrade
+        from lcmq.profiles import get_profile
+        from lcmq.settings import get_settings
+        from worker.pipeline import load_pipeline
+
+        upgrade(db_url)
+        loaded = load_pipeline(get_profile(args.model), get_settings())  # (A)'s pipeline, loaded once
+        worker = Process(env, work / "worker.log", "worker", "--model", args.model).wait_ready()
+        lcmq_run(prompts(args.batch_size, -1), args.model, args.steps)  # (B) warm: pipeline loaded
+        bare_loop(loaded, prompts(args.batch_size, -1), args.batch_size, args.steps, work / "warm")
+        bare, queued = [], []
+        for round_no in range(args.rounds):
+            bare.append(bare_loop(loaded, prompts(args.images, round_no), args.batch_size, args.steps,
+                                  work / f"bare{round_no}"))
+            queued.append(lcmq_run(prompts(args.images, round_no), args.model, args.steps))
+            print(f"round {round_no}: bare_img_s={bare[-1]:.2f} lcmq_img_s={queued[-1]:.2f}", file=sys.stderr)
+        print(f"ratio={max(queued) / max(bare):.3f} lcmq_img_s={max(queued):.2f} bare_img_s={max(bare):.2f} "
+              f"model={args.model} images={args.images} batch_size={args.batch_size} rounds={args.rounds}")
+        return 0
+    finally:
+        if worker:
+            worker.kill()
+            worker.close()
+        redis.stop()
+        s3.stop()
+        drop_db()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
