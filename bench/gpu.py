@@ -45,9 +45,12 @@ Procedure:
 3. Per batch size (1, 4, 8, 16), each loop warmed up 2 iterations, then timed for ~5 s:
    a. bare: `pipe(...)` then PNG encoding of each image; img_s counts the pipeline call alone,
       tflop_share = img_s x TFLOP per image / measured matmul TFLOP/s;
-   b. lcmq: what a worker does per micro-batch minus database and queue (micro_batches,
-      truncation_warnings, worker.render.render, encode_png with the job's parameters, sha256,
-      upload to an in-memory sink); lcmq_ratio = lcmq img/s / bare (pipeline + PNG) img/s.
+   b. lcmq: whole render tasks of lcmq's chunk_size jobs (32 by default) run by the worker's own
+      code, worker.tasks.ChunkRun, around this pipeline, with the database and object store in
+      memory: claim, micro-batches, truncation warnings, worker.render.render, then PNG encoding
+      with the job's parameters, sha256 and upload in the background while the next micro-batch
+      renders, recording. lcmq_ratio = lcmq img/s / bare (pipeline + PNG) img/s; lcmq_vs_pipe =
+      lcmq img/s / img_s. Warmed by one single-micro-batch task (the pipeline is already warm).
 4. One line per config and batch size; last line `sd15_512_img_s=… sdxl_1024_img_s=… matmul_tflops=…`.
 
     python bench/gpu.py [--quick] [--out FILE] [--compile] [--fp16-vae] [--config NAME] [--batch-sizes 1,4]
@@ -61,9 +64,12 @@ import gc
 import importlib.util
 import json
 import math
+import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -398,28 +404,8 @@ def count_tflop_per_image(pipe, config: Config) -> tuple[float, bool]:
 # 3. The two loops
 
 
-class MemorySink:
-    """Object storage in memory, as lcmq.storage.S3Storage behaves: the sha256 rides in metadata."""
-
-    def __init__(self):
-        from lcmq.storage import check_key
-
-        self._check_key = check_key
-        self.objects: dict[str, tuple[int, str]] = {}
-
-    def batch_key(self, batch_id: str, index: int) -> str:
-        return self._check_key(f"{batch_id}/{index:06d}.png")
-
-    def stored_sha256(self, key: str) -> str | None:
-        stored = self.objects.get(key)
-        return stored[1] if stored else None
-
-    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
-        self.objects[key] = (len(data), metadata["sha256"])
-
-
 def job_record(index: int, size_px: int):
-    """A claimed job as the repository returns it (the shape of tests/helpers.py's builder)."""
+    """A queued job as the repository's claim returns it (the shape of tests/helpers.py's builder)."""
     from lcmq.repository import JobRecord
 
     return JobRecord(id=f"job{index}", batch_id="bench", index=index, state="running", prompt=PROMPT,
@@ -429,57 +415,121 @@ def job_record(index: int, size_px: int):
                      started_at=None, finished_at=None)
 
 
-def bare_step(pipe, config: Config, batch: int, device: str) -> Callable[[], tuple[float, float]]:
-    """pipe(...) and PNG encoding, nothing else; returns (pipeline s, encoding s)."""
+class MemoryRepository:
+    """The repository calls a render task makes, in memory: every job is free to claim."""
+
+    def __init__(self, profile: str):
+        from lcmq.repository import BatchRecord
+
+        self.batch = BatchRecord(id="bench", name=None, profile=profile, total=0, seed=0, output="", options={},
+                                 created_at=datetime.now(UTC), idempotency_key=None, priority=0, canceled_at=None,
+                                 published_at=None)
+        self.queued: dict[str, Any] = {}
+        self.recorded = 0
+        self.failures: list[str] = []
+
+    def get_batch(self, batch_id: str):
+        return self.batch
+
+    def claim(self, job_ids, worker: str, lease_s: float) -> list:
+        return [self.queued.pop(job_id) for job_id in job_ids if job_id in self.queued]
+
+    def extend_leases(self, job_ids, worker: str, lease_s: float) -> int:
+        return len(job_ids)
+
+    def record_successes(self, results, worker: str) -> int:
+        self.recorded += len(results)
+        return len(results)
+
+    def record_failure(self, job_ids, worker: str, error: str) -> int:
+        self.failures.append(error)
+        return len(job_ids)
+
+    def release(self, job_ids, worker: str, error: str | None = None) -> int:
+        self.failures.append(f"released: {error}")
+        return len(job_ids)
+
+
+def memory_storage():
+    """lcmq's Storage interface in memory; keeps each object's size and sha256, not its bytes."""
+    from lcmq.storage import Storage, check_key, sha256_hex
+
+    class MemoryStorage(Storage):
+        def __init__(self):
+            self.objects: dict[str, tuple[int, str]] = {}
+
+        def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+            self.objects[check_key(key)] = (len(data), sha256_hex(data))
+
+        def get(self, key: str) -> bytes:
+            raise NotImplementedError("the benchmark's storage keeps no bytes")
+
+        def exists(self, key: str) -> bool:
+            return key in self.objects
+
+        def stored_sha256(self, key: str) -> str | None:
+            return self.objects[key][1] if key in self.objects else None
+
+        def list_keys(self, prefix: str) -> list[str]:
+            return sorted(key for key in self.objects if key.startswith(prefix))
+
+        def url(self, key: str) -> str:
+            return f"memory://{key}"
+
+    return MemoryStorage()
+
+
+def bare_step(pipe, config: Config, batch: int) -> Callable[[], dict[str, float]]:
+    """pipe(...) then PNG encoding, nothing else, as bench/overhead.py's bare loop; ms per part."""
     import torch
 
     from worker.encode import encode_png
 
-    gen = torch.Generator(device).manual_seed(0)
-
-    def step() -> tuple[float, float]:
+    def step() -> dict[str, float]:
         started = time.perf_counter()
+        generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]  # as worker.render does
         images = pipe(prompt=[PROMPT] * batch, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                      width=config.size_px, height=config.size_px, generator=gen, output_type="pil").images
+                      width=config.size_px, height=config.size_px, generator=generators, output_type="pil").images
         rendered = time.perf_counter()  # PIL images: the GPU work is done
         for image in images:
             encode_png(image, BARE_PARAMETERS)
-        return rendered - started, time.perf_counter() - rendered
+        return {"pipe_ms": (rendered - started) * 1000, "png_ms": (time.perf_counter() - rendered) * 1000}
 
     return step
 
 
-def lcmq_step(loaded, config: Config, batch: int) -> Callable[[], tuple[float, float]]:
-    """A worker's work on one micro-batch minus database and queue (worker.tasks.ChunkRun).
+def lcmq_step(loaded, config: Config, batch: int, chunk_jobs: int) -> Callable[[], dict[str, float]]:
+    """One render task over `chunk_jobs` jobs: the worker's own code (worker.tasks.ChunkRun).
 
-    Fresh job indexes every iteration, so each upload is new, as in a real batch.
+    Claims, micro-batches of `batch`, truncation warnings, worker.render.render, PNG encoding
+    with the job's parameters and upload in the background while the next micro-batch renders,
+    recording. Only the database and object store are in memory, and the pipeline is this one.
+    Returns the task's own timings (ms per part).
     """
-    from lcmq.storage import sha256_hex
-    from worker.encode import PNG_CONTENT_TYPE, encode_png, parameters_text
-    from worker.pipeline import truncation_warnings
-    from worker.render import micro_batches, render
+    from unittest import mock
 
-    sink = MemorySink()
+    from worker import tasks
+
+    repo, storage = MemoryRepository(loaded.profile.name), memory_storage()
     next_index = [0]
 
-    def step() -> tuple[float, float]:
-        jobs = [job_record(next_index[0] + i, config.size_px) for i in range(batch)]
-        next_index[0] += batch
-        render_s = store_s = 0.0
-        for group in micro_batches(jobs, batch):
-            started = time.perf_counter()
-            truncation_warnings(loaded, [job.prompt for job in group])
-            images = render(loaded, group)
-            rendered = time.perf_counter()
-            for job, image in zip(group, images, strict=True):
-                data = encode_png(image, parameters_text(job, loaded.profile.name))
-                digest = sha256_hex(data)
-                key = sink.batch_key(job.batch_id, job.index)
-                if sink.stored_sha256(key) != digest:
-                    sink.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "sha256": digest})
-            render_s += rendered - started
-            store_s += time.perf_counter() - rendered
-        return render_s, store_s
+    def step() -> dict[str, float]:
+        jobs = [job_record(next_index[0] + i, config.size_px) for i in range(chunk_jobs)]
+        next_index[0] += chunk_jobs
+        repo.queued = {job.id: job for job in jobs}
+        with mock.patch.object(tasks, "process_clients", return_value=(repo, storage)), \
+                mock.patch.object(tasks, "pinned_pipeline", return_value=loaded):
+            run = tasks.ChunkRun(repo.batch.id, "bench-gpu")
+            run.settings = run.settings.model_copy(update={"batch_size": batch})
+            outcome = run.run([job.id for job in jobs])
+        if repo.failures or outcome.get("succeeded") != chunk_jobs:
+            failure = repo.failures[0] if repo.failures else f"outcome {outcome}"
+            if "OutOfMemoryError" in failure:
+                import torch
+
+                raise torch.cuda.OutOfMemoryError(failure)
+            raise RuntimeError(f"the lcmq task did not render every job: {failure}")
+        return dict(getattr(run, "timings", {}))
 
     return step
 
@@ -488,53 +538,62 @@ def lcmq_step(loaded, config: Config, batch: int) -> Callable[[], tuple[float, f
 class Timing:
     iters: int
     elapsed_s: float
-    phase_s: tuple[float, float]  # summed over the timed iterations: (pipeline or render, encode + store)
+    parts_ms: dict[str, float]  # the steps' own timings, summed over the timed iterations
     per_iter_s: list[float] = field(default_factory=list)
 
 
-def timed(step: Callable[[], tuple[float, float]], device: str, target_s: float) -> Timing:
-    """Warm up, size N from the last warmup iteration to fill ~target_s, time N iterations."""
-    for _ in range(WARMUP_ITERS):
+def timed(step: Callable[[], dict[str, float]], device: str, target_s: float, warmup_iters: int = WARMUP_ITERS,
+          min_iters: int = MIN_ITERS, iter_estimate_s: float | None = None) -> Timing:
+    """Warm up, size N from the last warmup iteration (or the estimate) to fill ~target_s, time N."""
+    last_s = iter_estimate_s or 1.0
+    for _ in range(warmup_iters):
         started = time.perf_counter()
         step()
         synchronize(device)
         last_s = time.perf_counter() - started
-    iters = max(MIN_ITERS, min(MAX_ITERS, math.ceil(target_s / max(last_s, 1e-6))))
+    iters = max(min_iters, min(MAX_ITERS, math.ceil(target_s / max(last_s, 1e-6))))
     synchronize(device)
-    per_iter_s, phases = [], [0.0, 0.0]
+    per_iter_s: list[float] = []
+    parts_ms: dict[str, float] = {}
     started = time.perf_counter()
     for _ in range(iters):
         began = time.perf_counter()
-        first, second = step()
-        phases[0] += first
-        phases[1] += second
+        for part, ms in step().items():
+            parts_ms[part] = parts_ms.get(part, 0.0) + ms
         per_iter_s.append(time.perf_counter() - began)
     synchronize(device)
-    return Timing(iters, time.perf_counter() - started, (phases[0], phases[1]), per_iter_s)
+    return Timing(iters, time.perf_counter() - started, parts_ms, per_iter_s)
 
 
-def measure_batch(pipe, loaded, config: Config, batch: int, device: str, target_s: float,
+def measure_batch(pipe, loaded, config: Config, batch: int, chunk_size: int, device: str, target_s: float,
                   tflop_per_image: float, matmul: float) -> dict[str, Any]:
+    """3a then 3b for one batch size."""
     import torch
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    chunk_jobs = max(chunk_size, batch)
     with torch.inference_mode():
-        bare = timed(bare_step(pipe, config, batch, device), device, target_s)
-        lcmq = timed(lcmq_step(loaded, config, batch), device, target_s)
-    images_bare, images_lcmq = batch * bare.iters, batch * lcmq.iters
-    img_s = images_bare / bare.phase_s[0]
-    bare_png_img_s = images_bare / bare.elapsed_s
+        bare = timed(bare_step(pipe, config, batch), device, target_s)
+        images_bare = batch * bare.iters
+        bare_png_img_s = images_bare / bare.elapsed_s
+        # The pipeline is warm: one single-micro-batch task warms the worker's threads, and the
+        # bare loop's rate sizes the timed tasks (whole chunks, at least one).
+        lcmq_step(loaded, config, batch, batch)()
+        lcmq = timed(lcmq_step(loaded, config, batch, chunk_jobs), device, target_s, warmup_iters=0,
+                     min_iters=1, iter_estimate_s=chunk_jobs / bare_png_img_s)
+    images_lcmq = chunk_jobs * lcmq.iters
+    img_s = images_bare / (bare.parts_ms["pipe_ms"] / 1000)
     lcmq_img_s = images_lcmq / lcmq.elapsed_s
     return {
         "config": config.name, "batch": batch, "img_s": img_s,
         "tflop_share": img_s * tflop_per_image / matmul, "lcmq_ratio": lcmq_img_s / bare_png_img_s,
-        "bare_png_img_s": bare_png_img_s, "lcmq_img_s": lcmq_img_s,
-        "pipe_ms": 1000 * bare.phase_s[0] / bare.iters,
-        "png_ms_per_img": 1000 * bare.phase_s[1] / images_bare,
-        "lcmq_store_ms_per_img": 1000 * lcmq.phase_s[1] / images_lcmq,
+        "bare_png_img_s": bare_png_img_s, "lcmq_img_s": lcmq_img_s, "lcmq_vs_pipe": lcmq_img_s / img_s,
+        "pipe_ms": bare.parts_ms["pipe_ms"] / bare.iters,
+        "png_ms_per_img": bare.parts_ms["png_ms"] / images_bare,
+        **{f"lcmq_{part.removesuffix('_ms')}_ms_per_img": ms / images_lcmq for part, ms in lcmq.parts_ms.items()},
         "iter_ms_median": 1000 * statistics.median(bare.per_iter_s),
-        "iters": bare.iters, "lcmq_iters": lcmq.iters,
+        "iters": bare.iters, "lcmq_tasks": lcmq.iters, "lcmq_chunk_jobs": chunk_jobs,
         "mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
 
@@ -612,7 +671,8 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
     run = {"info": info, "results": results}
     for batch in args.batch_sizes:
         try:
-            result = measure_batch(pipe, loaded, config, batch, device, target_s, tflop_per_image, matmul)
+            result = measure_batch(pipe, loaded, config, batch, args.chunk_size, device, target_s, tflop_per_image,
+                                   matmul)
         except torch.cuda.OutOfMemoryError as exc:
             result = {"config": config.name, "batch": batch, "error": f"OutOfMemoryError: {str(exc)[:200]}"}
         free(device)
@@ -636,6 +696,8 @@ def parse_args(argv: list[str] | None):
                         help="SDXL VAE decodes in fp16 (sdxl-vae-fp16-fix) instead of SDXL base's fp32 upcast")
     parser.add_argument("--config", action="append", help="run only this config (repeatable)")
     parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="jobs per lcmq render task (default: lcmq's chunk_size setting; 4 with --cpu-smoke)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="the whole code path on CPU: tiny models of both architectures, 64x64, float32")
     args = parser.parse_args(argv)
@@ -660,6 +722,23 @@ def main(argv: list[str] | None = None) -> int:
               "file's docstring)", file=sys.stderr)
         return EXIT_MISSING_MODULES
 
+    # The worker modules build lcmq's settings and Celery app on import: keep their embedded
+    # broker folder out of the working tree, and serve every profile (no misrouting check).
+    home = None
+    if "LCMQ_HOME" not in os.environ:
+        home = os.environ["LCMQ_HOME"] = tempfile.mkdtemp(prefix="lcmq-bench-gpu-")
+    os.environ.pop("LCMQ_WORKER_PROFILE", None)
+    try:
+        return run_bench(args)
+    finally:
+        if home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from lcmq.settings import get_settings
     from worker.pipeline import quiet_libraries
 
     quiet_libraries()
@@ -669,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.cpu_smoke else torch.float16
     target_s = 0.2 if args.cpu_smoke else QUICK_TARGET_S if args.quick else TARGET_S
     set_backends()
+    if args.chunk_size is None:
+        args.chunk_size = 4 if args.cpu_smoke else get_settings().chunk_size
     if args.cpu_smoke:
         torch.set_num_threads(1)  # smoke checks the code path, not speed; one thread stays quick on a busy CPU
     configs = smoke_configs() if args.cpu_smoke else gpu_configs()
@@ -684,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {line(env)}", flush=True)
     print(f"# dtype={str(dtype).removeprefix('torch.')} steps={STEPS} guidance={GUIDANCE:g} "
           f"batch_sizes={','.join(map(str, args.batch_sizes))} target_s={target_s:g} warmup_iters={WARMUP_ITERS} "
-          f"tf32=on sdpa=default channels_last={device != 'cpu'} compile={args.compile}", flush=True)
+          f"lcmq_chunk_size={args.chunk_size} tf32=on sdpa=default channels_last={device != 'cpu'} "
+          f"compile={args.compile}", flush=True)
 
     # 1. The dense matmul ceiling.
     matmul = matmul_tflops(device, args.quick)
