@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import MotoS3, Process, RedisServer, create_database, done, wait_until  # noqa: E402
+from bench.harness import Process, bench_world, done, wait_until  # noqa: E402
 
-PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PARTS = ("claim_ms", "render_ms", "wait_store_ms", "encode_ms", "upload_ms", "record_ms")
 UPLOAD_THREADS = 4  # per worker: worker/tasks.py's upload pool
 
@@ -96,33 +95,20 @@ def main() -> int:
     parser.add_argument("--s3-jobs", type=int, default=800)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lcmq-dispatch-"))
-    redis = RedisServer(work / "redis").start()
-    s3 = MotoS3(work / "moto.log")
-    db_url, drop_db = create_database(PG_ADMIN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
-        "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url, "LCMQ_S3_ENDPOINT_URL": s3.url,
-        "LCMQ_HOME": str(work / "home"), "LCMQ_CHUNK_SIZE": "64", "LCMQ_LOG_JSON": "true",
-        "LCMQ_POLL_S": "0.05", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    try:
-        from lcmq.migrate import upgrade
-
-        upgrade(db_url)
+    with bench_world(work, LCMQ_CHUNK_SIZE="64", LCMQ_LOG_JSON="true") as (env, _):
+        bucket = env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/")[0]
         results = []
-        for storage_url, jobs in ((f"file://{work}/out", args.jobs), (f"s3://{s3.bucket}/bench", args.s3_jobs)):
+        for storage_url, jobs in ((f"file://{work}/out", args.jobs), (env["LCMQ_STORAGE_URL"], args.s3_jobs)):
             for workers in (1, 2):
                 result = run_case(env, work, storage_url, workers, jobs)
                 results.append(result)
                 print(json.dumps(result))
-        raw = raw_put_rate(s3.url, s3.bucket, args.s3_jobs, threads=2 * UPLOAD_THREADS)
+        raw = raw_put_rate(env["LCMQ_S3_ENDPOINT_URL"], bucket, args.s3_jobs, threads=2 * UPLOAD_THREADS)
         file2, s3_2 = results[1], results[3]
         print(json.dumps({"raw_put_per_s": round(raw, 1), "threads": 2 * UPLOAD_THREADS}))
         print(f"jobs_per_s={file2['jobs_per_s']} overhead_ms={file2['overhead_ms']} "
               f"s3_ratio={s3_2['jobs_per_s'] / raw:.2f}")
-        return 0
-    finally:
-        redis.stop()
-        s3.stop()
-        drop_db()
+    return 0
 
 
 if __name__ == "__main__":

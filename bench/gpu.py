@@ -42,19 +42,28 @@ counter gives 5.74 and 37.6 on these architectures; each run prints its own coun
 Procedure:
 1. Dense matmul ceiling: bf16 8192x8192 products timed with CUDA events -> TFLOP/s.
 2. Per config: build, LoRA load + fuse, channels_last UNet, one batch-1 call under a FLOP counter.
-3. Per batch size (1, 4, 8, 16), each loop warmed up 2 iterations, then timed for ~5 s:
-   a. bare: `pipe(...)` then PNG encoding of each image; img_s counts the pipeline call alone,
-      tflop_share = img_s x TFLOP per image / measured matmul TFLOP/s;
+3. Per batch size (1, 4, 8, 16), two loops, each timed for ~5 s (`--quick`: ~1.5 s):
+   a. bare: `pipe(...)` with a CPU generator per image, as worker.render seeds them, then PNG
+      encoding of each image, as bench/overhead.py's bare loop; warmed up 2 iterations. img_s
+      counts the pipeline call alone: tflop_share = img_s x TFLOP per image / matmul TFLOP/s;
    b. lcmq: whole render tasks of lcmq's chunk_size jobs (32 by default) run by the worker's own
       code, worker.tasks.ChunkRun, around this pipeline, with the database and object store in
       memory: claim, micro-batches, truncation warnings, worker.render.render, then PNG encoding
       with the job's parameters, sha256 and upload in the background while the next micro-batch
       renders, recording. lcmq_ratio = lcmq img/s / bare (pipeline + PNG) img/s; lcmq_vs_pipe =
       lcmq img/s / img_s. Warmed by one single-micro-batch task (the pipeline is already warm).
-4. One line per config and batch size; last line `sd15_512_img_s=… sdxl_1024_img_s=… matmul_tflops=…`.
+4. One line per config and batch size (`config=sd15-512 batch=8 img_s=… tflop_share=… lcmq_ratio=…`,
+   then the parts); last line `sd15_512_img_s=… sdxl_1024_img_s=… matmul_tflops=…` (best of the
+   batch sizes), then the best lcmq img/s per config. --out writes all of it as JSON, after every
+   batch size, so a run cut short keeps what it measured. A batch size that runs out of GPU
+   memory is reported as `error=OOM` and the run goes on.
 
-    python bench/gpu.py [--quick] [--out FILE] [--compile] [--fp16-vae] [--config NAME] [--batch-sizes 1,4]
-    python bench/gpu.py --cpu-smoke      # the whole code path on CPU, tiny models, float32
+    python3 bench/gpu.py [--quick] [--out FILE] [--compile] [--fp16-vae] [--config sd15-512] \
+        [--batch-sizes 1,4] [--chunk-size 32]
+    python3 bench/gpu.py --cpu-smoke     # the whole code path on CPU: tiny models of both, 64x64, fp32
+
+--compile applies torch.compile(mode="max-autotune-no-cudagraphs") to the UNet; autotuning takes
+minutes per batch size, more than a 15-minute device lease holds for all eight shapes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ one check that matters: every job final, none lost, none twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -324,3 +325,30 @@ def create_database(admin_url: str) -> tuple[str, callable]:
         admin.dispose()
 
     return url, drop
+
+
+PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def bench_world(work: Path, **settings: str):
+    """A private Redis, moto S3 server and migrated database for one benchmark run. Yields
+    (env, redis): the environment (LCMQ_* and AWS_*) that lcmq processes need, also applied to
+    this process, and the Redis server (to restart it)."""
+    from lcmq.migrate import upgrade
+
+    redis = RedisServer(work / "redis").start()
+    s3 = MotoS3(work / "moto.log")
+    db_url, drop_db = create_database(PG_ADMIN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
+        "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url, "LCMQ_STORAGE_URL": f"s3://{s3.bucket}/bench",
+        "LCMQ_S3_ENDPOINT_URL": s3.url, "LCMQ_HOME": str(work / "home"), "LCMQ_POLL_S": "0.05",
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"} | settings
+    os.environ.update(env)
+    try:
+        upgrade(db_url)
+        yield env, redis
+    finally:
+        redis.stop()
+        s3.stop()
+        drop_db()

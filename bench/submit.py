@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import sys
 import tempfile
@@ -21,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import RedisServer, create_database  # noqa: E402
+from bench.harness import bench_world  # noqa: E402
 
-PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def main() -> int:
@@ -33,16 +31,10 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lcmq-submit-"))
-    redis = RedisServer(work / "redis").start()
-    db_url, drop_db = create_database(PG_ADMIN)
-    os.environ.update({"LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url,
-                       "LCMQ_STORAGE_URL": "s3://bench/submit", "LCMQ_HOME": str(work / "home")})
-    try:
+    with bench_world(work):  # noqa: SIM117
         from lcmq import api
-        from lcmq.migrate import upgrade
         from lcmq.queue import queue_length
 
-        upgrade(db_url)
         path = work / "prompts.jsonl"
         with path.open("w") as fh:
             for i in range(args.prompts):
@@ -64,10 +56,7 @@ def main() -> int:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         print(f"seconds={seconds:.2f} jobs_per_s={args.prompts / seconds:.0f} messages={messages} "
               f"chunk_size={api.get_settings().chunk_size}")
-        return 0
-    finally:
-        redis.stop()
-        drop_db()
+    return 0
 
 
 if __name__ == "__main__":

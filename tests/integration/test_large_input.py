@@ -21,27 +21,6 @@ TRACED_LINES = 200_000
 PEAK_LIMIT = 5 * 1024 * 1024
 
 
-@pytest.fixture
-def written(services_env):
-    """A callable returning what a submit would change: batches/jobs row counts and queued messages."""
-    import redis
-    from sqlalchemy import create_engine, text
-
-    from lcmq.repository import normalize_url
-
-    engine = create_engine(normalize_url(services_env["LCMQ_DATABASE_URL"]))
-    broker = redis.Redis.from_url(services_env["LCMQ_BROKER_URL"])
-
-    def take() -> dict:
-        with engine.connect() as conn:
-            rows = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("batches", "jobs")}
-        # Priority queues: one Redis list per priority step, render.tiny<sep><n>.
-        waiting = sum(broker.llen(key) for key in broker.keys("render.tiny*") if broker.type(key) == b"list")
-        return {"rows": rows, "render.tiny": waiting}
-
-    yield take
-    engine.dispose()
-    broker.close()
 
 
 def _write_big(path: Path, line, bad_at: int, bad: str, lines: int = LINES) -> Path:
@@ -51,7 +30,7 @@ def _write_big(path: Path, line, bad_at: int, bad: str, lines: int = LINES) -> P
     return path
 
 
-def test_last_line_bad_is_refused_in_bounded_memory(services_env, written, tmp_path):
+def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_path):
     import lcmq
     from lcmq.errors import InputError
 
@@ -66,7 +45,7 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, written, tmp_p
     with pytest.raises(InputError):
         lcmq.submit(warm, model="tiny")
 
-    before = written()
+    before = snapshot()
     tracemalloc.start()
     started = time.perf_counter()
     try:
@@ -79,12 +58,12 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, written, tmp_p
 
     assert str(info.value).startswith(f"{path}:{TRACED_LINES}:prompt: "), str(info.value)
     assert "control character (U+0000)" in str(info.value)
-    assert written() == before
+    assert snapshot() == before
     assert peak < PEAK_LIMIT, f"peak traced memory {peak / 2**20:.1f} MiB while validating ({elapsed:.1f}s)"
     print(f"\n{TRACED_LINES}-line .txt, bad last line: {elapsed:.1f}s under tracemalloc, peak {peak / 2**20:.2f} MiB")
 
 
-def test_bad_line_in_the_middle_of_a_million_is_named(services_env, written, tmp_path):
+def test_bad_line_in_the_middle_of_a_million_is_named(services_env, snapshot, tmp_path):
     import lcmq
     from lcmq.errors import InputError
 
@@ -92,7 +71,7 @@ def test_bad_line_in_the_middle_of_a_million_is_named(services_env, written, tmp
     path = _write_big(tmp_path / "big.jsonl", lambda i: f'{{"prompt": "a lighthouse at dusk", "seed": {i}}}\n',
                       middle, '{"prompt": "a lighthouse at dusk", "steps": 9}\n')
 
-    before = written()
+    before = snapshot()
     started = time.perf_counter()
     with pytest.raises(InputError) as info:
         lcmq.submit(path, model="tiny")
@@ -100,5 +79,5 @@ def test_bad_line_in_the_middle_of_a_million_is_named(services_env, written, tmp
 
     assert str(info.value).startswith(f"{path}:{middle}:steps: "), str(info.value)
     assert "must be between 1 and 8 (got 9)" in str(info.value)
-    assert written() == before
+    assert snapshot() == before
     print(f"\n10^6-line .jsonl, bad line {middle}: refused after {elapsed:.1f}s")

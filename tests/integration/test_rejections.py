@@ -15,27 +15,6 @@ import pytest
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture
-def snapshot(services_env):
-    """A callable returning what a submit would change: table row counts and broker keys."""
-    import redis
-    from sqlalchemy import create_engine, text
-
-    from lcmq.repository import normalize_url
-
-    engine = create_engine(normalize_url(services_env["LCMQ_DATABASE_URL"]))
-    broker = redis.Redis.from_url(services_env["LCMQ_BROKER_URL"])
-
-    def take() -> dict:
-        with engine.connect() as conn:
-            rows = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in ("batches", "jobs")}
-        # With batch priorities on, Redis keeps one list per priority step: render.tiny<sep><n>.
-        waiting = sum(broker.llen(key) for key in broker.keys("render.tiny*") if broker.type(key) == b"list")
-        return {"rows": rows, "keys": sorted(broker.keys("*")), "render.tiny": waiting}
-
-    yield take
-    engine.dispose()
-    broker.close()
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
