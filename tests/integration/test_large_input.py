@@ -30,7 +30,7 @@ def _write_big(path: Path, line, bad_at: int, bad: str, lines: int = LINES) -> P
     return path
 
 
-def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_path):
+def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_path, monkeypatch):
     import lcmq
     from lcmq.errors import InputError
 
@@ -45,6 +45,11 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_
     with pytest.raises(InputError):
         lcmq.submit(warm, model="tiny")
 
+    # Files up to KEEP_SPECS_UP_TO rows keep their validated specs (one read, for speed); past it
+    # validation streams. Lower the cap so this 200k-line file takes the streaming path.
+    import lcmq.spec
+
+    monkeypatch.setattr(lcmq.spec, "KEEP_SPECS_UP_TO", 1000)
     before = snapshot()
     tracemalloc.start()
     started = time.perf_counter()
