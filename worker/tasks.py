@@ -85,7 +85,9 @@ class ChunkRun:
                         "upload_ms": 0.0, "record_ms": 0.0}
 
     def _timed(self, part: str, started: float) -> None:
-        self.timings[part] += (time.perf_counter() - started) * 1000
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._held_lock:  # the upload threads add their parts concurrently
+            self.timings[part] += elapsed_ms
 
     # --- the chunk ------------------------------------------------------------------------
 
