@@ -49,6 +49,7 @@ class BatchRecord:
     priority: int
     canceled_at: datetime | None
     published_at: datetime | None
+    manifest_at: datetime | None
 
 
 @dataclass(frozen=True)
