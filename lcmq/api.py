@@ -22,7 +22,7 @@ from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.repository import BatchRecord, Repository
 from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
-from lcmq.spec import BatchOptions, JobSpec, RowValidator, check_file, rows_from_objects, validate_rows
+from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
 
@@ -114,7 +114,8 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     validator = RowValidator(options, profile, source)
     specs: Iterable[JobSpec]
     if path is not None:
-        specs, content_sha256 = check_file(path, validator)  # every row, before anything is written
+        # Validated while written, in one transaction: a bad row anywhere commits nothing.
+        specs, content_sha256 = open_batch_file(path, validator)
     else:
         specs = validate_rows(rows_from_objects(rows), validator)
         content_sha256 = hashlib.sha256(json.dumps([asdict(spec) for spec in specs], sort_keys=True,

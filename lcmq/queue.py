@@ -82,6 +82,7 @@ def get_app() -> Celery:
 # What a lost broker raises, depending on where the loss hits kombu.
 BROKER_DOWN = (KombuOperationalError, OSError, RedisConnectionError, RedisTimeoutError)
 MAX_PRIORITY = 9
+PUBLISH_PIPELINE = 500  # messages per Redis pipeline when publishing chunks
 
 
 def redis_priority(priority: int) -> int:
@@ -94,7 +95,9 @@ def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], pr
     app = get_app()
     queue = queue_name(profile)
     try:
-        with app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_PIPELINE):
+            # One Redis pipeline per PUBLISH_PIPELINE messages, not a round trip each. A failed
+            # flush loses nothing: the caller marks the batch published only after this returns.
             for batch_id, job_ids in chunks:
                 app.send_task(RENDER_TASK, args=[batch_id, list(job_ids)], queue=queue,
                               task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}", producer=producer,

@@ -150,9 +150,11 @@ def engine_for(url: str) -> Engine:
     return _ENGINES[key]
 
 
-# Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta.
-_NEW_JOB_COLUMNS = ("id", "batch_id", "index", "state", "prompt", "negative_prompt", "seed", "steps", "guidance",
-                    "width", "height", "metadata", "attempts", "created_at", "dispatched_at")
+# Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta. The
+# first ten vary per job; the last five are the same for every job of a batch (`fixed`).
+_NEW_JOB_COLUMNS = ("id", "index", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
+                    "metadata", "batch_id", "state", "attempts", "created_at", "dispatched_at")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _copy_text(value: Any) -> str:
@@ -163,29 +165,39 @@ def _copy_text(value: Any) -> str:
         return value.isoformat()
     text_value = value if isinstance(value, str) else str(value)
     if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
-        text_value = (text_value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-                      .replace("\r", "\\r"))
+        return text_value.translate(_COPY_ESCAPES)
     return text_value
+
+
+def _copy_lines(jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> Iterator[str]:
+    """COPY text lines. One f-string a row: 10^5 rows are formatted in well under a second."""
+    tail = "\t" + "\t".join(_copy_text(fixed[c]) for c in _NEW_JOB_COLUMNS[10:]) + "\n"
+    text = _copy_text
+    dumps = json.dumps
+    for job in jobs:
+        meta = job["meta"]
+        yield (f"{job['id']}\t{job['index']}\t{text(job['prompt'])}\t{text(job['negative_prompt'])}\t"
+               f"{job['seed']}\t{job['steps']}\t{job['guidance']!r}\t{job['width']}\t{job['height']}\t"
+               f"{text(dumps(meta)) if meta else '{}'}{tail}")
 
 
 def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> int:
     """Postgres: stream the rows with COPY in text format, in blocks, inside the session's
-    transaction (about 20x executemany)."""
+    transaction (about 20x executemany). Postgres ingests a block while the next is built."""
     cursor = session.connection().connection.driver_connection.cursor()
     columns = ", ".join(f'"{c}"' for c in _NEW_JOB_COLUMNS)  # quoted: "index" is a keyword
     total = 0
     block: list[str] = []
     with cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
-        for job in jobs:
-            row = job | fixed
-            row["metadata"] = json.dumps(row.pop("meta"))
-            block.append("\t".join(_copy_text(row[c]) for c in _NEW_JOB_COLUMNS) + "\n")
-            total += 1
-            if len(block) >= 5000:
+        for line in _copy_lines(jobs, fixed):
+            block.append(line)
+            if len(block) >= 2000:
                 copy.write("".join(block))
+                total += len(block)
                 block = []
         if block:
             copy.write("".join(block))
+            total += len(block)
     return total
 
 

@@ -26,6 +26,7 @@ from scheduler.dispatch import chunk_size_for, publish_batch
 log = logging.getLogger("lcmq.scheduler")
 
 SEED_BITS = 32
+KEEP_PENDING_UP_TO = 250_000
 
 
 def new_batch_id() -> str:
@@ -60,14 +61,18 @@ def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: Batc
     """
     batch_id = new_batch_id()
     batch_seed = options.seed if options.seed is not None else secrets.randbelow(2**SEED_BITS)
-    # A submit that holds its specs keeps what publishing needs; a streamed one re-reads it.
-    kept: list[PendingJob] | None = [] if isinstance(specs, list) else None
+    # What publishing needs is kept while the rows are written, up to a bound; a longer batch
+    # is read back from the database page by page (memory stays flat for 10^7 rows).
+    kept: list[PendingJob] | None = []
 
     def rows():
+        nonlocal kept
         for spec in specs:
             row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
             if kept is not None:
                 kept.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))
+                if len(kept) > KEEP_PENDING_UP_TO:
+                    kept = None
             yield row
 
     # 1-2. One transaction: a reader sees the whole batch or none of it.

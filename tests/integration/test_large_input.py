@@ -45,11 +45,12 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_
     with pytest.raises(InputError):
         lcmq.submit(warm, model="tiny")
 
-    # Files up to KEEP_SPECS_UP_TO rows keep their validated specs (one read, for speed); past it
-    # validation streams. Lower the cap so this 200k-line file takes the streaming path.
-    import lcmq.spec
+    # Rows are validated as they stream into one transaction; a batch of up to KEEP_PENDING_UP_TO
+    # jobs keeps what publishing needs in memory. Lower the cap so this 200k-line file takes the
+    # bounded path of a 10^7-line one.
+    import scheduler.batches
 
-    monkeypatch.setattr(lcmq.spec, "KEEP_SPECS_UP_TO", 1000)
+    monkeypatch.setattr(scheduler.batches, "KEEP_PENDING_UP_TO", 1000)
     before = snapshot()
     tracemalloc.start()
     started = time.perf_counter()
