@@ -51,7 +51,7 @@ def main() -> int:
     models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
     with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_TORCH_THREADS="1", LCMQ_LEASE_S="4", LCMQ_DISPATCH_GRACE_S="2",
                      LCMQ_REDISPATCH_S="6", LCMQ_CHUNK_SIZE="4", LCMQ_BATCH_SIZE="2",
-                     LCMQ_MAX_ATTEMPTS="5") as (env, redis):
+                     LCMQ_MAX_ATTEMPTS="5") as (env, redis, _):
         try:
             from lcmq import api
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Process, bench_world, done, wait_until  # noqa: E402
+from bench.harness import Process, bench_world, cpu_seconds, done, wait_until  # noqa: E402
 
 PARTS = ("claim_ms", "render_ms", "wait_store_ms", "encode_ms", "upload_ms", "record_ms")
 UPLOAD_THREADS = 4  # per worker: worker/tasks.py's upload pool
@@ -41,7 +41,19 @@ def chunk_timings(logs: list[str], batch_id: str) -> dict[str, float]:
     return totals
 
 
-def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jobs: int) -> dict:
+def cpu_snapshot(procs: list[Process], moto_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each side: on 2 cores every component competes for the same CPU,
+    so the cost per job is what decides throughput, not just the waits."""
+    return {"workers": sum(cpu_seconds(pgid=p.pid) for p in procs), "moto": cpu_seconds(pid=moto_pid),
+            "postgres": cpu_seconds(comm="postgres"), "redis": cpu_seconds(comm="redis-server"),
+            "bench": cpu_seconds(pid=os.getpid())}
+
+
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) * 1000 / jobs, 3) for k in before}
+
+
+def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jobs: int, moto_pid: int) -> dict:
     from lcmq import api
 
     case_env = env | {"LCMQ_STORAGE_URL": storage_url}
@@ -54,10 +66,12 @@ def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jo
     try:
         for proc in procs:
             proc.wait_ready()
+        cpu_before = cpu_snapshot(procs, moto_pid)
         started = time.perf_counter()
         batch_id = api.submit([f"job {i} {time.time_ns()}" for i in range(jobs)], model="null").batch_id
         wait_until(lambda: done(batch_id), 600, interval_s=0.05, what="the batch")
         seconds = time.perf_counter() - started
+        cpu = cpu_per_job(cpu_before, cpu_snapshot(procs, moto_pid), jobs)
         assert api.status(batch_id).succeeded == jobs
     finally:
         for proc in procs:
@@ -69,10 +83,11 @@ def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jo
     per_job["broker_and_rest"] = round((busy_ms - parts["claim_ms"] - parts["render_ms"] - parts["wait_store_ms"])
                                        / jobs, 3)
     return {"storage": storage_url.split(":")[0], "workers": workers, "jobs": jobs, "seconds": round(seconds, 2),
-            "jobs_per_s": round(jobs / seconds, 1), "overhead_ms": round(busy_ms / jobs, 3), "per_job_ms": per_job}
+            "jobs_per_s": round(jobs / seconds, 1), "overhead_ms": round(busy_ms / jobs, 3), "per_job_ms": per_job,
+            "cpu_ms_per_job": cpu}
 
 
-def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int) -> float:
+def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int, moto_pid: int) -> tuple[float, dict]:
     """boto3 put_object of the same objects (the null image's PNG) at the same concurrency."""
     import boto3
     from PIL import Image
@@ -81,12 +96,14 @@ def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int) -> float:
 
     data = encode_png(Image.new("RGB", (64, 64), (127, 127, 127)), "a prompt\nSteps: 4")
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    cpu_before = cpu_snapshot([], moto_pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"raw/{i:06d}.png", Body=data,
                                                   ContentType="image/png", Metadata={"sha256": "x"}),
                       range(count)))
-    return count / (time.perf_counter() - started)
+    rate = count / (time.perf_counter() - started)
+    return rate, cpu_per_job(cpu_before, cpu_snapshot([], moto_pid), count)
 
 
 def main() -> int:
@@ -95,17 +112,18 @@ def main() -> int:
     parser.add_argument("--s3-jobs", type=int, default=800)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lcmq-dispatch-"))
-    with bench_world(work, LCMQ_CHUNK_SIZE="64", LCMQ_LOG_JSON="true") as (env, _):
+    with bench_world(work, LCMQ_CHUNK_SIZE="64", LCMQ_LOG_JSON="true") as (env, _, s3):
         bucket = env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/")[0]
         results = []
         for storage_url, jobs in ((f"file://{work}/out", args.jobs), (env["LCMQ_STORAGE_URL"], args.s3_jobs)):
             for workers in (1, 2):
-                result = run_case(env, work, storage_url, workers, jobs)
+                result = run_case(env, work, storage_url, workers, jobs, s3.proc.pid)
                 results.append(result)
                 print(json.dumps(result))
-        raw = raw_put_rate(env["LCMQ_S3_ENDPOINT_URL"], bucket, args.s3_jobs, threads=2 * UPLOAD_THREADS)
+        raw, raw_cpu = raw_put_rate(env["LCMQ_S3_ENDPOINT_URL"], bucket, args.s3_jobs,
+                                    threads=2 * UPLOAD_THREADS, moto_pid=s3.proc.pid)
         file2, s3_2 = results[1], results[3]
-        print(json.dumps({"raw_put_per_s": round(raw, 1), "threads": 2 * UPLOAD_THREADS}))
+        print(json.dumps({"raw_put_per_s": round(raw, 1), "threads": 2 * UPLOAD_THREADS, "cpu_ms_per_put": raw_cpu}))
         print(f"jobs_per_s={file2['jobs_per_s']} overhead_ms={file2['overhead_ms']} "
               f"s3_ratio={s3_2['jobs_per_s'] / raw:.2f}")
     return 0

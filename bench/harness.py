@@ -40,6 +40,29 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(*, pgid: int | None = None, pid: int | None = None, comm: str | None = None) -> float:
+    """CPU time (user + system) of live processes: a process group, one pid, or every process
+    with that command name (e.g. all Postgres backends). Linux /proc only; 0.0 elsewhere."""
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        # fields[2] is pgrp; fields[11], fields[12] are utime and stime (proc(5), less pid and comm).
+        if ((pgid is not None and int(fields[2]) == pgid) or (pid is not None and int(entry) == pid)
+                or (comm is not None and name == comm)):
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLOCK_TICKS
+
+
 class RedisServer:
     """A redis-server of our own on a free loopback port, persisting to an append-only file."""
 
@@ -333,8 +356,8 @@ PG_ADMIN = os.environ.get("LCMQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.
 @contextlib.contextmanager
 def bench_world(work: Path, **settings: str):
     """A private Redis, moto S3 server and migrated database for one benchmark run. Yields
-    (env, redis): the environment (LCMQ_* and AWS_*) that lcmq processes need, also applied to
-    this process, and the Redis server (to restart it)."""
+    (env, redis, s3): the environment (LCMQ_* and AWS_*) that lcmq processes need, also applied to
+    this process, the Redis server (to restart it) and the moto server."""
     from lcmq.migrate import upgrade
 
     redis = RedisServer(work / "redis").start()
@@ -347,7 +370,7 @@ def bench_world(work: Path, **settings: str):
     os.environ.update(env)
     try:
         upgrade(db_url)
-        yield env, redis
+        yield env, redis, s3
     finally:
         redis.stop()
         s3.stop()

@@ -74,7 +74,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lcmq-overhead-"))
     models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
-    with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size)) as (env, _):
+    with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size)) as (env, _, _):
         from lcmq.profiles import get_profile
         from lcmq.settings import get_settings
         from worker.pipeline import load_pipeline

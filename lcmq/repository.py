@@ -102,6 +102,22 @@ class JobRecord:
     finished_at: datetime | None
 
 
+# JobRecord's fields as table columns ("meta" is the "metadata" column), for Core statements
+# that skip the ORM's per-row objects: a claim returns its rows at the cost of plain tuples.
+_JOB_RECORD_COLUMNS = tuple(Job.__table__.c[Job.meta.property.columns[0].name if f.name == "meta" else f.name]
+                            .label(f.name) for f in fields(JobRecord))
+
+
+def _job_records(rows) -> list[JobRecord]:
+    records = []
+    for row in rows:
+        values = row._asdict()
+        for name in ("dispatched_at", "created_at", "started_at", "finished_at"):
+            values[name] = _aware(values[name])
+        records.append(JobRecord(**values))
+    return records
+
+
 def _record(cls, row) -> Any:
     values = {f.name: getattr(row, f.name) for f in fields(cls)}
     for name, value in values.items():
@@ -458,16 +474,14 @@ class Repository:
         now = utcnow()
         claimable = or_(Job.state == JobState.queued.value,
                         (Job.state == JobState.running.value) & (Job.lease_until < now))
-        with self._session() as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id.in_(list(job_ids)), claimable)
-                .values(state=JobState.running.value, attempts=Job.attempts + 1, worker=worker,
+        table = Job.__table__
+        with self.engine.begin() as conn:  # Core: plain rows back, no ORM objects
+            claimed = _job_records(conn.execute(
+                update(table)
+                .where(table.c.id.in_(list(job_ids)), claimable)
+                .values(state=JobState.running.value, attempts=table.c.attempts + 1, worker=worker,
                         lease_until=now + timedelta(seconds=lease_s), started_at=now)
-                .returning(Job)
-                .execution_options(synchronize_session=False)
-            )
-            claimed = [_record(JobRecord, j) for j in result.scalars()]
+                .returning(*_JOB_RECORD_COLUMNS)))
         return sorted(claimed, key=lambda j: j.index)
 
     def _held(self, job_ids: Sequence[str], worker: str):

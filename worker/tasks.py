@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcmq.errors import LcmqError, ModelLoadError, is_transient
@@ -56,10 +57,13 @@ def process_clients() -> tuple[Repository, Storage]:
     return _CLIENTS[pid]
 
 
-# Encoding and uploading a micro-batch overlaps the rendering of the next one: one store thread
-# (at most one micro-batch waits on it: backpressure), which uploads through a few connections.
-_STORE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmq-store")
+# Encoding and uploading overlap the rendering of the next micro-batch. Each image is encoded
+# and uploaded on its own in a small pool, fed continuously across micro-batch boundaries (no
+# drain between them); one recorder thread records each micro-batch, in order, once all of its
+# uploads are done. At most STORING_MICRO_BATCHES wait on them: backpressure on the render loop.
+_RECORDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmq-record")
 _UPLOADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lcmq-upload")
+STORING_MICRO_BATCHES = 2
 
 
 class ChunkRun:
@@ -68,7 +72,7 @@ class ChunkRun:
     Jobs are claimed one micro-batch at a time: a crash costs an attempt only to the jobs that
     were being rendered or stored, and the redelivered message finds the rest still queued.
     `held` maps the claimed jobs not yet final (rendering, or storing) for lease renewal and
-    hand-back; the heartbeat thread reads it, the store thread shrinks it.
+    hand-back; the heartbeat thread reads it, the recorder thread shrinks it.
     """
 
     def __init__(self, batch_id: str, worker: str):
@@ -78,9 +82,9 @@ class ChunkRun:
         self.repo, self.storage = process_clients()
         self.held: dict[str, JobRecord] = {}
         self._held_lock = threading.Lock()
-        self._storing: tuple[Future, list[JobRecord]] | None = None
+        self._storing: deque[tuple[Future, list[JobRecord]]] = deque()  # oldest first
         self.succeeded = 0
-        # Where the chunk's time went, in ms (the store thread adds its own parts).
+        # Where the chunk's time went, in ms (the upload and recorder threads add their parts).
         self.timings = {"claim_ms": 0.0, "render_ms": 0.0, "wait_store_ms": 0.0, "encode_ms": 0.0,
                         "upload_ms": 0.0, "record_ms": 0.0}
 
@@ -177,16 +181,15 @@ class ChunkRun:
             self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
             return
         started = time.perf_counter()
-        self._finish_storing()  # backpressure: one micro-batch stored while the next renders
+        while len(self._storing) >= STORING_MICRO_BATCHES:  # backpressure
+            self._finish_oldest()
         self._timed("wait_store_ms", started)
-        future = _STORE_THREAD.submit(self._store, batch.profile, group, images, warnings, render_ms)
-        self._storing = (future, group)
+        uploads = [_UPLOADS.submit(self._upload, batch.profile, job, image, warning, render_ms, len(group))
+                   for job, image, warning in zip(group, images, warnings, strict=True)]
+        self._storing.append((_RECORDER.submit(self._record, group, uploads), group))
 
-    def _finish_storing(self) -> None:
-        if self._storing is None:
-            return
-        future, group = self._storing
-        self._storing = None
+    def _finish_oldest(self) -> None:
+        future, group = self._storing.popleft()
         try:
             self.succeeded += future.result()
         except Exception as exc:
@@ -194,25 +197,31 @@ class ChunkRun:
                 raise
             self._fail_jobs([job for job in group if job.id in self.held], f"{type(exc).__name__}: {exc}")
 
-    def _store(self, profile: str, group: list[JobRecord], images, warnings, render_ms: float) -> int:
-        """Encode, upload (an identical object already there counts), record; returns recorded."""
-        def upload(item) -> StoredImage:
-            job, image, warning = item
-            started = time.perf_counter()
-            data = encode_png(image, parameters_text(job, profile))
-            digest = sha256_hex(data)
-            self._timed("encode_ms", started)
-            started = time.perf_counter()
-            key = self.storage.batch_key(job.batch_id, job.index)
-            # Keys are deterministic: an earlier attempt that uploaded and then died left this
-            # very object (only a retried job can find one, so first attempts skip the check).
-            if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
-                self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
-                                                               "seed": str(job.seed), "sha256": digest})
-            self._timed("upload_ms", started)
-            return StoredImage(job.id, key, digest, render_ms, len(group), warning)
+    def _finish_storing(self) -> None:
+        while self._storing:
+            self._finish_oldest()
 
-        stored = list(_UPLOADS.map(upload, zip(group, images, warnings, strict=True)))
+    def _upload(self, profile: str, job: JobRecord, image, warning: str | None, render_ms: float,
+                batch_size: int) -> StoredImage:
+        """Encode and upload one image (an identical object already there counts as uploaded)."""
+        started = time.perf_counter()
+        data = encode_png(image, parameters_text(job, profile))
+        digest = sha256_hex(data)
+        self._timed("encode_ms", started)
+        started = time.perf_counter()
+        key = self.storage.batch_key(job.batch_id, job.index)
+        # Keys are deterministic: an earlier attempt that uploaded and then died left this very
+        # object (only a retried job can find one, so first attempts skip the check).
+        if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
+            self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
+                                                           "seed": str(job.seed), "sha256": digest})
+        self._timed("upload_ms", started)
+        return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
+
+    def _record(self, group: list[JobRecord], uploads: list[Future]) -> int:
+        """Record a micro-batch once all its uploads are done; returns how many were recorded.
+        The first failed upload fails (or, if transient, hands back) the whole micro-batch."""
+        stored = [upload.result() for upload in uploads]
         started = time.perf_counter()
         recorded = self.repo.record_successes(stored, self.worker)
         self._timed("record_ms", started)
@@ -225,10 +234,9 @@ class ChunkRun:
     # --- after a failure ----------------------------------------------------------------------
 
     def abandon_storing(self) -> None:
-        """Let a background store finish (or fail) before the held jobs are released or failed."""
-        if self._storing is not None:
-            future, _ = self._storing
-            self._storing = None
+        """Let background stores finish (or fail) before the held jobs are released or failed."""
+        while self._storing:
+            future, _ = self._storing.popleft()
             try:
                 self.succeeded += future.result()
             except Exception:  # noqa: BLE001 - its jobs are still held and handled by the caller
