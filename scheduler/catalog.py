@@ -197,6 +197,9 @@ def build_items(rows: Iterable[tuple[int, dict[str, Any]]], template: str, optio
             if text is None:
                 what = "missing" if raw.get(name) in (None, "") else "not text or a number"
                 raise InputError(source, line, name, f"{what}: the template uses {{{name}}}")
+            bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+            if bad is not None:  # named as the column, not as the prompt it would end up in
+                raise InputError(source, line, name, f"contains a control character (U+{ord(bad):04X})")
             values[name] = text
         row = dict(raw) | {"prompt": template.format_map(values)}
         spec = validator.validate(len(items), line, row, from_text)
