@@ -314,10 +314,10 @@ class Repository:
             if not self._insert_batch(s, batch | {"created_at": now}):
                 existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
                 return existing, False
-            self._insert_jobs(s, batch["id"], jobs, now, page)
+            self._write_jobs(s, batch["id"], jobs, now, page)
         return batch["id"], True
 
-    def _insert_jobs(self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime,
+    def _write_jobs(self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime,
                      page: int = 5000) -> int:
         # dispatched_at = now: the batch's publish covers every job (see mark_published).
         fixed = {"batch_id": batch_id, "state": JobState.queued.value, "attempts": 0, "created_at": now,
@@ -562,7 +562,7 @@ class Repository:
             if not self._schedule_cas(s, name, seen_version, values):
                 return False
             s.execute(insert(Batch).values(**batch, created_at=now))
-            self._insert_jobs(s, batch["id"], jobs, now)
+            self._write_jobs(s, batch["id"], jobs, now)
             if rendered:
                 statement = self._dialect_insert(s, CatalogItem)
                 statement = statement.on_conflict_do_update(
@@ -571,12 +571,13 @@ class Repository:
                           "removed_at": None, "updated_at": now})
                 s.execute(statement, [item | {"schedule_name": name, "removed_at": None, "updated_at": now}
                                       for item in rendered])
+            # Unchanged items that had been removed are back; removed ones are marked (once).
             for ids, removed_at in ((kept, None), (removed, now)):
+                flip = CatalogItem.removed_at.is_(None) if removed_at else CatalogItem.removed_at.is_not(None)
                 for start in range(0, len(ids), 500):
                     s.execute(update(CatalogItem)
-                              .where(CatalogItem.schedule_name == name, CatalogItem.item_id.in_(ids[start:start + 500]),
-                                     (CatalogItem.removed_at.is_(None)) if removed_at else
-                                     CatalogItem.removed_at.is_not(None))
+                              .where(CatalogItem.schedule_name == name, flip,
+                                     CatalogItem.item_id.in_(ids[start:start + 500]))
                               .values(removed_at=removed_at, updated_at=now)
                               .execution_options(synchronize_session=False))
         return True
