@@ -31,8 +31,8 @@ def _json(result) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_a_catalog_run_twice_renders_only_the_changed_items(services_env, procs, cli, tmp_path):
-    env = services_env
+def test_a_catalog_run_twice_renders_only_the_changed_items(isolated_env, procs, cli, tmp_path):
+    env = isolated_env  # a Redis of its own: the worker renders this test's jobs only
     procs(env, "worker", "--model", "null").wait_ready()
     catalog = tmp_path / "items.csv"
     rows = [{"id": f"item-{i:02d}", "name": f"chair {i}", "color": "red"} for i in range(30)]
