@@ -19,7 +19,7 @@ from typing import Any
 from lcmq.errors import InputError, ProfileError
 from lcmq.models import JobState
 from lcmq.profiles import Profile, get_profile, load_profiles
-from lcmq.repository import BatchRecord, Repository
+from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
 from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
@@ -36,6 +36,8 @@ class BatchStatus:
     failed: int
     canceled: int
     output: str
+    # A schedule run's batch: how its catalog's items compared with the run before.
+    items: dict[str, int] | None = None
 
     @property
     def done(self) -> bool:
@@ -46,7 +48,10 @@ class BatchStatus:
         return self.succeeded == self.total
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if values["items"] is None:  # plain batches print exactly what they always did
+            del values["items"]
+        return values
 
 
 def repository(settings: Settings | None = None) -> Repository:
@@ -163,7 +168,7 @@ def sweep() -> dict[str, int]:
 
 
 def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:
-    return BatchStatus(batch_id=batch.id, total=batch.total, output=batch.output,
+    return BatchStatus(batch_id=batch.id, total=batch.total, output=batch.output, items=batch.options.get("items"),
                        **{state.value: counts.get(state.value, 0) for state in JobState})
 
 
@@ -210,3 +215,93 @@ def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
 
 def models() -> list[dict[str, Any]]:
     return [p.to_dict() | {"queue": p.queue} for p in load_profiles().values()]
+
+
+# --- schedules: catalogs rendered on a cron schedule ------------------------------------------
+
+def _iso(when) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
+    return {"name": record.name, "catalog": record.catalog, "template": record.template, "cron": record.cron,
+            "model": record.profile, "options": record.options, "paused": record.paused,
+            "next_run_at": _iso(record.next_run_at), "last_run_at": _iso(record.last_run_at),
+            "last_batch_id": record.last_batch_id, "items": record.last_counts, "last_error": record.last_error,
+            "catalog_items": repo.catalog_counts(record.name), "output": storage().catalog_url(record.name)}
+
+
+def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: str, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None, height: int | None = None,
+                 negative_prompt: str = "", seed: int | None = None) -> dict[str, Any]:
+    """Check everything (the catalog is read and every item checked now, and again at each run),
+    then store the schedule; it first fires at the next cron time. Nothing is written on error."""
+    from lcmq.models import SCHEDULE_NAME_LENGTH
+    from scheduler.catalog import check_item_id, load_items, normalize_location
+    from scheduler.cron import CronError, parse_cron
+
+    source = f"schedule {name}"
+
+    def fail(message: str):
+        raise InputError("schedule", None, "name", message)
+
+    check_item_id(name, fail)  # it names the folder of the catalog's images: the same rules as ids
+    if len(name) > SCHEDULE_NAME_LENGTH:
+        fail(f"must be at most {SCHEDULE_NAME_LENGTH} characters (got {len(name)})")
+    try:
+        next_run_at = parse_cron(cron).next_after(utcnow())
+    except CronError as exc:
+        raise InputError(source, None, "--cron", str(exc)) from None
+    location = normalize_location(catalog)
+    profile = _resolve_profile(model, source)
+    options = {"steps": steps, "guidance": guidance, "width": width, "height": height,
+               "negative_prompt": negative_prompt, "seed": seed}
+    settings = get_settings()
+    load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
+    repo = repository(settings)
+    if not repo.add_schedule({"name": name, "catalog": location, "template": template, "cron": cron.strip(),
+                              "profile": profile.name, "options": options, "next_run_at": next_run_at}):
+        raise InputError(source, None, "name", "a schedule of this name exists (`lcmq schedule rm` it first)")
+    return schedule_show(name)
+
+
+def schedules() -> list[dict[str, Any]]:
+    repo = repository()
+    return [_schedule_dict(record, repo) for record in repo.schedules()]
+
+
+def schedule_show(name: str) -> dict[str, Any]:
+    """A schedule and its catalog's state: items in it and removed, the last run and its batch."""
+    repo = repository()
+    shown = _schedule_dict(repo.get_schedule(name), repo)
+    shown["last_batch"] = status(shown["last_batch_id"]).to_dict() if shown["last_batch_id"] else None
+    return shown
+
+
+def schedule_pause(name: str) -> dict[str, Any]:
+    repository().update_schedule(name, paused=True)
+    return schedule_show(name)
+
+
+def schedule_resume(name: str) -> dict[str, Any]:
+    """Fires at the next cron time from now (the ticks missed while paused are not made up)."""
+    from scheduler.cron import parse_cron
+
+    repo = repository()
+    record = repo.get_schedule(name)
+    repo.update_schedule(name, paused=False, next_run_at=parse_cron(record.cron).next_after(utcnow()))
+    return schedule_show(name)
+
+
+def schedule_rm(name: str) -> None:
+    """Forget the schedule and its catalog's state; its batches and images stay."""
+    repository().delete_schedule(name)
+
+
+def schedule_run(name: str) -> BatchStatus:
+    """Run a schedule now, once: a batch of the catalog's new and changed items."""
+    from scheduler.schedules import run_now
+
+    settings = get_settings()
+    result = run_now(repository(settings), storage(settings), settings, name)
+    return status(result.batch_id)

@@ -50,6 +50,8 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
     else:
         print(f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, "
               f"{st.canceled} canceled, {st.running} running, {st.queued} queued\noutput: {st.output}")
+        if st.items is not None:
+            print("items: " + " ".join(f"{k}={v}" for k, v in st.items.items()))
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -126,6 +128,56 @@ def cmd_sweep(args) -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     sweep_forever(repo, settings, args.every, stop=lambda: stop["now"])
+    return EXIT_OK
+
+
+def cmd_schedule(args) -> int:
+    action = args.action
+    if action == "add":
+        shown = api.schedule_add(args.name, catalog=args.catalog, template=args.template, cron=args.cron,
+                                 model=args.model, steps=args.steps, guidance=args.guidance, width=args.width,
+                                 height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed)
+    elif action == "list":
+        rows = api.schedules()
+        if args.json:
+            _print_json(rows)
+            return EXIT_OK
+        print(f"{'schedule':20}  {'cron':15}  {'state':6}  {'next run':19}  {'last batch':16}  items")
+        for r in rows:
+            items = " ".join(f"{k}={v}" for k, v in (r["items"] or {}).items())
+            print(f"{r['name']:20}  {r['cron']:15}  {'paused' if r['paused'] else 'active':6}  "
+                  f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
+                  + (f"  error: {r['last_error']}" if r["last_error"] else ""))
+        return EXIT_OK
+    elif action == "rm":
+        api.schedule_rm(args.name)
+        return EXIT_OK
+    elif action == "run":
+        st = api.schedule_run(args.name)
+        print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
+        if args.wait:
+            st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
+        if args.json or args.wait:
+            _print_status(st, args.json)
+        return EXIT_FAILED if args.wait and not st.ok else EXIT_OK
+    else:  # show, pause, resume
+        shown = {"show": api.schedule_show, "pause": api.schedule_pause, "resume": api.schedule_resume}[action](
+            args.name)
+    _print_json(shown)
+    return EXIT_OK
+
+
+def cmd_scheduler(args) -> int:
+    import threading
+
+    from scheduler.service import run_scheduler  # the CLI reaches into the producer side
+
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_scheduler(api.repository(settings), api.storage(settings), settings, stop)
     return EXIT_OK
 
 
@@ -256,6 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="requeue jobs of dead workers and publish lost messages")
     p.add_argument("--every", type=parse_duration, help="keep sweeping at this interval (e.g. 10s)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("schedule", help="catalogs rendered on a cron schedule (only what changed)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", help="render a catalog (CSV/JSONL with an id column) on a cron schedule")
+    a.add_argument("name", help="names the schedule and the folder of its images: <storage>/<name>/<id>.png")
+    a.add_argument("--catalog", required=True, help="a .csv/.jsonl path or s3:// URL, read afresh at each run")
+    a.add_argument("--template", required=True, help='prompt template over the item\'s columns, e.g. '
+                   '"{name}, {color}, studio photo on white"')
+    a.add_argument("--cron", required=True, help='5 fields, UTC, e.g. "0 3 * * *"; or @hourly, @daily, ...')
+    a.add_argument("--model", required=True, help="model profile (see `lcmq models`)")
+    a.add_argument("--steps", type=int)
+    a.add_argument("--guidance", type=float)
+    a.add_argument("--negative-prompt")
+    a.add_argument("--width", type=int)
+    a.add_argument("--height", type=int)
+    a.add_argument("--seed", type=int, help="base seed; an item without its own seed derives one from its id")
+    a.set_defaults(func=cmd_schedule)
+    a = actions.add_parser("list", help="schedules with their next and last runs")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_schedule)
+    for action, text in (("show", "a schedule and its catalog's state, as JSON"), ("pause", "stop firing"),
+                         ("resume", "fire again, from the next cron time"),
+                         ("rm", "forget the schedule (its batches and images stay)")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("name")
+        a.set_defaults(func=cmd_schedule)
+    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items")
+    a.add_argument("name")
+    a.add_argument("--wait", action="store_true", help="block until every job is final")
+    a.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    a.add_argument("--json", action="store_true", help="print the batch status (with its item counts) as JSON")
+    a.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("scheduler", help="fire due schedules and sweep, until SIGTERM/SIGINT")
+    p.set_defaults(func=cmd_scheduler)
 
     p = sub.add_parser("manifest", help="one JSON line per succeeded image")
     p.add_argument("batch")

@@ -6,8 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, text)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint, false, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -84,6 +84,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A catalog item's version: a hash of what decides its pixels (see scheduler/catalog.py).
+    render_key: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_jobs_batch_index"),
@@ -91,3 +93,46 @@ class Job(Base):
         Index("ix_jobs_state_lease", "state", "lease_until"),
         Index("ix_jobs_state_dispatched", "state", "dispatched_at"),
     )
+
+
+SCHEDULE_NAME_LENGTH = 100
+ITEM_ID_LENGTH = 200
+
+
+class Schedule(Base):
+    """A catalog rendered on a cron schedule. The catalog is read afresh at every run."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(SCHEDULE_NAME_LENGTH), primary_key=True)
+    catalog: Mapped[str] = mapped_column(Text)  # an absolute path, file:// or s3:// URL
+    template: Mapped[str] = mapped_column(Text)  # prompt template: "{name}, {color}, studio photo"
+    cron: Mapped[str] = mapped_column(String(200))
+    profile: Mapped[str] = mapped_column(String(100))
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)  # steps, guidance, size, seed, negative prompt
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by every run in the transaction that writes the run's batch: a run whose diff was
+    # computed against an older version (another scheduler fired first) writes nothing.
+    version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_batch_id: Mapped[str | None] = mapped_column(String(32))
+    last_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # new/changed/unchanged/removed
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last scheduled run wrote nothing
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_schedules_next_run_at", "next_run_at"),)
+
+
+class CatalogItem(Base):
+    """A catalog's current state: each item's latest render key and the job that renders it."""
+
+    __tablename__ = "catalog_items"
+
+    schedule_name: Mapped[str] = mapped_column(ForeignKey("schedules.name", ondelete="CASCADE"),
+                                               primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(ITEM_ID_LENGTH), primary_key=True)
+    render_key: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32))  # the job of the image now at its path
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: in the catalog
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

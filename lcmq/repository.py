@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from lcmq.errors import DatabaseError, NotFoundError, RecordError, SchemaError
-from lcmq.models import Batch, Job, JobState
+from lcmq.models import Batch, CatalogItem, Job, JobState, Schedule
 
 
 def utcnow() -> datetime:
@@ -100,6 +100,34 @@ class JobRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    render_key: str | None = None  # catalog jobs: the item's version (see scheduler/catalog.py)
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    name: str
+    catalog: str
+    template: str
+    cron: str
+    profile: str
+    options: dict[str, Any]
+    paused: bool
+    next_run_at: datetime | None
+    version: int
+    last_run_at: datetime | None
+    last_batch_id: str | None
+    last_counts: dict[str, Any] | None
+    last_error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """What a catalog's state says about one item: its last render key and that job's state."""
+
+    render_key: str
+    job_state: str | None
+    removed: bool
 
 
 # JobRecord's fields as table columns ("meta" is the "metadata" column), for Core statements
@@ -167,9 +195,11 @@ def engine_for(url: str) -> Engine:
 
 
 # Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta. The
-# first ten vary per job; the last five are the same for every job of a batch (`fixed`).
+# first twelve vary per job; the last five are the same for every job of a batch (`fixed`).
+# "key" and "render_key" are set at creation for catalog jobs only (a stable per-item object key).
 _NEW_JOB_COLUMNS = ("id", "index", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
-                    "metadata", "batch_id", "state", "attempts", "created_at", "dispatched_at")
+                    "metadata", "key", "render_key", "batch_id", "state", "attempts", "created_at", "dispatched_at")
+_FIXED_JOB_COLUMNS = _NEW_JOB_COLUMNS[12:]
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -187,14 +217,15 @@ def _copy_text(value: Any) -> str:
 
 def _copy_lines(jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> Iterator[str]:
     """COPY text lines. One f-string a row: 10^5 rows are formatted in well under a second."""
-    tail = "\t" + "\t".join(_copy_text(fixed[c]) for c in _NEW_JOB_COLUMNS[10:]) + "\n"
+    tail = "\t" + "\t".join(_copy_text(fixed[c]) for c in _FIXED_JOB_COLUMNS) + "\n"
     text = _copy_text
     dumps = json.dumps
     for job in jobs:
         meta = job["meta"]
         yield (f"{job['id']}\t{job['index']}\t{text(job['prompt'])}\t{text(job['negative_prompt'])}\t"
                f"{job['seed']}\t{job['steps']}\t{job['guidance']!r}\t{job['width']}\t{job['height']}\t"
-               f"{text(dumps(meta)) if meta else '{}'}{tail}")
+               f"{text(dumps(meta)) if meta else '{}'}\t{text(job.get('key'))}\t{text(job.get('render_key'))}"
+               f"{tail}")
 
 
 def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> int:
@@ -283,13 +314,17 @@ class Repository:
 
     # --- producer side --------------------------------------------------------------------
 
-    def _insert_batch(self, s: Session, batch: dict[str, Any]) -> bool:
-        """Insert the batch row; False when its idempotency key already names another batch."""
+    @staticmethod
+    def _dialect_insert(s: Session, table):
         if s.bind.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        statement = dialect_insert(Batch).values(**batch)
+        return dialect_insert(table)
+
+    def _insert_batch(self, s: Session, batch: dict[str, Any]) -> bool:
+        """Insert the batch row; False when its idempotency key already names another batch."""
+        statement = self._dialect_insert(s, Batch).values(**batch)
         if batch.get("idempotency_key"):
             # Concurrent submits of the same thing: the unique key makes the second wait for the
             # first's commit and then insert nothing.
@@ -309,15 +344,20 @@ class Repository:
             if not self._insert_batch(s, batch | {"created_at": now}):
                 existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
                 return existing, False
-            # dispatched_at = now: the batch's publish covers every job (see mark_published).
-            fixed = {"batch_id": batch["id"], "state": JobState.queued.value, "attempts": 0, "created_at": now,
-                     "dispatched_at": now}
-            if s.bind.dialect.name == "postgresql":
-                total = _copy_jobs(s, jobs, fixed)
-            else:
-                total = _insert_jobs(s, jobs, fixed, page)
-            s.execute(update(Batch).where(Batch.id == batch["id"]).values(total=total))
+            self._write_jobs(s, batch["id"], jobs, now, page)
         return batch["id"], True
+
+    def _write_jobs(self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime,
+                     page: int = 5000) -> int:
+        # dispatched_at = now: the batch's publish covers every job (see mark_published).
+        fixed = {"batch_id": batch_id, "state": JobState.queued.value, "attempts": 0, "created_at": now,
+                 "dispatched_at": now}
+        if s.bind.dialect.name == "postgresql":
+            total = _copy_jobs(s, jobs, fixed)
+        else:
+            total = _insert_jobs(s, jobs, fixed, page)
+        s.execute(update(Batch).where(Batch.id == batch_id).values(total=total))
+        return total
 
     @_translate_errors
     def get_batch(self, batch_id: str) -> BatchRecord:
@@ -462,6 +502,126 @@ class Repository:
             s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=None))
             return s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
                              .execution_options(synchronize_session=False)).rowcount
+
+    # --- schedules (catalogs rendered on a cron schedule) ------------------------------------
+
+    @_translate_errors
+    def add_schedule(self, schedule: dict[str, Any]) -> bool:
+        """Insert a schedule; False when one of that name exists (nothing is changed then)."""
+        with self._session() as s:
+            statement = self._dialect_insert(s, Schedule).values(**schedule, created_at=utcnow())
+            statement = statement.on_conflict_do_nothing(index_elements=["name"]).returning(Schedule.name)
+            return s.execute(statement).first() is not None
+
+    @_translate_errors
+    def get_schedule(self, name: str) -> ScheduleRecord:
+        with self._session() as s:
+            row = s.get(Schedule, name)
+            if row is None:
+                raise NotFoundError(f"no schedule {name!r}")
+            return _record(ScheduleRecord, row)
+
+    @_translate_errors
+    def schedules(self) -> list[ScheduleRecord]:
+        with self._session() as s:
+            return [_record(ScheduleRecord, row) for row in s.scalars(select(Schedule).order_by(Schedule.name))]
+
+    @_translate_errors
+    def due_schedules(self, now: datetime) -> list[ScheduleRecord]:
+        with self._session() as s:
+            query = (select(Schedule).where(Schedule.paused.is_(False), Schedule.next_run_at <= now)
+                     .order_by(Schedule.next_run_at))
+            return [_record(ScheduleRecord, row) for row in s.scalars(query)]
+
+    @_translate_errors
+    def update_schedule(self, name: str, **values: Any) -> None:
+        """Pause, resume, or move next_run_at (tests make a schedule due this way)."""
+        with self._session() as s:
+            if s.execute(update(Schedule).where(Schedule.name == name).values(**values)).rowcount == 0:
+                raise NotFoundError(f"no schedule {name!r}")
+
+    @_translate_errors
+    def delete_schedule(self, name: str) -> None:
+        """The schedule and its catalog state; its batches and images stay."""
+        with self._session() as s:
+            s.execute(CatalogItem.__table__.delete().where(CatalogItem.schedule_name == name))
+            if s.execute(Schedule.__table__.delete().where(Schedule.name == name)).rowcount == 0:
+                raise NotFoundError(f"no schedule {name!r}")
+
+    @_translate_errors
+    def catalog_state(self, name: str) -> dict[str, ItemState]:
+        """Every item the catalog ever had, with its last render key and that job's state."""
+        query = (select(CatalogItem.item_id, CatalogItem.render_key, CatalogItem.removed_at, Job.state)
+                 .outerjoin(Job, Job.id == CatalogItem.job_id).where(CatalogItem.schedule_name == name))
+        with self._session() as s:
+            return {r.item_id: ItemState(r.render_key, r.state, r.removed_at is not None) for r in s.execute(query)}
+
+    @_translate_errors
+    def catalog_counts(self, name: str) -> dict[str, int]:
+        query = (select(CatalogItem.removed_at.is_(None), func.count()).where(CatalogItem.schedule_name == name)
+                 .group_by(CatalogItem.removed_at.is_(None)))
+        with self._session() as s:
+            counts = {bool(active): n for active, n in s.execute(query)}
+        return {"active": counts.get(True, 0), "removed": counts.get(False, 0)}
+
+    def _schedule_cas(self, s: Session, name: str, seen_version: int, values: dict[str, Any]) -> bool:
+        """Advance the schedule only if no run committed since `seen_version` was read. On Postgres
+        the row lock makes a concurrent run wait and then find the version moved; on SQLite the
+        write lock serializes the transactions the same way."""
+        statement = (update(Schedule).where(Schedule.name == name, Schedule.version == seen_version)
+                     .values(version=seen_version + 1, **values))
+        return s.execute(statement).rowcount == 1
+
+    @_translate_errors
+    def record_catalog_run(self, name: str, seen_version: int, batch: dict[str, Any], jobs: list[dict[str, Any]],
+                           rendered: list[dict[str, Any]], kept: list[str], removed: list[str],
+                           counts: dict[str, int], next_run_at: datetime | None = None) -> bool:
+        """One catalog run in one transaction: advance the schedule (compare-and-set on its
+        version), write the batch and its jobs, and the catalog's new state. False, and nothing
+        written, when another run committed first: its diff is stale, so exactly one run wins.
+
+        `rendered`: {item_id, render_key, job_id} of the new and changed items; `kept`: unchanged
+        items (back in the catalog if they had been removed); `removed`: items gone from it.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {"last_run_at": now, "last_batch_id": batch["id"], "last_counts": counts,
+                                  "last_error": None}
+        if next_run_at is not None:
+            values["next_run_at"] = next_run_at
+        with self._session() as s:
+            if not self._schedule_cas(s, name, seen_version, values):
+                return False
+            s.execute(insert(Batch).values(**batch, created_at=now))
+            self._write_jobs(s, batch["id"], jobs, now)
+            if rendered:
+                statement = self._dialect_insert(s, CatalogItem)
+                statement = statement.on_conflict_do_update(
+                    index_elements=["schedule_name", "item_id"],
+                    set_={"render_key": statement.excluded.render_key, "job_id": statement.excluded.job_id,
+                          "removed_at": None, "updated_at": now})
+                s.execute(statement, [item | {"schedule_name": name, "removed_at": None, "updated_at": now}
+                                      for item in rendered])
+            # Unchanged items that had been removed are back; removed ones are marked (once).
+            for ids, removed_at in ((kept, None), (removed, now)):
+                flip = CatalogItem.removed_at.is_(None) if removed_at else CatalogItem.removed_at.is_not(None)
+                for start in range(0, len(ids), 500):
+                    s.execute(update(CatalogItem)
+                              .where(CatalogItem.schedule_name == name, flip,
+                                     CatalogItem.item_id.in_(ids[start:start + 500]))
+                              .values(removed_at=removed_at, updated_at=now)
+                              .execution_options(synchronize_session=False))
+        return True
+
+    @_translate_errors
+    def record_schedule_error(self, name: str, seen_version: int, error: str,
+                              next_run_at: datetime | None) -> bool:
+        """A scheduled run that could not write (a bad catalog): keep why, and move on to the next
+        fire time so a broken catalog is not retried every tick. Same compare-and-set as a run."""
+        values: dict[str, Any] = {"last_error": error[:4000]}
+        if next_run_at is not None:
+            values["next_run_at"] = next_run_at
+        with self._session() as s:
+            return self._schedule_cas(s, name, seen_version, values)
 
     # --- worker side ----------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     redispatch_s: float = Field(120, ge=1, description="A queued job whose message is this old while its "
                                 "queue is empty lost its message (broker restart): the sweeper republishes.")
     poll_s: float = Field(0.5, gt=0, description="Status polling interval of --wait.")
+    scheduler_tick_s: float = Field(5, gt=0, le=60, description="How often `lcmq scheduler` looks for due "
+                                    "schedules (cron has minute resolution).")
+    sweep_every_s: float = Field(10, gt=0, description="How often `lcmq scheduler` runs the sweeper.")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")

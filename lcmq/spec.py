@@ -313,7 +313,7 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]
         yield number, row
 
 
-def _read_csv(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_csv(path: Path, source: str, required: str = "prompt") -> Iterator[tuple[int, dict[str, Any]]]:
     lines = _decoded_lines(path, source)
     # csv.reader consumes the line stream; its line_num tells where a (multi-line) record ended.
     reader = csv.reader((text for _, text in lines), strict=True)
@@ -329,8 +329,8 @@ def _read_csv(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if name in seen:
                 raise InputError(source, 1, name, "duplicate column in header")
             seen.add(name)
-        if "prompt" not in seen:
-            raise InputError(source, 1, "prompt", "header has no 'prompt' column")
+        if required not in seen:  # "prompt"; a catalog's rows are named by their "id" instead
+            raise InputError(source, 1, required, f"header has no {required!r} column")
         for record in reader:
             if not record or all(not cell.strip() for cell in record):
                 continue

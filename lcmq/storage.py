@@ -58,6 +58,13 @@ class Storage(ABC):
     def batch_url(self, batch_id: str) -> str:
         return self.url(check_key(batch_id)) + "/"
 
+    def item_key(self, catalog: str, item_id: str, ext: str = "png") -> str:
+        """A catalog item's object: the same key at every run, replaced when the item changes."""
+        return check_key(f"{catalog}/{item_id}.{ext}")
+
+    def catalog_url(self, catalog: str) -> str:
+        return self.url(check_key(catalog)) + "/"
+
 
 class FileStorage(Storage):
     def __init__(self, root: Path):
@@ -174,6 +181,26 @@ class S3Storage(Storage):
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(key)}"
+
+
+def read_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1", timeout_s: float = 30,
+             max_attempts: int = 3) -> bytes:
+    """The bytes of one object named by a full URL (a catalog): s3://bucket/key or file:///path.
+
+    Unlike `Storage.get`, the key is the user's own (not one lcmq built), so it is not checked.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        path = Path(url[len("file://"):])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise PermanentStorageError(f"reading {path}: {exc.strerror or exc}") from exc
+    if parsed.scheme == "s3" and parsed.netloc and parsed.path.strip("/"):
+        store = S3Storage(parsed.netloc, "", endpoint_url, region, timeout_s, max_attempts)
+        response = store._call("get", store.client.get_object, Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
+        return response["Body"].read()
+    raise ConfigError(f"{url!r}: use s3://bucket/key or file:///path")
 
 
 def storage_from_settings(settings) -> Storage:

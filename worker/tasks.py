@@ -209,7 +209,7 @@ class ChunkRun:
         digest = sha256_hex(data)
         self._timed("encode_ms", started)
         started = time.perf_counter()
-        key = self.storage.batch_key(job.batch_id, job.index)
+        key = job.key or self.storage.batch_key(job.batch_id, job.index)  # catalog items: set by the producer
         # Keys are deterministic: an earlier attempt that uploaded and then died left this very
         # object (only a retried job can find one, so first attempts skip the check).
         if job.attempts == 1 or self.storage.stored_sha256(key) != digest:

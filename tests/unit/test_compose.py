@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-EXPECTED_SERVICES = {"redis", "postgres", "minio", "minio-init", "migrate", "worker-gpu", "worker-cpu", "flower"}
-LCMQ_SERVICES = ("migrate", "worker-gpu", "worker-cpu")
+EXPECTED_SERVICES = {"redis", "postgres", "minio", "minio-init", "migrate", "worker-gpu", "worker-cpu", "scheduler",
+                     "flower"}
+LCMQ_SERVICES = ("migrate", "worker-gpu", "worker-cpu", "scheduler")
 WORKERS = ("worker-gpu", "worker-cpu")
 ONE_SHOTS = ("migrate", "minio-init")
 
@@ -257,6 +258,14 @@ def test_lcmq_commands_parse_and_name_known_profiles(services):
     gpu, cpu = parsed["worker-gpu"], parsed["worker-cpu"]
     assert (gpu.command, gpu.model, gpu.device, gpu.pool) == ("worker", "sd15", "cuda", "prefork")
     assert (cpu.command, cpu.model, cpu.device) == ("worker", "tiny", "cpu")
+    assert parsed["scheduler"].command == "scheduler"
+
+
+def test_scheduler_starts_after_the_schema_and_stays_up(services):
+    deps = _depends_on(services["scheduler"])
+    assert deps.get("migrate") == "service_completed_successfully"
+    assert deps.get("postgres") == "service_healthy" and deps.get("redis") == "service_healthy"
+    assert services["scheduler"].get("restart") == "unless-stopped"
 
 
 def test_redis_keeps_queued_messages(services):

@@ -1,0 +1,109 @@
+"""Schedules through the API, without workers: an s3:// catalog read afresh, the lifecycle
+(add, pause, resume, rm), and what a scheduled run does with a catalog that became invalid."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import boto3
+import pytest
+
+from lcmq import api
+from lcmq.errors import InputError, NotFoundError
+from lcmq.migrate import upgrade
+from lcmq.repository import utcnow
+from lcmq.settings import get_settings
+from scheduler.cron import parse_cron
+from scheduler.schedules import fire_due
+
+TEMPLATE = "{name} in {color}"
+
+
+def _csv(rows: list[tuple[str, str, str]]) -> bytes:
+    return ("id,name,color\n" + "".join(f"{i},{n},{c}\n" for i, n, c in rows)).encode()
+
+
+def test_an_s3_catalog_is_read_afresh_at_every_run(services_env):
+    bucket, prefix = services_env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=services_env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1")
+    key = f"{prefix}-catalogs/items.csv"
+    s3.put_object(Bucket=bucket, Key=key, Body=_csv([("a", "mug", "white"), ("b", "cup", "red")]))
+    name = f"s3shop-{prefix}"
+    shown = api.schedule_add(name, catalog=f"s3://{bucket}/{key}", template=TEMPLATE, cron="@daily", model="null")
+    assert shown["catalog"] == f"s3://{bucket}/{key}" and shown["output"].endswith(f"/{name}/")
+
+    first = api.schedule_run(name)
+    assert (first.total, first.items) == (2, {"new": 2, "changed": 0, "unchanged": 0, "removed": 0})
+    jobs = api.repository().jobs(first.batch_id)
+    assert [(j.key, j.prompt) for j in jobs] == [(f"{name}/a.png", "mug in white"), (f"{name}/b.png", "cup in red")]
+
+    s3.put_object(Bucket=bucket, Key=key, Body=_csv([("a", "mug", "black"), ("c", "bowl", "blue")]))
+    second = api.schedule_run(name)  # the first batch is not rendered yet: b and a are "on their way"
+    assert second.items == {"new": 1, "changed": 1, "unchanged": 0, "removed": 1}
+    assert [j.key for j in api.repository().jobs(second.batch_id)] == [f"{name}/a.png", f"{name}/c.png"]
+
+    s3.delete_object(Bucket=bucket, Key=key)
+    with pytest.raises(InputError, match="cannot read the catalog"):
+        api.schedule_run(name)
+    api.schedule_rm(name)
+    for batch in (first, second):  # no worker here: leave no jobs for another test's null worker
+        api.cancel(batch.batch_id)
+
+
+def test_schedule_lifecycle_and_refusals(embedded_env, tmp_path):
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white")]))
+    shown = api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="0 3 * * *", model="null")
+    assert shown["next_run_at"] == parse_cron("0 3 * * *").next_after(utcnow()).isoformat()
+    assert shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0,
+                                                                                               "removed": 0}
+    for bad, match in [
+        (dict(name="shop"), "shop:name: a schedule of this name exists"),
+        (dict(name="a/b"), "schedule:name: must not contain '/'"),
+        (dict(cron="0 25 * * *"), "schedule x:--cron: hour: 25 is out of range 0-23"),
+        (dict(template="{name} {size}"), "items.csv:2:size: missing: the template uses {size}"),
+        (dict(model="nope"), "schedule x:model: unknown model profile 'nope'"),
+        (dict(steps=20), "items.csv:--steps: must be between 1 and 8"),
+        (dict(catalog=str(tmp_path / "items.txt")), "--catalog: unknown catalog type '.txt'"),
+    ]:
+        args = dict(name="x", catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null") | bad
+        name = args.pop("name")
+        with pytest.raises(InputError, match=match.replace("{", r"\{").replace("}", r"\}")):
+            api.schedule_add(name, **args)
+    assert [s["name"] for s in api.schedules()] == ["shop"]  # nothing written by the refusals
+
+    assert api.schedule_pause("shop")["paused"] is True
+    repo = api.repository()
+    repo.update_schedule("shop", next_run_at=utcnow() - timedelta(hours=1))
+    settings = get_settings()
+    assert fire_due(repo, api.storage(), settings) == []  # paused: not fired
+    resumed = api.schedule_resume("shop")
+    assert resumed["paused"] is False and resumed["next_run_at"] > utcnow().isoformat()
+    api.schedule_rm("shop")
+    with pytest.raises(NotFoundError):
+        api.schedule_show("shop")
+
+
+def test_a_scheduled_run_of_a_broken_catalog_records_why_and_waits(embedded_env, tmp_path):
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white"), ("b", "cup", "red")]))
+    api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="*/5 * * * *", model="null")
+    repo, store, settings = api.repository(), api.storage(), get_settings()
+    now = utcnow()
+    repo.update_schedule("shop", next_run_at=now - timedelta(days=1))
+
+    catalog.write_bytes(_csv([("a", "mug", "white"), ("a", "cup", "red")]))
+    assert fire_due(repo, store, settings, now=now) == []
+    schedule = repo.get_schedule("shop")
+    assert "items.csv:3:id: duplicate id 'a' (first on line 2)" in schedule.last_error
+    assert schedule.next_run_at == parse_cron("*/5 * * * *").next_after(now) and schedule.last_batch_id is None
+    assert repo.recent_batches() == []
+    assert fire_due(repo, store, settings, now=now) == []  # not due again before its next time
+
+    catalog.write_bytes(_csv([("a", "mug", "white")]))
+    later = schedule.next_run_at + timedelta(seconds=1)
+    fired = fire_due(repo, store, settings, now=later)
+    assert len(fired) == 1 and repo.get_schedule("shop").last_error is None
+    assert repo.get_batch(fired[0]).total == 1
