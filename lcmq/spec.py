@@ -41,6 +41,9 @@ class JobSpec:
     width: int
     height: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The input row a job came from, when it differs from its index (a matrix makes several
+    # jobs of one row): a derived seed comes from the row, so a row's cells share it.
+    row: int | None = None
 
     @property
     def render_shape(self) -> tuple[int, int, int, float]:

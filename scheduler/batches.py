@@ -45,7 +45,7 @@ def derive_seed(batch_seed: int, index: int) -> int:
 
 
 def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
-    seed = spec.seed if spec.seed is not None else derive_seed(batch_seed, spec.index)
+    seed = spec.seed if spec.seed is not None else derive_seed(batch_seed, spec.index if spec.row is None else spec.row)
     return {"id": job_id, "index": spec.index, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
             "seed": seed, "steps": spec.steps, "guidance": spec.guidance, "width": spec.width,
             "height": spec.height, "meta": spec.metadata}

@@ -1,0 +1,121 @@
+"""Sweeps: axes that multiply every row of a batch into cells (`--matrix seed=0..3`).
+
+An axis is a job field (`seed`, `steps`, `guidance`) or a text field that fills `{name}` in the
+row's prompt and negative prompt. Cells are the product of the axes in the order given; cells
+of one row that come out identical (a repeated value, or a text field the prompt never uses)
+collapse to one job. Each job keeps its axis values in its metadata under `matrix`, so the
+manifest says which cell every image is. Cells of one row share the row's seed unless `seed` is
+an axis: a sweep over steps compares like with like.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from lcmq.errors import InputError
+from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad
+
+# Job fields an axis may set. (`lora_weight` joins them with style LoRAs.)
+FIELD_AXES = ("seed", "steps", "guidance")
+MATRIX_KEY = "matrix"  # the metadata key that holds a job's axis values
+MAX_CELLS = 10_000  # per row: a typo like seed=0..99999999 is refused, not enqueued
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+
+Matrix = tuple[tuple[str, tuple[Any, ...]], ...]
+
+
+def parse_axis(text: str) -> tuple[str, list[str]]:
+    """`name=a,b,c` or `name=lo..hi` (integers, inclusive) from the command line."""
+    name, sep, values = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise InputError("--matrix", None, "--matrix", f"expected NAME=VALUES (got {text!r})")
+    if match := _RANGE.match(values):
+        low, high = int(match[1]), int(match[2])
+        if high < low:
+            raise InputError("--matrix", None, f"--matrix {name}", f"empty range {low}..{high}")
+        if high - low >= MAX_CELLS:
+            raise InputError("--matrix", None, f"--matrix {name}",
+                             f"range {low}..{high} has more than {MAX_CELLS} values")
+        return name, [str(v) for v in range(low, high + 1)]
+    return name, [v.strip() for v in values.split(",")]
+
+
+def check_matrix(axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequence[Any]]] | None,
+                 from_text: bool = False) -> Matrix:
+    """Validated axes in their given order; a bad name or value names the axis."""
+    if not axes:
+        return ()
+    items = list(axes.items() if isinstance(axes, Mapping) else axes)
+    checked: list[tuple[str, tuple[Any, ...]]] = []
+    cells = 1
+    for name, values in items:
+        where = f"--matrix {name}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InputError("--matrix", None, "--matrix", f"axis name must be an identifier (got {name!r})")
+        if name in (n for n, _ in checked):
+            raise InputError("--matrix", None, where, "axis given twice")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise InputError("--matrix", None, where, "needs at least one value")
+        checked.append((name, tuple(_check_value(name, value, where, from_text) for value in values)))
+        cells *= len(values)
+        if cells > MAX_CELLS:
+            raise InputError("--matrix", None, where, f"the matrix has more than {MAX_CELLS} cells per row")
+    return tuple(checked)
+
+
+def _check_value(name: str, value: Any, where: str, from_text: bool) -> Any:
+    try:
+        if name in FIELD_AXES:
+            return _FIELD_CHECKS[name](value, from_text)
+        if not isinstance(value, str) or not value.strip():
+            raise _Bad(f"values must be non-empty text (got {value!r})")
+        return _FIELD_CHECKS["negative_prompt"](value, from_text)  # text: no control characters
+    except _Bad as exc:
+        raise InputError("--matrix", None, where, str(exc)) from None
+
+
+def text_axes_unused(matrix: Matrix, spec: JobSpec) -> list[str]:
+    return [name for name, _ in matrix if name not in FIELD_AXES
+            and "{" + name + "}" not in spec.prompt and "{" + name + "}" not in spec.negative_prompt]
+
+
+def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[JobSpec]:
+    """Every row times every cell, renumbered; identical cells of a row collapse to one job."""
+    if not matrix:
+        yield from specs
+        return
+    names = [name for name, _ in matrix]
+    index = 0
+    for row, spec in enumerate(specs):
+        if MATRIX_KEY in spec.metadata:
+            raise InputError(source, None, MATRIX_KEY,
+                             f"row {row + 1}: the column {MATRIX_KEY!r} is reserved for the axis values with --matrix")
+        seen: set[tuple] = set()
+        for cell in itertools.product(*(values for _, values in matrix)):
+            values = dict(zip(names, cell))
+            job = _apply(spec, values)
+            identity = (job.prompt, job.negative_prompt, job.seed, job.steps, job.guidance)
+            if identity in seen:
+                continue
+            seen.add(identity)
+            yield replace(job, index=index, row=row if spec.row is None else spec.row,
+                          metadata=spec.metadata | {MATRIX_KEY: values})
+            index += 1
+
+
+def _apply(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
+    prompt, negative = spec.prompt, spec.negative_prompt
+    fields: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in FIELD_AXES:
+            fields[name] = value
+        else:
+            prompt = prompt.replace("{" + name + "}", value)
+            negative = negative.replace("{" + name + "}", value)
+    return replace(spec, prompt=prompt, negative_prompt=negative, **fields)
