@@ -27,7 +27,7 @@ from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, sha256_hex, storage_from_settings
 
-from worker.encode import PNG_CONTENT_TYPE, encode_png, parameters_text
+from worker.encode import encode_job
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -179,7 +179,7 @@ class ChunkRun:
         started = time.perf_counter()
         self._finish_storing()  # backpressure: one micro-batch stored while the next renders
         self._timed("wait_store_ms", started)
-        future = _STORE_THREAD.submit(self._store, batch.profile, group, images, warnings, render_ms)
+        future = _STORE_THREAD.submit(self._store, batch, group, images, warnings, render_ms)
         self._storing = (future, group)
 
     def _finish_storing(self) -> None:
@@ -194,21 +194,21 @@ class ChunkRun:
                 raise
             self._fail_jobs([job for job in group if job.id in self.held], f"{type(exc).__name__}: {exc}")
 
-    def _store(self, profile: str, group: list[JobRecord], images, warnings, render_ms: float) -> int:
+    def _store(self, batch: BatchRecord, group: list[JobRecord], images, warnings, render_ms: float) -> int:
         """Encode, upload (an identical object already there counts), record; returns recorded."""
         def upload(item) -> StoredImage:
             job, image, warning = item
             started = time.perf_counter()
-            data = encode_png(image, parameters_text(job, profile))
+            data, content_type, ext = encode_job(image, job, batch)  # in the batch's format
             digest = sha256_hex(data)
             self._timed("encode_ms", started)
             started = time.perf_counter()
-            key = self.storage.batch_key(job.batch_id, job.index)
+            key = self.storage.batch_key(job.batch_id, job.index, ext)
             # Keys are deterministic: an earlier attempt that uploaded and then died left this
             # very object (only a retried job can find one, so first attempts skip the check).
             if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
-                self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
-                                                               "seed": str(job.seed), "sha256": digest})
+                self.storage.put(key, data, content_type, {"job-id": job.id, "batch-id": job.batch_id,
+                                                           "seed": str(job.seed), "sha256": digest})
             self._timed("upload_ms", started)
             return StoredImage(job.id, key, digest, render_ms, len(group), warning)
 
