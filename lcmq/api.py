@@ -199,19 +199,10 @@ def batches(limit: int = 20) -> list[dict[str, Any]]:
 
 
 def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
-    """One record per succeeded image, in row order."""
-    repo = repository()
-    batch = repo.get_batch(batch_id)
-    store = storage()
-    for job in repo.jobs(batch_id, JobState.succeeded):
-        yield {
-            "index": job.index, "key": job.key, "url": store.url(job.key), "sha256": job.sha256,
-            "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
-            "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
-            "worker": job.worker, "render_ms": job.render_ms, "batch_size": job.batch_size,
-            "warning": job.warning, "attempts": job.attempts,
-            "job_id": job.id, "metadata": job.meta,
-        }
+    """One record per succeeded image, in row order: the records of `<batch>/manifest.jsonl`."""
+    from lcmq.manifest import records
+
+    return records(repository(), storage(), batch_id)
 
 
 def models() -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ def cmd_submit(args) -> int:
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
-                    idempotency_key=args.idempotency_key)
+                    idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality)
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -130,8 +130,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_manifest(args) -> int:
+    from lcmq.manifest import line
+
     for record in api.manifest(args.batch):
-        _print_json(record)
+        print(line(record))  # byte for byte a line of the batch's manifest.jsonl
     return EXIT_OK
 
 
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="0-9, 9 most urgent (default 0)")
     p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
                    "submitting the same key again returns the existing batch")
+    p.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
+    p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")

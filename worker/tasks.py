@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcmq.errors import LcmqError, ModelLoadError, is_transient
+from lcmq.manifest import write_manifest
 from lcmq.profiles import get_profile
 from lcmq.queue import RENDER_TASK, get_app, publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
@@ -123,7 +124,17 @@ class ChunkRun:
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
                                       "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid(),
                                       **{k: round(v, 2) for k, v in self.timings.items()}})
+        self._write_manifest()
         return {"claimed": claimed, "succeeded": self.succeeded}
+
+    def _write_manifest(self) -> None:
+        """After the chunk's last record: if that finished the batch, write its manifest.jsonl
+        (one indexed query when it did not). A failure is left to the sweeper, not retried here."""
+        try:
+            write_manifest(self.repo, self.storage, self.batch_id)
+        except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
+            log.warning("manifest not written", extra={"batch_id": self.batch_id,
+                                                       "error": f"{type(exc).__name__}: {exc}"})
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
         """Shutdown: the jobs not yet claimed go back to the queue in a message of their own."""
