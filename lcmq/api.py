@@ -205,5 +205,16 @@ def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
     return records(repository(), storage(), batch_id)
 
 
+def export(batch_id: str, *, format: str, to: str | Path, shard_size: int = 1000) -> dict[str, Any]:
+    """Export a finished batch's images as a dataset: format "imagefolder" (images plus a
+    metadata.jsonl that `datasets.load_dataset("imagefolder", data_dir=to)` reads) or
+    "webdataset" (tar shards of at most `shard_size` samples). `to` is a folder or an
+    s3://bucket/prefix, and must be empty. Returns the summary, also written as export.json."""
+    from lcmq.export import export as run_export
+
+    settings = get_settings()
+    return run_export(repository(settings), storage(settings), batch_id, format, to, settings, shard_size)
+
+
 def models() -> list[dict[str, Any]]:
     return [p.to_dict() | {"queue": p.queue} for p in load_profiles().values()]

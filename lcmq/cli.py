@@ -137,6 +137,11 @@ def cmd_manifest(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    _print_json(api.export(args.batch, format=args.format, to=args.to, shard_size=args.shard_size))
+    return EXIT_OK
+
+
 def cmd_batches(args) -> int:
     rows = api.batches(args.limit)
     if args.json:
@@ -264,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="one JSON line per succeeded image")
     p.add_argument("batch")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("export", help="write a finished batch as a dataset (imagefolder or webdataset)")
+    p.add_argument("batch")
+    p.add_argument("--format", required=True, help="imagefolder or webdataset")
+    p.add_argument("--to", required=True, help="an empty folder, or s3://bucket/prefix")
+    p.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per tar shard (default 1000)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("batches", help="recent batches with their counts")
     p.add_argument("--limit", type=int, default=20)

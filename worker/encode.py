@@ -22,6 +22,7 @@ PNG_COMPRESS_LEVEL = 4
 # libwebp's default effort, pinned: the bytes must not change with a library default.
 WEBP_METHOD = 4
 USER_COMMENT_UNICODE = b"UNICODE\x00"
+JPEG_EXIF_LIMIT = 65533  # bytes in one JPEG marker segment (Pillow's MAX_BYTES_IN_MARKER)
 
 
 class Encoded(NamedTuple):
@@ -48,12 +49,26 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def parameters_exif(parameters: str) -> bytes:
+def _exif(comment: bytes) -> bytes:
     exif = Image.Exif()
-    exif.endian = ">"  # UTF-16 below follows the EXIF byte order
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = (
-        USER_COMMENT_UNICODE + parameters.encode("utf-16-be"))
+    exif.endian = ">"  # the UTF-16 of the comment follows the EXIF byte order
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = USER_COMMENT_UNICODE + comment
     return exif.tobytes()
+
+
+def parameters_exif(parameters: str, limit: int | None = None) -> bytes:
+    """EXIF bytes carrying the parameters. With a `limit` (JPEG's APP1 segment holds 64 KB) a
+    prompt too long for it is cut, marked with '…', and the settings line is kept whole."""
+    data = _exif(parameters.encode("utf-16-be"))
+    if limit is None or len(data) <= limit:
+        return data
+    head, _, tail = parameters.rpartition("\n")
+    tail_units = ("…\n" + tail).encode("utf-16-be")
+    room = limit - len(_exif(b"")) - len(tail_units)
+    units = head.encode("utf-16-be")[:max(0, room) // 2 * 2]
+    if len(units) >= 2 and 0xD8 <= units[-2] <= 0xDB:  # never end on half a surrogate pair
+        units = units[:-2]
+    return _exif(units + tail_units)
 
 
 def read_parameters(data: bytes) -> str | None:
@@ -77,7 +92,7 @@ def encode_image(image: Image.Image, parameters: str, output: OutputFormat) -> b
         # Baseline, no optimize pass, fixed subsampling: libjpeg's output is then a function of
         # the pixels and these settings alone.
         image.save(buffer, format="JPEG", quality=output.quality, optimize=False, progressive=False,
-                   subsampling="4:2:0", exif=parameters_exif(parameters))
+                   subsampling="4:2:0", exif=parameters_exif(parameters, JPEG_EXIF_LIMIT))
     elif output.name == "webp":
         image.save(buffer, format="WEBP", quality=output.quality, method=WEBP_METHOD, lossless=False,
                    exif=parameters_exif(parameters))
