@@ -39,8 +39,20 @@ def _lines(store: FileStorage, batch_id: str) -> list[dict]:
     return [json.loads(line) for line in store.get(store.manifest_key(batch_id)).decode().splitlines()]
 
 
-def test_manifest_is_due_once_finished_and_again_after_a_retry(own_pg_url, tmp_path):
-    repo, store = Repository(own_pg_url), FileStorage(tmp_path / "renders")
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request, tmp_path):
+    """Postgres of the farm, and SQLite of the embedded default (datetimes come back naive)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("own_pg_url")
+    from lcmq.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'lcmq.db'}"
+    upgrade(url)
+    return url
+
+
+def test_manifest_is_due_once_finished_and_again_after_a_retry(db_url, tmp_path):
+    repo, store = Repository(db_url), FileStorage(tmp_path / "renders")
     batch_id, jobs = _batch(repo, 4)
     later = utcnow() + timedelta(seconds=60)
 
