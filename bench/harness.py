@@ -253,7 +253,7 @@ def outcome(batch_id: str) -> Outcome:
 
     repo, store = api.repository(), api.storage()
     jobs = repo.jobs(batch_id)
-    objects = set(store.list_keys(batch_id))
+    objects = set(store.list_keys(batch_id)) - {store.manifest_key(batch_id)}  # images only
     succeeded = [j for j in jobs if j.state == JobState.succeeded.value]
     pointed = [j.key for j in succeeded]
     duplicates = len(objects - set(pointed)) + (len(pointed) - len(set(pointed)))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmq.errors import InputError, ProfileError
+from lcmq.formats import DEFAULT_FORMAT, check_output
 from lcmq.models import JobState
 from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
@@ -72,8 +73,10 @@ def _resolve_profile(model: str, source: str) -> Profile:
 
 def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profile, chunk_size: int) -> str:
     """The same content, profile and parameters give the same key: a resubmission is found."""
-    parts = {"content": content_sha256, "options": asdict(options), "profile": profile.to_dict(),
-             "chunk_size": chunk_size}
+    opts = asdict(options)
+    if opts["image_format"] == DEFAULT_FORMAT:  # PNG batches keep the keys they had before formats
+        del opts["image_format"], opts["quality"]
+    parts = {"content": content_sha256, "options": opts, "profile": profile.to_dict(), "chunk_size": chunk_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -95,19 +98,19 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
            steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
            width: int | None = None, height: int | None = None, seed: int | None = None,
            name: str | None = None, chunk_size: int | None = None, priority: int = 0,
-           idempotency_key: str | None = None) -> BatchStatus:
+           idempotency_key: str | None = None, image_format: str = DEFAULT_FORMAT,
+           quality: int | None = None) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
     `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
     Nothing is written or enqueued unless every row is valid. Submitting the same content with
     the same parameters again (even concurrently) returns the existing batch and renders
-    nothing new; `idempotency_key` replaces the key computed from them.
+    nothing new; `idempotency_key` replaces the key computed from them. `image_format` is png,
+    webp or jpeg; `quality` (1-100, default 90) applies to webp and jpeg.
     """
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
 
     settings = get_settings()
-    options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                           width=width, height=height, seed=seed, name=name)
     chunk_size = settings.chunk_size if chunk_size is None else chunk_size
     path = Path(rows) if isinstance(rows, (str, Path)) else None
     source = str(path) if path else "<rows>"
@@ -115,6 +118,10 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         raise InputError(source, None, None, "rows must be a file path or an iterable of prompts and "
                                              f"mappings (got {type(rows).__name__})")
     _check_flags(source, chunk_size, priority, idempotency_key)
+    image_format, quality = check_output(source, image_format, quality)
+    options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                           width=width, height=height, seed=seed, name=name, image_format=image_format,
+                           quality=quality)
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source)
     specs: Iterable[JobSpec]
@@ -198,19 +205,21 @@ def batches(limit: int = 20) -> list[dict[str, Any]]:
 
 
 def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
-    """One record per succeeded image, in row order."""
-    repo = repository()
-    batch = repo.get_batch(batch_id)
-    store = storage()
-    for job in repo.jobs(batch_id, JobState.succeeded):
-        yield {
-            "index": job.index, "key": job.key, "url": store.url(job.key), "sha256": job.sha256,
-            "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
-            "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
-            "worker": job.worker, "render_ms": job.render_ms, "batch_size": job.batch_size,
-            "warning": job.warning, "attempts": job.attempts,
-            "job_id": job.id, "metadata": job.meta,
-        }
+    """One record per succeeded image, in row order: the records of `<batch>/manifest.jsonl`."""
+    from lcmq.manifest import records
+
+    return records(repository(), storage(), batch_id)
+
+
+def export(batch_id: str, *, format: str, to: str | Path, shard_size: int = 1000) -> dict[str, Any]:
+    """Export a finished batch's images as a dataset: format "imagefolder" (images plus a
+    metadata.jsonl that `datasets.load_dataset("imagefolder", data_dir=to)` reads) or
+    "webdataset" (tar shards of at most `shard_size` samples). `to` is a folder or an
+    s3://bucket/prefix, and must be empty. Returns the summary, also written as export.json."""
+    from lcmq.export import export as run_export
+
+    settings = get_settings()
+    return run_export(repository(settings), storage(settings), batch_id, format, to, settings, shard_size)
 
 
 def models() -> list[dict[str, Any]]:

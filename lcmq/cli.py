@@ -60,7 +60,7 @@ def cmd_submit(args) -> int:
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
-                    idempotency_key=args.idempotency_key)
+                    idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality)
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -182,8 +182,15 @@ def cmd_scheduler(args) -> int:
 
 
 def cmd_manifest(args) -> int:
+    from lcmq.manifest import line
+
     for record in api.manifest(args.batch):
-        _print_json(record)
+        print(line(record))  # byte for byte a line of the batch's manifest.jsonl
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    _print_json(api.export(args.batch, format=args.format, to=args.to, shard_size=args.shard_size))
     return EXIT_OK
 
 
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="0-9, 9 most urgent (default 0)")
     p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
                    "submitting the same key again returns the existing batch")
+    p.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
+    p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")
@@ -347,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="one JSON line per succeeded image")
     p.add_argument("batch")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("export", help="write a finished batch as a dataset (imagefolder or webdataset)")
+    p.add_argument("batch")
+    p.add_argument("--format", required=True, help="imagefolder or webdataset")
+    p.add_argument("--to", required=True, help="an empty folder, or s3://bucket/prefix")
+    p.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per tar shard (default 1000)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("batches", help="recent batches with their counts")
     p.add_argument("--limit", type=int, default=20)

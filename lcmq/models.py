@@ -45,7 +45,8 @@ class Batch(Base):
     # The outbox, batch level: NULL until every job's first message was published. The sweeper
     # publishes batches still NULL after a grace period (a crash between commit and publish).
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When manifest.jsonl was last written under the batch's prefix; NULL: due once it finishes.
+    # The latest job finish that the manifest.jsonl under the batch's prefix covers (set when it
+    # is written); NULL: due once the batch finishes (never written, or jobs requeued since).
     manifest_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (

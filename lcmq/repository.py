@@ -390,6 +390,24 @@ class Repository:
             return [(b, counts[b.id]) for b in batches]
 
     @_translate_errors
+    def _jobs_page(self, batch_id: str, state: JobState, after_index: int, limit: int) -> list[JobRecord]:
+        query = (select(Job).where(Job.batch_id == batch_id, Job.state == state.value, Job.index > after_index)
+                 .order_by(Job.index).limit(limit))
+        with self._session() as s:
+            return [_record(JobRecord, j) for j in s.scalars(query)]
+
+    def iter_jobs(self, batch_id: str, state: JobState, page: int = 5000) -> Iterator[JobRecord]:
+        """A batch's jobs in one state, in row order, a page at a time (keyset pagination): a
+        10^6-job manifest or export never holds the batch, nor a session, for long."""
+        after = -1
+        while True:
+            rows = self._jobs_page(batch_id, state, after, page)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].index
+
+    @_translate_errors
     def jobs(self, batch_id: str, state: JobState | None = None) -> list[JobRecord]:
         with self._session() as s:
             query = select(Job).where(Job.batch_id == batch_id).order_by(Job.index)
@@ -500,8 +518,11 @@ class Repository:
             condition = condition | ((Job.state == JobState.running.value) & (Job.lease_until < now))
         with self._session() as s:
             s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=None))
-            return s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
-                             .execution_options(synchronize_session=False)).rowcount
+            requeued = s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
+                                 .execution_options(synchronize_session=False)).rowcount
+            if requeued:  # its manifest.jsonl is due again once these jobs are final
+                s.execute(update(Batch).where(Batch.id == batch_id).values(manifest_at=None))
+            return requeued
 
     # --- schedules (catalogs rendered on a cron schedule) ------------------------------------
 
@@ -704,3 +725,48 @@ class Repository:
                 .values(state=JobState.queued.value, error=error, lease_until=None, attempts=Job.attempts - 1,
                         dispatched_at=utcnow())
                 .execution_options(synchronize_session=False)).rowcount
+
+    # --- manifests ------------------------------------------------------------------------
+    # batches.manifest_at holds the latest job finish that the batch's manifest.jsonl covers, and
+    # NULL while one is due: never written, or jobs were requeued (requeue resets it) since.
+
+    def _manifest_version(self, s: Session, batch_id: str) -> datetime | None:
+        unfinished = s.scalar(select(Job.id).where(
+            Job.batch_id == batch_id, Job.state.in_([JobState.queued.value, JobState.running.value])).limit(1))
+        if unfinished is not None:
+            return None
+        return _aware(s.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
+
+    @_translate_errors
+    def manifest_version(self, batch_id: str) -> datetime | None:
+        """None while the batch has queued or running jobs; else its latest job finish, which
+        names the set of final rows a manifest written now covers."""
+        with self._session() as s:
+            return self._manifest_version(s, batch_id)
+
+    @_translate_errors
+    def mark_manifest_written(self, batch_id: str, version: datetime) -> bool:
+        """Record that the manifest of `version` is in storage, if that is still the batch's
+        current version. False: the batch changed while the manifest was written (a retry
+        requeued jobs, or they finished again); the caller writes it again or leaves it due.
+        """
+        with self._session() as s:
+            # The batch row's lock orders this against requeue (which updates the row first).
+            s.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
+            if self._manifest_version(s, batch_id) != version:
+                return False
+            s.execute(update(Batch).where(Batch.id == batch_id).values(manifest_at=version))
+            return True
+
+    @_translate_errors
+    def finished_batches_needing_manifest(self, finished_before: datetime, limit: int = 20) -> list[str]:
+        """Batches due a manifest: none recorded, no queued or running job, and no job final
+        after `finished_before` (the worker that finished it writes it; this is for when it died).
+        Oldest first. The subqueries use the (batch_id, state) index."""
+        unfinished = select(Job.id).where(
+            Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value]))
+        recent = select(Job.id).where(Job.batch_id == Batch.id, Job.finished_at >= finished_before)
+        query = (select(Batch.id).where(Batch.manifest_at.is_(None), ~unfinished.exists(), ~recent.exists())
+                 .order_by(Batch.created_at).limit(limit))
+        with self._session() as s:
+            return list(s.scalars(query))

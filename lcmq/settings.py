@@ -74,6 +74,8 @@ class Settings(BaseSettings):
                                     "its commit is published by the sweeper.")
     redispatch_s: float = Field(120, ge=1, description="A queued job whose message is this old while its "
                                 "queue is empty lost its message (broker restart): the sweeper republishes.")
+    manifest_grace_s: float = Field(30, ge=0, description="A finished batch without manifest.jsonl whose "
+                                    "last job finished this long ago gets it from the sweeper (its worker died).")
     poll_s: float = Field(0.5, gt=0, description="Status polling interval of --wait.")
     scheduler_tick_s: float = Field(5, gt=0, le=60, description="How often `lcmq scheduler` looks for due "
                                     "schedules (cron has minute resolution).")

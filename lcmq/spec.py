@@ -63,6 +63,9 @@ class BatchOptions:
     height: int | None = None
     seed: int | None = None
     name: str | None = None
+    # How the images are encoded (lcmq.formats); quality is resolved at submit for lossy ones.
+    image_format: str = "png"
+    quality: int | None = None
 
 
 # --- field checks -------------------------------------------------------------------------

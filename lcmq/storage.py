@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 
 from lcmq.errors import ConfigError, PermanentStorageError, StorageError
 
+MANIFEST_NAME = "manifest.jsonl"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
@@ -36,6 +38,11 @@ class Storage(ABC):
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
 
     @abstractmethod
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """Store a local file (a manifest, a shard) without reading it into memory; readers see
+        the old object or the whole new one, never a part."""
+
+    @abstractmethod
     def get(self, key: str) -> bytes: ...
 
     @abstractmethod
@@ -46,7 +53,8 @@ class Storage(ABC):
         """The sha256 of the object at key, or None when there is none."""
 
     @abstractmethod
-    def list_keys(self, prefix: str) -> list[str]: ...
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under prefix (a folder: `b1` lists `b1/...`); an empty prefix lists everything."""
 
     @abstractmethod
     def url(self, key: str) -> str:
@@ -64,6 +72,10 @@ class Storage(ABC):
 
     def catalog_url(self, catalog: str) -> str:
         return self.url(check_key(catalog)) + "/"
+
+    def manifest_key(self, batch_id: str) -> str:
+        """manifest.jsonl sits next to the batch's images, under its output prefix."""
+        return check_key(f"{batch_id}/{MANIFEST_NAME}")
 
 
 class FileStorage(Storage):
@@ -88,6 +100,17 @@ class FileStorage(Storage):
         except OSError as exc:
             raise StorageError(f"writing {path}: {exc}") from exc
 
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(path, tmp)  # same rename as put: never a torn file under the real name
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StorageError(f"writing {target}: {exc}") from exc
+
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
@@ -99,7 +122,7 @@ class FileStorage(Storage):
         return sha256_hex(path.read_bytes()) if path.is_file() else None
 
     def list_keys(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
@@ -132,18 +155,35 @@ class S3Storage(Storage):
         try:
             return fn(**kwargs)
         except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = exc.response.get("Error", {}).get("Code", "")
-            message = f"s3 {what} s3://{self.bucket}/{kwargs.get('Key', kwargs.get('Prefix', ''))}: {code} ({status})"
-            if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
-                raise StorageError(message) from exc
-            raise PermanentStorageError(message) from exc
+            self._raise_client_error(what, kwargs.get("Key", kwargs.get("Prefix", "")), exc)
         except BotoCoreError as exc:  # connection refused, timeouts, broken responses
             raise StorageError(f"s3 {what}: {exc}") from exc
+
+    def _raise_client_error(self, what: str, key: str, exc) -> None:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        message = f"s3 {what} s3://{self.bucket}/{key}: {code} ({status})"
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
+            raise StorageError(message) from exc
+        raise PermanentStorageError(message) from exc
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         self._call("put", self.client.put_object, Bucket=self.bucket, Key=self._object_key(key), Body=data,
                    ContentType=content_type, Metadata=metadata)
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        # upload_file goes multipart above 8 MB; the object appears only when the upload completes.
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError
+
+        object_key = self._object_key(key)
+        try:
+            self._call("put", self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=object_key,
+                       ExtraArgs={"ContentType": content_type})
+        except S3UploadFailedError as exc:  # wraps the ClientError that says whether to retry
+            if isinstance(exc.__context__, ClientError):
+                self._raise_client_error("put", object_key, exc.__context__)
+            raise StorageError(f"s3 put s3://{self.bucket}/{object_key}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._object_key(key))
@@ -168,7 +208,10 @@ class S3Storage(Storage):
         return None if head is None else head.get("Metadata", {}).get("sha256")
 
     def list_keys(self, prefix: str) -> list[str]:
-        full = self._object_key(prefix.rstrip("/")) + "/"
+        if prefix.strip("/"):
+            full = self._object_key(prefix.rstrip("/")) + "/"
+        else:
+            full = self.prefix + "/" if self.prefix else ""
         keys: list[str] = []
         strip = len(self.prefix) + 1 if self.prefix else 0
         token: dict[str, str] = {}

@@ -8,6 +8,8 @@
 3. Queued jobs whose message is older than `redispatch_s` while their queue is empty: the
    message was lost (a broker restart without its append-only file): publish again.
 A duplicate message is harmless: the worker's claim finds the job taken and does nothing.
+4. Finished batches without a current manifest.jsonl `manifest_grace_s` after their last job
+   (its worker died between recording and writing it): write it, a few batches per pass.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from lcmq.errors import LcmqError
+from lcmq.manifest import write_manifest
 from lcmq.queue import queue_length
 from lcmq.repository import Repository, utcnow
 from lcmq.settings import Settings
+from lcmq.storage import storage_from_settings
 
 from scheduler.dispatch import dispatch_batch, publish_batch
 
 log = logging.getLogger("lcmq.sweeper")
+
+# Manifests written per pass: a backlog (a fresh upgrade, 10^6-row batches) must not hold up
+# the recovery of jobs, which is the sweeper's first duty.
+MANIFESTS_PER_SWEEP = 10
 
 
 @dataclass(frozen=True)
@@ -32,10 +40,11 @@ class SweepReport:
     failed: int = 0
     dispatched: int = 0
     redispatched: int = 0
+    manifests: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return {"requeued": self.requeued, "failed": self.failed, "dispatched": self.dispatched,
-                "redispatched": self.redispatched}
+                "redispatched": self.redispatched, "manifests": self.manifests}
 
 
 def _batches_of(repo: Repository, **filters) -> list[str]:
@@ -65,10 +74,30 @@ def sweep_once(repo: Repository, settings: Settings) -> SweepReport:
         if empty_queue[batch.profile]:
             redispatched += dispatch_batch(repo, batch, settings.chunk_size, dispatched_before=stale_cutoff)
 
-    report = SweepReport(requeued, failed, dispatched, redispatched)
-    if any(report.to_dict().values()):
+    # 4. Manifests of finished batches that nobody wrote.
+    manifests = write_due_manifests(repo, settings, now)
+
+    report = SweepReport(requeued, failed, dispatched, redispatched, manifests)
+    if requeued or failed or dispatched or redispatched:
         log.warning("sweep recovered jobs", extra=report.to_dict())
     return report
+
+
+def write_due_manifests(repo: Repository, settings: Settings, now) -> int:
+    due = repo.finished_batches_needing_manifest(now - timedelta(seconds=settings.manifest_grace_s),
+                                                 limit=MANIFESTS_PER_SWEEP)
+    if not due:
+        return 0
+    storage = storage_from_settings(settings)  # only now: an S3 client costs ~0.1 s
+    written = 0
+    for batch_id in due:
+        try:
+            written += write_manifest(repo, storage, batch_id)
+        except LcmqError as exc:  # one batch's bucket gone must not stop the others, nor the sweep
+            log.error("manifest not written", extra={"batch_id": batch_id, "error": str(exc)})
+    if written:
+        log.info("sweep wrote manifests", extra={"manifests": written})
+    return written
 
 
 def sweep_forever(repo: Repository, settings: Settings, every_s: float, stop=None) -> None:

@@ -102,7 +102,9 @@ class NullPipeline:
 
         from PIL import Image
 
-        return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127))] * len(prompt))
+        # One image object per prompt, never one shared: Pillow's save() keeps its options on the
+        # image (encoderinfo), so the upload threads encoding a shared one mix up their parameters.
+        return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127)) for _ in prompt])
 
 
 def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:

@@ -22,13 +22,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcmq.errors import LcmqError, ModelLoadError, is_transient
+from lcmq.manifest import write_manifest
 from lcmq.profiles import get_profile
 from lcmq.queue import RENDER_TASK, get_app, publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, sha256_hex, storage_from_settings
 
-from worker.encode import PNG_CONTENT_TYPE, encode_png, parameters_text
+from worker.encode import encode_job
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -127,7 +128,17 @@ class ChunkRun:
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
                                       "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid(),
                                       **{k: round(v, 2) for k, v in self.timings.items()}})
+        self._write_manifest()
         return {"claimed": claimed, "succeeded": self.succeeded}
+
+    def _write_manifest(self) -> None:
+        """After the chunk's last record: if that finished the batch, write its manifest.jsonl
+        (one indexed query when it did not). A failure is left to the sweeper, not retried here."""
+        try:
+            write_manifest(self.repo, self.storage, self.batch_id)
+        except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
+            log.warning("manifest not written", extra={"batch_id": self.batch_id,
+                                                       "error": f"{type(exc).__name__}: {exc}"})
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
         """Shutdown: the jobs not yet claimed go back to the queue in a message of their own."""
@@ -184,7 +195,7 @@ class ChunkRun:
         while len(self._storing) >= STORING_MICRO_BATCHES:  # backpressure
             self._finish_oldest()
         self._timed("wait_store_ms", started)
-        uploads = [_UPLOADS.submit(self._upload, batch.profile, job, image, warning, render_ms, len(group))
+        uploads = [_UPLOADS.submit(self._upload, batch, job, image, warning, render_ms, len(group))
                    for job, image, warning in zip(group, images, warnings, strict=True)]
         self._storing.append((_RECORDER.submit(self._record, group, uploads), group))
 
@@ -201,20 +212,21 @@ class ChunkRun:
         while self._storing:
             self._finish_oldest()
 
-    def _upload(self, profile: str, job: JobRecord, image, warning: str | None, render_ms: float,
+    def _upload(self, batch: BatchRecord, job: JobRecord, image, warning: str | None, render_ms: float,
                 batch_size: int) -> StoredImage:
         """Encode and upload one image (an identical object already there counts as uploaded)."""
         started = time.perf_counter()
-        data = encode_png(image, parameters_text(job, profile))
+        data, content_type, ext = encode_job(image, job, batch)  # in the batch's format
         digest = sha256_hex(data)
         self._timed("encode_ms", started)
         started = time.perf_counter()
-        key = job.key or self.storage.batch_key(job.batch_id, job.index)  # catalog items: set by the producer
+        # Catalog items have a stable key, set by the producer; other jobs one made of ids.
+        key = job.key or self.storage.batch_key(job.batch_id, job.index, ext)
         # Keys are deterministic: an earlier attempt that uploaded and then died left this very
         # object (only a retried job can find one, so first attempts skip the check).
         if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
-            self.storage.put(key, data, PNG_CONTENT_TYPE, {"job-id": job.id, "batch-id": job.batch_id,
-                                                           "seed": str(job.seed), "sha256": digest})
+            self.storage.put(key, data, content_type, {"job-id": job.id, "batch-id": job.batch_id,
+                                                       "seed": str(job.seed), "sha256": digest})
         self._timed("upload_ms", started)
         return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
 

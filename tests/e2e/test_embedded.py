@@ -21,6 +21,9 @@ def test_demo_renders_the_sample_batch_without_servers(embedded_env, cli, tmp_pa
     pngs = sorted(folder.glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(16)]
     assert all(Image.open(p).size == (64, 64) for p in pngs)
+    # The worker wrote manifest.jsonl as it recorded the last job (before its warm shutdown ended).
+    manifest = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [m["key"] for m in manifest] == [f"{folder.name}/{p.name}" for p in pngs]
     assert (tmp_path / ".lcmq" / "lcmq.db").exists()
     listing = json.loads(cli(env, "batches", "--json").stdout)
     assert listing[0]["succeeded"] == 16 and listing[0]["name"] == "demo"

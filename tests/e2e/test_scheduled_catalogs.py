@@ -67,8 +67,13 @@ def test_a_catalog_run_twice_renders_only_the_changed_items(isolated_env, procs,
     bucket, prefix = env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/", 1)
     assert second["output"] == f"s3://{bucket}/{prefix}/shop/"
     s3 = boto3.client("s3", endpoint_url=env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1")
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]
-    assert sorted(o["Key"] for o in listed) == sorted(f"{prefix}/{key}" for key in jobs_1)  # no copies
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]]
+    images = [key for key in listed if not key.endswith("/manifest.jsonl")]
+    assert sorted(images) == sorted(f"{prefix}/{key}" for key in jobs_1)  # no copies
+    # Each run's manifest.jsonl (under its batch id) lists what that run rendered.
+    for run, jobs in ((first, jobs_1), (second, jobs_2)):
+        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{run['batch_id']}/manifest.jsonl")["Body"].read()
+        assert sorted(json.loads(line)["key"] for line in body.decode().splitlines()) == sorted(jobs)
     for key in jobs_1:
         meta = s3.head_object(Bucket=bucket, Key=f"{prefix}/{key}")["Metadata"]
         made_by = jobs_2.get(key) or jobs_1[key]

@@ -53,6 +53,10 @@ CASES = [
     ("empty-file", "prompts.txt", "", ["--model", "tiny"], "", "no prompts"),
     ("name-too-long", "prompts.txt", "a red fox\n", ["--model", "tiny", "--name", "n" * 201], "--name",
      "at most 200 characters"),
+    ("format-gif", "prompts.txt", "a red fox\n", ["--model", "tiny", "--format", "gif"], "--format",
+     "must be one of png, webp, jpeg (got 'gif')"),
+    ("quality-0", "prompts.txt", "a red fox\n", ["--model", "tiny", "--format", "webp", "--quality", "0"],
+     "--quality", "must be an integer between 1 and 100 (got 0)"),
 ]
 
 

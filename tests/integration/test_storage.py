@@ -58,3 +58,23 @@ def test_file_urls(tmp_path, monkeypatch):
     assert relative.url("b/000000.png") == (tmp_path / "renders" / "b" / "000000.png").as_uri()
     absolute = storage_from_url(f"file://{tmp_path}/out")
     assert absolute.batch_url("b") == (tmp_path / "out" / "b").as_uri() + "/"
+
+
+def test_put_file_and_listing_the_whole_root(s3_endpoint, tmp_path):
+    """put_file stores a local file whole (manifests, shards); "" lists everything (exports)."""
+    source = tmp_path / "manifest.jsonl"
+    source.write_text('{"index": 0}\n')
+    s3 = storage_from_url(f"s3://{BUCKET}/t-{uuid.uuid4().hex[:6]}", s3_endpoint)
+    local = FileStorage(tmp_path / "root")
+    for store in (s3, local):
+        assert store.list_keys("") == []
+        store.put_file(store.manifest_key("b1"), source, "application/x-ndjson")
+        store.put("b1/000000.png", b"png", "image/png", {})
+        assert store.manifest_key("b1") == "b1/manifest.jsonl"
+        assert store.get("b1/manifest.jsonl") == b'{"index": 0}\n'
+        assert store.list_keys("") == ["b1/000000.png", "b1/manifest.jsonl"]
+    head = s3.client.head_object(Bucket=BUCKET, Key=f"{s3.prefix}/b1/manifest.jsonl")
+    assert head["ContentType"] == "application/x-ndjson"
+    assert sorted(p.name for p in (tmp_path / "root" / "b1").iterdir()) == ["000000.png", "manifest.jsonl"]
+    with pytest.raises(PermanentStorageError, match="NoSuchBucket"):
+        storage_from_url("s3://no-such-bucket/x", s3_endpoint).put_file("b/manifest.jsonl", source, "x")

@@ -36,7 +36,8 @@ def test_worker_and_scheduler_never_import_each_other():
 
 
 def test_contract_imports_without_torch_or_the_sides():
-    code = ("import sys, lcmq, lcmq.api, lcmq.queue, lcmq.storage, lcmq.repository, lcmq.spec, lcmq.migrate;"
+    code = ("import sys, lcmq, lcmq.api, lcmq.queue, lcmq.storage, lcmq.repository, lcmq.spec, lcmq.migrate,"
+            " lcmq.formats, lcmq.manifest, lcmq.export;"
             "print(json.dumps(sorted(m for m in ('torch','diffusers','worker','scheduler') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
