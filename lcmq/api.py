@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
 from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
+from lcmq.matrix import check_matrix
+from lcmq.matrix import expand as expand_matrix
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
@@ -76,6 +78,8 @@ def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profil
     opts = asdict(options)
     if opts["image_format"] == DEFAULT_FORMAT:  # PNG batches keep the keys they had before formats
         del opts["image_format"], opts["quality"]
+    if not opts["matrix"]:  # and batches without a matrix the keys they had before matrices
+        del opts["matrix"]
     parts = {"content": content_sha256, "options": opts, "profile": profile.to_dict(), "chunk_size": chunk_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -99,14 +103,17 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
            width: int | None = None, height: int | None = None, seed: int | None = None,
            name: str | None = None, chunk_size: int | None = None, priority: int = 0,
            idempotency_key: str | None = None, image_format: str = DEFAULT_FORMAT,
-           quality: int | None = None) -> BatchStatus:
+           quality: int | None = None,
+           matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
     `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
     Nothing is written or enqueued unless every row is valid. Submitting the same content with
     the same parameters again (even concurrently) returns the existing batch and renders
     nothing new; `idempotency_key` replaces the key computed from them. `image_format` is png,
-    webp or jpeg; `quality` (1-100, default 90) applies to webp and jpeg.
+    webp or jpeg; `quality` (1-100, default 90) applies to webp and jpeg. `matrix` multiplies
+    every row by axes (`{"seed": [0, 1], "steps": [4, 6], "style": ["oil", "ink"]}`: job fields,
+    or text that fills `{style}` in the prompt); identical cells of a row collapse (lcmq.matrix).
     """
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
 
@@ -119,9 +126,10 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
                                              f"mappings (got {type(rows).__name__})")
     _check_flags(source, chunk_size, priority, idempotency_key)
     image_format, quality = check_output(source, image_format, quality)
+    axes = check_matrix(matrix, source)
     options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                            width=width, height=height, seed=seed, name=name, image_format=image_format,
-                           quality=quality)
+                           quality=quality, matrix=axes)
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source)
     specs: Iterable[JobSpec]
@@ -132,6 +140,7 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         specs = validate_rows(rows_from_objects(rows), validator)
         content_sha256 = hashlib.sha256(json.dumps([asdict(spec) for spec in specs], sort_keys=True,
                                                    default=str).encode()).hexdigest()
+    specs = expand_matrix(specs, axes, source)
     key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
     batch_id, _ = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
                                      chunk_size, idempotency_key=key, priority=priority,

@@ -15,6 +15,7 @@ from pathlib import Path
 from lcmq import api
 from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
+from lcmq.matrix import parse_axis
 from lcmq.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -60,7 +61,8 @@ def cmd_submit(args) -> int:
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
-                    idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality)
+                    idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality,
+                    matrix=[parse_axis(axis, args.file) for axis in args.matrix or ()])
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -289,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
                    "submitting the same key again returns the existing batch")
     p.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
+    p.add_argument("--matrix", action="append", metavar="NAME=VALUES",
+                   help="multiply every row: seed=0..3, steps=4,6, guidance=1,1.5, or a text field that "
+                        "fills {NAME} in the prompt (style=oil,ink); repeat for more axes")
     p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")

@@ -29,26 +29,27 @@ _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 Matrix = tuple[tuple[str, tuple[Any, ...]], ...]
 
 
-def parse_axis(text: str) -> tuple[str, list[str]]:
+def parse_axis(text: str, source: str = "<matrix>") -> tuple[str, list[str]]:
     """`name=a,b,c` or `name=lo..hi` (integers, inclusive) from the command line."""
     name, sep, values = text.partition("=")
     name = name.strip()
     if not sep or not name:
-        raise InputError("--matrix", None, "--matrix", f"expected NAME=VALUES (got {text!r})")
+        raise InputError(source, None, "--matrix", f"expected NAME=VALUES (got {text!r})")
     if match := _RANGE.match(values):
         low, high = int(match[1]), int(match[2])
         if high < low:
-            raise InputError("--matrix", None, f"--matrix {name}", f"empty range {low}..{high}")
+            raise InputError(source, None, f"--matrix {name}", f"empty range {low}..{high}")
         if high - low >= MAX_CELLS:
-            raise InputError("--matrix", None, f"--matrix {name}",
+            raise InputError(source, None, f"--matrix {name}",
                              f"range {low}..{high} has more than {MAX_CELLS} values")
         return name, [str(v) for v in range(low, high + 1)]
     return name, [v.strip() for v in values.split(",")]
 
 
 def check_matrix(axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequence[Any]]] | None,
-                 from_text: bool = False) -> Matrix:
-    """Validated axes in their given order; a bad name or value names the axis."""
+                 source: str = "<matrix>") -> Matrix:
+    """Validated axes in their given order; a bad name or value names the axis. Values may be
+    given as text (the command line): "4" is a step count, "1.5" a guidance."""
     if not axes:
         return ()
     items = list(axes.items() if isinstance(axes, Mapping) else axes)
@@ -57,32 +58,27 @@ def check_matrix(axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequenc
     for name, values in items:
         where = f"--matrix {name}"
         if not isinstance(name, str) or not _NAME.match(name):
-            raise InputError("--matrix", None, "--matrix", f"axis name must be an identifier (got {name!r})")
+            raise InputError(source, None, "--matrix", f"axis name must be an identifier (got {name!r})")
         if name in (n for n, _ in checked):
-            raise InputError("--matrix", None, where, "axis given twice")
+            raise InputError(source, None, where, "axis given twice")
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-            raise InputError("--matrix", None, where, "needs at least one value")
-        checked.append((name, tuple(_check_value(name, value, where, from_text) for value in values)))
+            raise InputError(source, None, where, "needs at least one value")
+        checked.append((name, tuple(_check_value(name, value, source, where) for value in values)))
         cells *= len(values)
         if cells > MAX_CELLS:
-            raise InputError("--matrix", None, where, f"the matrix has more than {MAX_CELLS} cells per row")
+            raise InputError(source, None, where, f"the matrix has more than {MAX_CELLS} cells per row")
     return tuple(checked)
 
 
-def _check_value(name: str, value: Any, where: str, from_text: bool) -> Any:
+def _check_value(name: str, value: Any, source: str, where: str) -> Any:
     try:
         if name in FIELD_AXES:
-            return _FIELD_CHECKS[name](value, from_text)
+            return _FIELD_CHECKS[name](value, True)
         if not isinstance(value, str) or not value.strip():
             raise _Bad(f"values must be non-empty text (got {value!r})")
-        return _FIELD_CHECKS["negative_prompt"](value, from_text)  # text: no control characters
+        return _FIELD_CHECKS["negative_prompt"](value, True)  # text: no control characters
     except _Bad as exc:
-        raise InputError("--matrix", None, where, str(exc)) from None
-
-
-def text_axes_unused(matrix: Matrix, spec: JobSpec) -> list[str]:
-    return [name for name, _ in matrix if name not in FIELD_AXES
-            and "{" + name + "}" not in spec.prompt and "{" + name + "}" not in spec.negative_prompt]
+        raise InputError(source, None, where, str(exc)) from None
 
 
 def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[JobSpec]:
@@ -91,8 +87,11 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         yield from specs
         return
     names = [name for name, _ in matrix]
+    unused = {name for name in names if name not in FIELD_AXES}  # text axes no row has used yet
     index = 0
     for row, spec in enumerate(specs):
+        if unused:
+            unused -= {name for name in unused if "{" + name + "}" in spec.prompt + spec.negative_prompt}
         if MATRIX_KEY in spec.metadata:
             raise InputError(source, None, MATRIX_KEY,
                              f"row {row + 1}: the column {MATRIX_KEY!r} is reserved for the axis values with --matrix")
@@ -107,6 +106,10 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
             yield replace(job, index=index, row=row if spec.row is None else spec.row,
                           metadata=spec.metadata | {MATRIX_KEY: values})
             index += 1
+    if unused:  # a typo ({Style} for style) would otherwise collapse silently: refuse the batch
+        name = sorted(unused)[0]
+        raise InputError(source, None, f"--matrix {name}",
+                         f"no prompt uses {{{name}}}, and {name!r} is not a job field ({', '.join(FIELD_AXES)})")
 
 
 def _apply(spec: JobSpec, values: dict[str, Any]) -> JobSpec:

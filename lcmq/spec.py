@@ -66,6 +66,8 @@ class BatchOptions:
     # How the images are encoded (lcmq.formats); quality is resolved at submit for lossy ones.
     image_format: str = "png"
     quality: int | None = None
+    # Axes that multiply every row (lcmq.matrix): ((name, (values...)), ...), in the given order.
+    matrix: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 # --- field checks -------------------------------------------------------------------------

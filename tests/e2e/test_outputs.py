@@ -276,3 +276,33 @@ def test_tiny_renders_webp_with_the_same_bytes_twice(world, procs, cli, tmp_path
     assert image.format == "WEBP" and image.size == (64, 64)
     assert read_parameters(data).startswith("a red barn\nSteps: 4") and "Model: tiny" in read_parameters(data)
     assert len(_manifest_file(world, batches[1]).splitlines()) == 2
+
+
+def test_a_matrix_renders_every_cell_once_with_its_axis_values(world, cli, tmp_path):
+    """2 seeds x 2 step counts x 3 styles over 5 prompts: 60 images, each cell recorded in the
+    manifest; a repeated axis value collapses to one job."""
+    prompts = tmp_path / "m.txt"
+    prompts.write_text("".join(f"a {animal} painted in {{style}}\n" for animal in ("fox", "owl", "cat", "elk", "yak")))
+    done = json.loads(_run(cli, world, "submit", str(prompts), "--model", "null", "--matrix", "seed=0..1",
+                           "--matrix", "steps=4,6", "--matrix", "style=oil,ink,chalk",
+                           "--wait", "--json").splitlines()[-1])
+    assert done["total"] == done["succeeded"] == 60
+    _manifest_written(done["batch_id"])
+    records = _check_manifest(world, cli, done["batch_id"], via_cli=False)
+    cells = {(r["prompt"], r["seed"], r["steps"], r["metadata"]["matrix"]["style"]) for r in records}
+    assert len(cells) == 60
+    for r in records:
+        axes = r["metadata"]["matrix"]
+        assert (r["seed"], r["steps"]) == (axes["seed"], axes["steps"])
+        assert r["prompt"].endswith(f"painted in {axes['style']}") and "{style}" not in r["prompt"]
+    assert len({r["sha256"] for r in records}) == 60  # every cell its own image
+
+    # seed=1,1,2: the repeated 1 is the same cell, rendered once.
+    from lcmq import api
+
+    collapsed = api.submit(prompts, model="null", matrix={"seed": ["1", "1", "2"], "steps": [4]})
+    assert collapsed.total == 10
+    final = api.wait(collapsed.batch_id, timeout_s=60)
+    assert final.succeeded == 10
+    seeds = sorted((j.prompt, j.seed) for j in api.repository().jobs(collapsed.batch_id))
+    assert len(set(seeds)) == 10 and {s for _, s in seeds} == {1, 2}

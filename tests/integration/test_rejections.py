@@ -57,6 +57,12 @@ CASES = [
      "must be one of png, webp, jpeg (got 'gif')"),
     ("quality-0", "prompts.txt", "a red fox\n", ["--model", "tiny", "--format", "webp", "--quality", "0"],
      "--quality", "must be an integer between 1 and 100 (got 0)"),
+    ("matrix-steps-9", "prompts.txt", "a red fox\n", ["--model", "tiny", "--matrix", "steps=4,9"], "--matrix steps",
+     "must be between 1 and 8 (got 9)"),
+    ("matrix-no-equals", "prompts.txt", "a red fox\n", ["--model", "tiny", "--matrix", "seed"], "--matrix",
+     "expected NAME=VALUES"),
+    ("matrix-unused-axis", "prompts.txt", "a red fox in {Style}\n", ["--model", "tiny", "--matrix", "style=oil"],
+     "--matrix style", "no prompt uses {style}"),
 ]
 
 
