@@ -432,7 +432,7 @@ class MemoryRepository:
 
         self.batch = BatchRecord(id="bench", name=None, profile=profile, total=0, seed=0, output="", options={},
                                  created_at=datetime.now(UTC), idempotency_key=None, priority=0, canceled_at=None,
-                                 published_at=None)
+                                 published_at=None, manifest_at=None)
         self.queued: dict[str, Any] = {}
         self.recorded = 0
         self.failures: list[str] = []
@@ -457,6 +457,9 @@ class MemoryRepository:
     def release(self, job_ids, worker: str, error: str | None = None) -> int:
         self.failures.append(f"released: {error}")
         return len(job_ids)
+
+    def manifest_version(self, batch_id: str) -> None:
+        return None  # never finished: the benchmark writes no manifest
 
 
 def memory_storage():
