@@ -473,6 +473,9 @@ def memory_storage():
         def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
             self.objects[check_key(key)] = (len(data), sha256_hex(data))
 
+        def put_file(self, key: str, path, content_type: str) -> None:
+            self.put(key, path.read_bytes(), content_type, {})
+
         def get(self, key: str) -> bytes:
             raise NotImplementedError("the benchmark's storage keeps no bytes")
 
@@ -516,7 +519,8 @@ def lcmq_step(loaded, config: Config, batch: int, chunk_jobs: int) -> Callable[[
     Claims, micro-batches of `batch`, truncation warnings, worker.render.render, PNG encoding
     with the job's parameters and upload in the background while the next micro-batch renders,
     recording. Only the database and object store are in memory, and the pipeline is this one.
-    Returns the task's own timings (ms per part).
+    Each step is one task; it returns while its last micro-batches store (as a worker does), so
+    `step.finish` drains the store pipeline at the end of the timed window and returns the parts.
     """
     from unittest import mock
 
@@ -524,6 +528,16 @@ def lcmq_step(loaded, config: Config, batch: int, chunk_jobs: int) -> Callable[[
 
     repo, storage = MemoryRepository(loaded.profile.name), memory_storage()
     next_index = [0]
+    store = tasks.pipeline()
+    timings_before = [store.timings_snapshot()]
+
+    def check() -> None:
+        if repo.failures:
+            if "OutOfMemoryError" in repo.failures[0]:
+                import torch
+
+                raise torch.cuda.OutOfMemoryError(repo.failures[0])
+            raise RuntimeError(f"the lcmq task did not render every job: {repo.failures[0]}")
 
     def step() -> dict[str, float]:
         jobs = [job_record(next_index[0] + i, config.size_px) for i in range(chunk_jobs)]
@@ -533,16 +547,22 @@ def lcmq_step(loaded, config: Config, batch: int, chunk_jobs: int) -> Callable[[
                 mock.patch.object(tasks, "pinned_pipeline", return_value=loaded):
             run = tasks.ChunkRun(repo.batch.id, "bench-gpu")
             run.settings = run.settings.model_copy(update={"batch_size": batch})
-            outcome = run.run([job.id for job in jobs])
-        if repo.failures or outcome.get("succeeded") != chunk_jobs:
-            failure = repo.failures[0] if repo.failures else f"outcome {outcome}"
-            if "OutOfMemoryError" in failure:
-                import torch
+            run.run([job.id for job in jobs])  # returns while its last micro-batches store
+        check()
+        return {}
 
-                raise torch.cuda.OutOfMemoryError(failure)
-            raise RuntimeError(f"the lcmq task did not render every job: {failure}")
-        return dict(getattr(run, "timings", {}))
+    def finish() -> dict[str, float]:
+        """The tasks' stores drained (inside the timed window); every job recorded; the parts."""
+        store.drain()
+        check()
+        if repo.recorded != next_index[0]:
+            raise RuntimeError(f"the lcmq tasks recorded {repo.recorded} of {next_index[0]} jobs")
+        after = store.timings_snapshot()
+        parts = {part: after[part] - timings_before[0][part] for part in after}
+        timings_before[0] = after
+        return parts
 
+    step.finish = finish
     return step
 
 
@@ -567,12 +587,17 @@ def timed(step: Callable[[], dict[str, float]], device: str, target_s: float, wa
     synchronize(device)
     per_iter_s: list[float] = []
     parts_ms: dict[str, float] = {}
+    finish = getattr(step, "finish", None)  # lcmq: stores still running after the last task
+    if finish:
+        finish()  # the warm-up's, outside the window
     started = time.perf_counter()
     for _ in range(iters):
         began = time.perf_counter()
         for part, ms in step().items():
             parts_ms[part] = parts_ms.get(part, 0.0) + ms
         per_iter_s.append(time.perf_counter() - began)
+    if finish:
+        parts_ms = finish()
     synchronize(device)
     return Timing(iters, time.perf_counter() - started, parts_ms, per_iter_s)
 
@@ -591,7 +616,9 @@ def measure_batch(pipe, loaded, config: Config, batch: int, chunk_size: int, dev
         bare_png_img_s = images_bare / bare.elapsed_s
         # The pipeline is warm: one single-micro-batch task warms the worker's threads, and the
         # bare loop's rate sizes the timed tasks (whole chunks, at least one).
-        lcmq_step(loaded, config, batch, batch)()
+        warm = lcmq_step(loaded, config, batch, batch)
+        warm()
+        warm.finish()
         lcmq = timed(lcmq_step(loaded, config, batch, chunk_jobs), device, target_s, warmup_iters=0,
                      min_iters=1, iter_estimate_s=chunk_jobs / bare_png_img_s)
     images_lcmq = chunk_jobs * lcmq.iters

@@ -90,8 +90,10 @@ def redis_priority(priority: int) -> int:
     return MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
 
 
-def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], priority: int = 0) -> int:
-    """Send one render task per (batch id, job ids) chunk over a single broker connection."""
+def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], priority: int = 0,
+                   countdown_s: float | None = None) -> int:
+    """Send one render task per (batch id, job ids) chunk over a single broker connection
+    (`countdown_s`: not before that many seconds, for a hand-back after a transient fault)."""
     app = get_app()
     queue = queue_name(profile)
     try:
@@ -101,7 +103,7 @@ def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], pr
             for batch_id, job_ids in chunks:
                 app.send_task(RENDER_TASK, args=[batch_id, list(job_ids)], queue=queue,
                               task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}", producer=producer,
-                              priority=redis_priority(priority))
+                              priority=redis_priority(priority), countdown=countdown_s)
     except BROKER_DOWN as exc:
         raise BrokerError(f"publishing to {queue}: {exc}") from exc
     return len(chunks)

@@ -24,14 +24,20 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
 
     profile = get_profile(profile_name)
     preflight(profile)  # a missing path or wrong family stops the start, not the first task
-    from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+    from celery.signals import (worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown,
+                                worker_shutting_down)
 
     from worker.lifecycle import request_shutdown
     from worker.pipeline import preload
+    from worker.store import drain_on_exit
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
 
-    # SIGTERM: the running chunk finishes its micro-batch and hands the rest back.
+    # SIGTERM: the running chunk finishes its micro-batch and hands the rest back; images still
+    # storing in the background are stored and recorded before the process exits (pool child:
+    # worker_process_shutdown; solo/threads: worker_shutdown).
     worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
+    worker_process_shutdown.connect(drain_on_exit, weak=False)
+    worker_shutdown.connect(drain_on_exit, weak=False)
     # Load the pipeline while the worker waits for its first task: in each pool child, never
     # in the prefork parent (CUDA cannot be used in a child forked after the parent touched it).
     start_loading = lambda **_: preload(profile, get_settings())  # noqa: E731

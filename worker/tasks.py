@@ -4,9 +4,11 @@
 2. For each micro-batch of the chunk: stop and hand the rest back if the worker is shutting
    down; claim the micro-batch's free jobs (a conditional update: jobs already taken, done or
    canceled are skipped, so redelivered or duplicate messages do nothing) and renew their
-   leases while working; render; encode PNG with parameters; upload under a key made of ids
-   (an object already there with the same sha256 counts as uploaded); record key, sha256 and
-   timing in the row, only while this worker still holds the job.
+   leases while working; render; hand the images to the process's store pipeline
+   (worker/store.py), which encodes them with their parameters, uploads them under a key made
+   of ids (an object already there with the same sha256 counts as uploaded) and records key,
+   sha256 and timing in the row, only while this worker still holds the job — in the
+   background, overlapping the next micro-batch, and the next task.
 Transient faults hand the unfinished jobs back and retry the task with backoff and jitter;
 permanent ones fail the affected jobs at once with the reason stored.
 """
@@ -18,21 +20,18 @@ import os
 import random
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
-from lcmq.errors import LcmqError, ModelLoadError, is_transient
-from lcmq.manifest import write_manifest
+from lcmq.errors import LcmqError, ModelLoadError, StorageError, is_transient
 from lcmq.profiles import get_profile
 from lcmq.queue import RENDER_TASK, get_app, publish_chunks
-from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
+from lcmq.repository import BatchRecord, JobRecord, Repository
 from lcmq.settings import get_settings
-from lcmq.storage import Storage, sha256_hex, storage_from_settings
+from lcmq.storage import Storage, storage_from_settings
 
-from worker.encode import encode_job
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
+from worker.store import Outcome, StoreContext, pipeline
 
 log = logging.getLogger("lcmq.worker")
 app = get_app()
@@ -58,13 +57,7 @@ def process_clients() -> tuple[Repository, Storage]:
     return _CLIENTS[pid]
 
 
-# Encoding and uploading overlap the rendering of the next micro-batch. Each image is encoded
-# and uploaded on its own in a small pool, fed continuously across micro-batch boundaries (no
-# drain between them); one recorder thread records each micro-batch, in order, once all of its
-# uploads are done. At most STORING_MICRO_BATCHES wait on them: backpressure on the render loop.
-_RECORDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmq-record")
-_UPLOADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lcmq-upload")
-STORING_MICRO_BATCHES = 2
+STORING_MICRO_BATCHES = 2  # in the store pipeline while the next renders: backpressure beyond
 
 
 class ChunkRun:
@@ -72,8 +65,9 @@ class ChunkRun:
 
     Jobs are claimed one micro-batch at a time: a crash costs an attempt only to the jobs that
     were being rendered or stored, and the redelivered message finds the rest still queued.
-    `held` maps the claimed jobs not yet final (rendering, or storing) for lease renewal and
-    hand-back; the heartbeat thread reads it, the recorder thread shrinks it.
+    `rendering` holds the claimed jobs not yet handed to the process's store pipeline (which
+    from then on keeps them leased and settles them, even after this task returned); this
+    task's heartbeat renews them, and a failure here releases or fails only them.
     """
 
     def __init__(self, batch_id: str, worker: str):
@@ -81,18 +75,17 @@ class ChunkRun:
         self.batch_id = batch_id
         self.worker = worker
         self.repo, self.storage = process_clients()
-        self.held: dict[str, JobRecord] = {}
-        self._held_lock = threading.Lock()
-        self._storing: deque[tuple[Future, list[JobRecord]]] = deque()  # oldest first
+        self.store = pipeline(self.settings.lease_s)
+        self.rendering: dict[str, JobRecord] = {}
+        self._lock = threading.Lock()
+        self.next_start = 0  # position in the chunk of the first job not yet claimed
         self.succeeded = 0
-        # Where the chunk's time went, in ms (the upload and recorder threads add their parts).
-        self.timings = {"claim_ms": 0.0, "render_ms": 0.0, "wait_store_ms": 0.0, "encode_ms": 0.0,
-                        "upload_ms": 0.0, "record_ms": 0.0}
+        self._timings_before = self.store.timings_snapshot()
 
-    def _timed(self, part: str, started: float) -> None:
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        with self._held_lock:  # the upload threads add their parts concurrently
-            self.timings[part] += elapsed_ms
+    @property
+    def held(self) -> dict[str, JobRecord]:
+        with self._lock:
+            return dict(self.rendering)
 
     # --- the chunk ------------------------------------------------------------------------
 
@@ -108,60 +101,59 @@ class ChunkRun:
         except ModelLoadError as exc:  # permanent: the chunk's jobs fail now, with the reason
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
+        context = StoreContext(self.repo, self.storage, self.worker, batch, backoff_s)
         size = self.settings.batch_size
         claimed = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
             for start in range(0, len(job_ids), size):
+                self.next_start = start
                 if shutting_down():
-                    self._finish_storing()
                     self.hand_back(batch, job_ids[start:])
                     break
                 # Jobs already taken, done or canceled are skipped by the claim itself.
                 started = time.perf_counter()
                 group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
-                self._timed("claim_ms", started)
-                self._hold(group)
+                self.store.add_time("claim_ms", started)
+                with self._lock:
+                    self.rendering = {job.id: job for job in group}
+                    self.next_start = start + size
                 claimed += len(group)
                 for same_shape in micro_batches(group, size):
-                    self._render_then_store(loaded, batch, same_shape)
-            self._finish_storing()
+                    self._render_then_store(loaded, context, same_shape)
+            else:
+                self.next_start = len(job_ids)
+        if shutting_down():  # the process is about to exit: nothing may be left storing
+            self._absorb(self.store.drain())
+        # The last micro-batches are still storing: the next task renders meanwhile.
+        timings = self.store.timings_snapshot()
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
-                                      "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid(),
-                                      **{k: round(v, 2) for k, v in self.timings.items()}})
-        self._write_manifest()
+                                      "succeeded": self.succeeded, "storing": self.store.held_count(),
+                                      "worker": self.worker, "pid": os.getpid(),
+                                      **{k: round(timings[k] - self._timings_before[k], 2) for k in timings}})
         return {"claimed": claimed, "succeeded": self.succeeded}
-
-    def _write_manifest(self) -> None:
-        """After the chunk's last record: if that finished the batch, write its manifest.jsonl
-        (one indexed query when it did not). A failure is left to the sweeper, not retried here."""
-        try:
-            write_manifest(self.repo, self.storage, self.batch_id)
-        except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
-            log.warning("manifest not written", extra={"batch_id": self.batch_id,
-                                                       "error": f"{type(exc).__name__}: {exc}"})
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
         """Shutdown: the jobs not yet claimed go back to the queue in a message of their own."""
         publish_chunks(batch.profile, [(batch.id, job_ids)], batch.priority)
         log.info("worker stopping, jobs handed back", extra={"batch_id": batch.id, "jobs": len(job_ids)})
 
+    def remaining_ids(self, job_ids: list[str]) -> list[str]:
+        """What a retry of this task must cover: the jobs being rendered and those not claimed
+        yet (the ones in the store pipeline are settled there)."""
+        with self._lock:
+            return list(self.rendering) + job_ids[self.next_start:]
+
     # --- holding jobs -----------------------------------------------------------------------
 
-    def _hold(self, jobs: list[JobRecord]) -> None:
-        with self._held_lock:
-            self.held.update((job.id, job) for job in jobs)
-
     def _drop(self, jobs: list[JobRecord]) -> None:
-        with self._held_lock:
+        with self._lock:
             for job in jobs:
-                self.held.pop(job.id, None)
-
-    def held_ids(self) -> list[str]:
-        with self._held_lock:
-            return list(self.held)
+                self.rendering.pop(job.id, None)
 
     def _renew_leases(self) -> None:
-        if ids := self.held_ids():
+        with self._lock:
+            ids = list(self.rendering)
+        if ids:
             self.repo.extend_leases(ids, self.worker, self.settings.lease_s)
 
     def _fail_jobs(self, jobs: list[JobRecord], reason: str) -> None:
@@ -176,7 +168,7 @@ class ChunkRun:
 
     # --- render, then store in the background -----------------------------------------------
 
-    def _render_then_store(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> None:
+    def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
         prompts = [job.prompt for job in group]
         try:
@@ -184,7 +176,7 @@ class ChunkRun:
             warnings = truncation_warnings(loaded, prompts)
             started = time.perf_counter()
             images = render(loaded, group)
-            self._timed("render_ms", started)
+            self.store.add_time("render_ms", started)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
         except Exception as exc:
             if is_transient(exc):
@@ -192,76 +184,27 @@ class ChunkRun:
             self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
             return
         started = time.perf_counter()
-        while len(self._storing) >= STORING_MICRO_BATCHES:  # backpressure
-            self._finish_oldest()
-        self._timed("wait_store_ms", started)
-        uploads = [_UPLOADS.submit(self._upload, batch, job, image, warning, render_ms, len(group))
-                   for job, image, warning in zip(group, images, warnings, strict=True)]
-        self._storing.append((_RECORDER.submit(self._record, group, uploads), group))
+        outcomes = self.store.wait_below(STORING_MICRO_BATCHES)  # backpressure
+        self.store.add_time("wait_store_ms", started)
+        self.store.submit(context, group, images, warnings, render_ms)
+        self._drop(group)  # the store pipeline holds them now
+        self._absorb(outcomes)
 
-    def _finish_oldest(self) -> None:
-        future, group = self._storing.popleft()
-        try:
-            self.succeeded += future.result()
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            self._fail_jobs([job for job in group if job.id in self.held], f"{type(exc).__name__}: {exc}")
-
-    def _finish_storing(self) -> None:
-        while self._storing:
-            self._finish_oldest()
-
-    def _upload(self, batch: BatchRecord, job: JobRecord, image, warning: str | None, render_ms: float,
-                batch_size: int) -> StoredImage:
-        """Encode and upload one image (an identical object already there counts as uploaded)."""
-        started = time.perf_counter()
-        data, content_type, ext = encode_job(image, job, batch)  # in the batch's format
-        digest = sha256_hex(data)
-        self._timed("encode_ms", started)
-        started = time.perf_counter()
-        # Catalog items have a stable key, set by the producer; other jobs one made of ids.
-        key = job.key or self.storage.batch_key(job.batch_id, job.index, ext)
-        # Keys are deterministic: an earlier attempt that uploaded and then died left this very
-        # object (only a retried job can find one, so first attempts skip the check).
-        if job.attempts == 1 or self.storage.stored_sha256(key) != digest:
-            self.storage.put(key, data, content_type, {"job-id": job.id, "batch-id": job.batch_id,
-                                                       "seed": str(job.seed), "sha256": digest})
-        self._timed("upload_ms", started)
-        return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
-
-    def _record(self, group: list[JobRecord], uploads: list[Future]) -> int:
-        """Record a micro-batch once all its uploads are done; returns how many were recorded.
-        The first failed upload fails (or, if transient, hands back) the whole micro-batch."""
-        stored = [upload.result() for upload in uploads]
-        started = time.perf_counter()
-        recorded = self.repo.record_successes(stored, self.worker)
-        self._timed("record_ms", started)
-        self._drop(group)
-        if recorded < len(stored):
-            log.warning("leases lost before recording", extra={"batch_id": self.batch_id,
-                                                               "lost": len(stored) - recorded})
-        return recorded
+    def _absorb(self, outcomes: list[Outcome]) -> None:
+        """Count what was stored; a transient storing fault stops this task (its jobs were
+        handed back by the pipeline) so that the rest of the chunk retries after a backoff."""
+        self.succeeded += sum(outcome.recorded for outcome in outcomes)
+        if errors := [outcome.transient_error for outcome in outcomes if outcome.transient_error]:
+            raise StorageError(f"storing failed: {errors[0]}")
 
     # --- after a failure ----------------------------------------------------------------------
 
-    def abandon_storing(self) -> None:
-        """Let background stores finish (or fail) before the held jobs are released or failed."""
-        while self._storing:
-            future, _ = self._storing.popleft()
-            try:
-                self.succeeded += future.result()
-            except Exception:  # noqa: BLE001 - its jobs are still held and handled by the caller
-                pass
-
     def fail_pending(self, error: str) -> None:
-        self.abandon_storing()
-        if ids := self.held_ids():
+        if ids := list(self.held):
             self.repo.record_failure(ids, self.worker, error)
 
     def release_pending(self, error: str) -> None:
-        self.abandon_storing()
-        if ids := self.held_ids():
+        if ids := list(self.held):
             self.repo.release(ids, self.worker, error)
 
 
@@ -279,7 +222,8 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
             log.warning("transient failure, retrying", extra={"batch_id": batch_id, "error": reason,
                                                                "retries": self.request.retries})
             _safely(run.release_pending, reason)
-            raise self.retry(exc=exc, countdown=backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
+            raise self.retry(args=[batch_id, run.remaining_ids(job_ids)], exc=exc,
+                             countdown=backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
         # Out of retries, or a fault outside the render loop: fail the jobs held, keep the rest
         # queued for the sweeper's redispatch.
         log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": len(run.held)})

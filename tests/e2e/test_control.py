@@ -30,8 +30,10 @@ def _clean(batch_id: str):
 
 def test_cancel_stops_queued_and_running_jobs_and_resume_finishes_them(isolated_env, procs, cli, tmp_path):
     env = isolated_env
-    batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 16), model="tiny", chunk_size=8,
-                          width=96, height=96).batch_id
+    # Two chunks of 12 single-image micro-batches, big enough (128x128) that the running chunk
+    # is still rendering when the cancel (a CLI process) lands.
+    batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 24), model="tiny", chunk_size=12,
+                          width=128, height=128).batch_id
     worker = procs(env, "worker", "--model", "tiny", "--batch-size", "1").wait_ready()
     node = worker_node(worker)
 
@@ -41,16 +43,16 @@ def test_cancel_stops_queued_and_running_jobs_and_resume_finishes_them(isolated_
     wait_until(mid_chunk, 60, interval_s=0.01, what=f"{node} mid-chunk")
 
     canceled = _lcmq(cli, env, "cancel", batch_id)
-    assert canceled["canceled"] >= 8  # the queued chunk, at once
+    assert canceled["canceled"] >= 12  # the queued chunk, at once
     _drain(batch_id)
     after = _clean(batch_id)
-    assert after.failed == 0 and after.succeeded + after.canceled == 16
-    assert 8 < after.canceled < 16, after.line()  # the running chunk stopped at a micro-batch
+    assert after.failed == 0 and after.succeeded + after.canceled == 24
+    assert 12 < after.canceled < 24, after.line()  # the running chunk stopped at a micro-batch
 
     resumed = _lcmq(cli, env, "resume", batch_id)
-    assert resumed["queued"] + resumed["running"] + resumed["succeeded"] == 16
+    assert resumed["queued"] + resumed["running"] + resumed["succeeded"] == 24
     _drain(batch_id)
-    assert _clean(batch_id).succeeded == 16
+    assert _clean(batch_id).succeeded == 24
 
 
 def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, tmp_path):

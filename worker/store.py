@@ -1,0 +1,248 @@
+"""Storing rendered images in the background, across task boundaries.
+
+A worker process renders micro-batch after micro-batch; encoding, uploading and recording them
+must never make the renderer wait, not even at the end of a chunk (a chunk is often under a
+second of GPU time, and draining its last micro-batch's PNGs before the next task could start
+would idle the GPU for a large share of it). So storing belongs to the process, not the task:
+
+- each image is encoded and uploaded on its own in a small pool, fed continuously;
+- one recorder thread records each micro-batch, in order, once all its uploads are done, and
+  settles a failure itself: a permanent one fails that micro-batch's jobs with the reason, a
+  transient one (S3 or the database away) hands them back to the queue in a message of their own
+  with a backoff. A task that has returned thus owes nothing to the micro-batches it left here;
+- the jobs being stored stay leased: a process-wide heartbeat renews them, whichever task
+  (or none) is running;
+- backpressure: a task waits when `max_pending` micro-batches are in the pipeline;
+- at shutdown the worker drains the pipeline before its process exits (a crash instead leaves
+  the leases to expire, and the sweeper requeues those jobs: keys are deterministic, so the
+  redone upload finds its object and nothing is stored twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lcmq.errors import LcmqError, is_transient
+from lcmq.manifest import write_manifest
+from lcmq.queue import publish_chunks
+from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
+from lcmq.storage import Storage, sha256_hex
+
+from worker.encode import encode_job
+from worker.lifecycle import Heartbeat
+
+log = logging.getLogger("lcmq.worker")
+
+UPLOAD_THREADS = 4
+TIMING_PARTS = ("claim_ms", "render_ms", "wait_store_ms", "encode_ms", "upload_ms", "record_ms")
+
+
+@dataclass
+class Outcome:
+    """What became of one stored micro-batch."""
+
+    recorded: int = 0
+    failed: int = 0
+    handed_back: int = 0
+    transient_error: str | None = None
+
+
+@dataclass
+class StoreContext:
+    """Where a micro-batch goes: the clients, the worker that holds its jobs, its batch."""
+
+    repo: Repository
+    storage: Storage
+    worker: str
+    batch: BatchRecord
+    backoff_s: Callable[[int], float]
+
+
+@dataclass
+class _Pending:
+    future: Future
+    ids: list[str]
+    batch_id: str
+
+
+@dataclass
+class StorePipeline:
+    """This process's storing machinery (one per process; see `pipeline()`)."""
+
+    max_pending: int = 2
+    lease_s: float = 120.0
+    _uploads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        UPLOAD_THREADS, thread_name_prefix="lcmq-upload"))
+    _recorder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="lcmq-record"))
+    _pending: deque[_Pending] = field(default_factory=deque)
+    _held: dict[str, tuple[Repository, str]] = field(default_factory=dict)  # job id -> (repo, worker)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _heartbeat: Heartbeat | None = None
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_PARTS, 0.0))
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def add_time(self, part: str, started: float) -> None:
+        with self._lock:  # upload threads add their parts concurrently
+            self.timings[part] += (time.perf_counter() - started) * 1000
+
+    def timings_snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.timings)
+
+    def held_count(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def _hold(self, ctx: StoreContext, ids: list[str]) -> None:
+        with self._lock:
+            self._held.update((job_id, (ctx.repo, ctx.worker)) for job_id in ids)
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(self._renew, self.lease_s / 3).__enter__()
+
+    def _drop(self, ids: list[str]) -> None:
+        with self._lock:
+            for job_id in ids:
+                self._held.pop(job_id, None)
+
+    def _renew(self) -> None:
+        with self._lock:
+            by_worker: dict[tuple[int, str], tuple[Repository, list[str]]] = {}
+            for job_id, (repo, worker) in self._held.items():
+                by_worker.setdefault((id(repo), worker), (repo, []))[1].append(job_id)
+        for (_, worker), (repo, ids) in by_worker.items():
+            repo.extend_leases(ids, worker, self.lease_s)
+
+    # --- the pipeline -----------------------------------------------------------------------
+
+    def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
+        """Store a rendered micro-batch in the background (call `wait_below` first)."""
+        ids = [job.id for job in group]
+        self._hold(ctx, ids)
+        uploads = [self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
+                   for job, image, warning in zip(group, images, warnings, strict=True)]
+        future = self._recorder.submit(self._record, ctx, group, uploads)
+        with self._lock:
+            self._pending.append(_Pending(future, ids, ctx.batch.id))
+
+    def wait_below(self, limit: int) -> list[Outcome]:
+        """Wait until fewer than `limit` micro-batches are in the pipeline; their outcomes."""
+        outcomes = []
+        while True:
+            with self._lock:
+                if len(self._pending) < limit:
+                    return outcomes
+                oldest = self._pending.popleft()
+            outcomes.append(oldest.future.result())  # _record never raises
+
+    def drain(self) -> list[Outcome]:
+        return self.wait_below(1)
+
+    def pending_for(self, batch_id: str) -> int:
+        with self._lock:
+            return sum(1 for p in self._pending if p.batch_id == batch_id and not p.future.done())
+
+    # --- in the pool threads ----------------------------------------------------------------
+
+    def _upload(self, ctx: StoreContext, job: JobRecord, image, warning: str | None, render_ms: float,
+                batch_size: int) -> StoredImage:
+        """Encode and upload one image (an identical object already there counts as uploaded)."""
+        started = time.perf_counter()
+        data, content_type, ext = encode_job(image, job, ctx.batch)  # in the batch's format
+        digest = sha256_hex(data)
+        self.add_time("encode_ms", started)
+        started = time.perf_counter()
+        # Catalog items have a stable key, set by the producer; other jobs one made of ids.
+        key = job.key or ctx.storage.batch_key(job.batch_id, job.index, ext)
+        # Keys are deterministic: an earlier attempt that uploaded and then died left this very
+        # object (only a retried job can find one, so first attempts skip the check).
+        if job.attempts == 1 or ctx.storage.stored_sha256(key) != digest:
+            ctx.storage.put(key, data, content_type, {"job-id": job.id, "batch-id": job.batch_id,
+                                                      "seed": str(job.seed), "sha256": digest})
+        self.add_time("upload_ms", started)
+        return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
+
+    def _record(self, ctx: StoreContext, group: list[JobRecord], uploads: list[Future]) -> Outcome:
+        """Record a micro-batch once all its uploads are done, or settle its failure (the first
+        failed upload decides for the whole micro-batch); then, if that was the batch's last
+        job anywhere, write its manifest. Never raises."""
+        outcome = self._record_or_settle(ctx, group, uploads)
+        if self.pending_for(ctx.batch.id) <= 1:  # only this one: nothing more of the batch here
+            self._write_manifest(ctx)
+        return outcome
+
+    def _record_or_settle(self, ctx: StoreContext, group: list[JobRecord], uploads: list[Future]) -> Outcome:
+        ids = [job.id for job in group]
+        try:
+            stored = [upload.result() for upload in uploads]
+            started = time.perf_counter()
+            recorded = ctx.repo.record_successes(stored, ctx.worker)
+            self.add_time("record_ms", started)
+            if recorded < len(stored):
+                log.warning("leases lost before recording", extra={"batch_id": ctx.batch.id,
+                                                                   "lost": len(stored) - recorded})
+            return Outcome(recorded=recorded)
+        except Exception as exc:  # noqa: BLE001 - every failure is settled here, the task is gone
+            return self._settle_failure(ctx, ids, exc)
+        finally:
+            self._drop(ids)
+
+    def _settle_failure(self, ctx: StoreContext, ids: list[str], exc: Exception) -> Outcome:
+        reason = f"{type(exc).__name__}: {exc}"
+        batch = ctx.batch
+        try:
+            if is_transient(exc):
+                # Back to the queue, attempt not counted, in a message of their own after a
+                # backoff: no task is left to retry them.
+                released = ctx.repo.release(ids, ctx.worker, reason)
+                publish_chunks(batch.profile, [(batch.id, ids)], batch.priority, countdown_s=ctx.backoff_s(0))
+                log.warning("storing failed, jobs handed back", extra={"batch_id": batch.id, "jobs": released,
+                                                                       "error": reason})
+                return Outcome(handed_back=released, transient_error=reason)
+            failed = ctx.repo.record_failure(ids, ctx.worker, reason)
+            log.error("micro-batch failed", extra={"batch_id": batch.id, "jobs": failed, "error": reason})
+            return Outcome(failed=failed)
+        except LcmqError as settle_exc:  # the database or broker is gone too: leases expire, the
+            # sweeper requeues the jobs
+            log.error("could not settle a failed micro-batch", extra={"batch_id": batch.id, "error": reason,
+                                                                      "cause": str(settle_exc)})
+            return Outcome(transient_error=reason)
+
+    def _write_manifest(self, ctx: StoreContext) -> None:
+        """If the batch finished, write its manifest.jsonl (one indexed query when it did not).
+        Left to the sweeper on failure."""
+        try:
+            write_manifest(ctx.repo, ctx.storage, ctx.batch.id)
+        except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
+            log.warning("manifest not written", extra={"batch_id": ctx.batch.id,
+                                                       "error": f"{type(exc).__name__}: {exc}"})
+
+
+_PIPELINES: dict[int, StorePipeline] = {}
+
+
+def pipeline(lease_s: float = 120.0) -> StorePipeline:
+    """This process's pipeline (a forked pool child builds its own: threads do not survive fork)."""
+    import os
+
+    pid = os.getpid()
+    if pid not in _PIPELINES:
+        _PIPELINES[pid] = StorePipeline(lease_s=lease_s)
+    return _PIPELINES[pid]
+
+
+def drain_on_exit(**_) -> None:
+    """Worker shutdown: let every background store finish before the process exits."""
+    import os
+
+    if (store := _PIPELINES.get(os.getpid())) is not None:
+        outcomes = store.drain()
+        if outcomes:
+            log.info("stores drained at exit", extra={"micro_batches": len(outcomes)})
