@@ -31,6 +31,7 @@ from lcmq.storage import Storage, sha256_hex, storage_from_settings
 
 from worker.encode import encode_job
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
+from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
 
@@ -88,6 +89,7 @@ class ChunkRun:
         # Where the chunk's time went, in ms (the upload and recorder threads add their parts).
         self.timings = {"claim_ms": 0.0, "render_ms": 0.0, "wait_store_ms": 0.0, "encode_ms": 0.0,
                         "upload_ms": 0.0, "record_ms": 0.0}
+        self.render_peak_mb: float | None = None  # the highest micro-batch peak (worker/memory.py)
 
     def _timed(self, part: str, started: float) -> None:
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -108,7 +110,7 @@ class ChunkRun:
         except ModelLoadError as exc:  # permanent: the chunk's jobs fail now, with the reason
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
-        size = self.settings.batch_size
+        size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
         claimed = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
             for start in range(0, len(job_ids), size):
@@ -127,6 +129,7 @@ class ChunkRun:
             self._finish_storing()
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
                                       "succeeded": self.succeeded, "worker": self.worker, "pid": os.getpid(),
+                                      "batch_size": size, "render_peak_mb": self.render_peak_mb,
                                       **{k: round(v, 2) for k, v in self.timings.items()}})
         self._write_manifest()
         return {"claimed": claimed, "succeeded": self.succeeded}
@@ -183,8 +186,11 @@ class ChunkRun:
             maybe_crash(prompts)
             warnings = truncation_warnings(loaded, prompts)
             started = time.perf_counter()
-            images = render(loaded, group)
+            with PeakMemory(loaded.device) as peak:
+                images = render(loaded, group)
             self._timed("render_ms", started)
+            if peak.mb is not None:
+                self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
         except Exception as exc:
             if is_transient(exc):
