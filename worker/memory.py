@@ -132,5 +132,6 @@ def probe_batch_size(loaded, budget_mb: float, max_batch: int) -> int:
     (log.info if fits else log.warning)(
         "batch size chosen" if fits else "batch size 1 exceeds the memory budget",
         extra={"profile": profile.name, "batch_size": chosen, "budget_mb": budget_mb, "device": loaded.device,
-               "peaks_mb": {str(k): v for k, v in peaks.items()}, "width": profile.width, "height": profile.height})
+               "peaks_mb": ",".join(f"{k}:{v}" for k, v in peaks.items()),  # size:MiB, as measured
+               "width": profile.width, "height": profile.height})
     return chosen
