@@ -118,6 +118,29 @@ def parse_duration(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"kib": 1 / 1024, "kb": 1000 / 2**20, "mib": 1, "mb": 10**6 / 2**20, "gib": 1024,
+               "gb": 10**9 / 2**20, "tib": 2**20, "tb": 10**12 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024,
+               "t": 2**20}
+
+
+def parse_memory_mb(text: str) -> int:
+    """'6GiB', '6G', '512MiB', '8GB' (decimal) or plain MiB, as whole MiB."""
+    lowered = text.strip().lower()
+    for suffix in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            number, factor = lowered[: -len(suffix)], _SIZE_UNITS[suffix]
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use 6GiB, 512MiB, 8GB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"memory size must be at least 1 MiB: {text!r}")
+    return value
+
+
 def cmd_sweep(args) -> int:
     from scheduler.sweeper import sweep_forever, sweep_once  # the CLI reaches into the producer side
 
@@ -233,7 +256,7 @@ def cmd_worker(args) -> int:
     from worker.main import run_worker  # the CLI is the one place that reaches into worker/
 
     run_worker(args.model, concurrency=args.concurrency, pool=args.pool, batch_size=args.batch_size,
-               device=args.device, name=args.name)
+               device=args.device, name=args.name, max_memory_mb=args.max_memory)
     return EXIT_OK
 
 
@@ -388,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="processes; each pins its own pipeline")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--max-memory", type=parse_memory_mb, metavar="SIZE",
+                   help="memory budget per process (6GiB, 512MiB): the largest batch size up to --batch-size "
+                        "that fits, probed at start (LCMQ_MAX_MEMORY_MB)")
     p.add_argument("--name", help="Celery node name (default <profile>-<pid>@<host>)")
     p.set_defaults(func=cmd_worker)
 

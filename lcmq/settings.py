@@ -80,7 +80,11 @@ class Settings(BaseSettings):
     scheduler_tick_s: float = Field(5, gt=0, le=60, description="How often `lcmq scheduler` looks for due "
                                     "schedules (cron has minute resolution).")
     sweep_every_s: float = Field(10, gt=0, description="How often `lcmq scheduler` runs the sweeper.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps (Apple "
+                                                          "Metal), then cpu.")
+    max_memory_mb: int | None = Field(None, ge=1, description="Memory budget of one worker process in MiB: "
+                                      "at load it probes batch sizes up to batch_size and keeps the largest "
+                                      "that fits (worker/memory.py).")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
     log_level: str = "INFO"

@@ -1,9 +1,14 @@
-"""Models lcmq generates itself: random weights, the real SD1.5 component classes.
+"""Models lcmq generates itself: random weights, the real SD1.5 and SDXL component classes.
 
-Tests and the demo cannot reach a model hub, so `tiny` (a few MB, 64x64) and `sd15-arch` (the
-real 860M-parameter SD1.5 architecture, for speed measurements) are built here, saved with
+Tests and the demo cannot reach a model hub, so `tiny` (a few MB, 64x64), `tiny-xl` (the SDXL
+family in miniature: two text encoders, text_time conditioning) and `sd15-arch` (the real
+860M-parameter SD1.5 architecture, for speed measurements) are built here, saved with
 `save_pretrained`, and then loaded back through exactly the path real models take. Generation
 is seeded, so every machine builds the same weights.
+
+Layout of a generated model under the cache: `<name>/model` (a diffusers folder), `<name>/lcm-lora`
+(its random LCM-LoRA) and, for SDXL-family models, `<name>/vae` (a second, differently seeded VAE
+that stands in for a replacement VAE such as the fp16-fix one).
 """
 
 from __future__ import annotations
@@ -39,7 +44,25 @@ ARCHITECTURES = {
         dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
         64,
     ),
+    # SDXL topology, narrow and shallow: cross_attention_dim = the two encoders' hidden sizes
+    # (32 + 32), projection input = 6 time ids x addition_time_embed_dim + encoder 2's projection.
+    "tiny-sdxl": (
+        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, cross_attention_dim=64,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+             transformer_layers_per_block=(1, 1), use_linear_projection=True, norm_num_groups=32,
+             addition_embed_type="text_time", addition_time_embed_dim=8,
+             projection_class_embeddings_input_dim=6 * 8 + 32),
+        (32, 64),
+        (dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              hidden_act="quick_gelu", projection_dim=32),
+         dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+              hidden_act="gelu", projection_dim=32)),
+        4,
+    ),
 }
+# Models of the SDXL family: two (tokenizer, text encoder) pairs, the second with a projection.
+SDXL_ARCHITECTURES = {"tiny-sdxl"}
 
 
 def _byte_symbols() -> list[str]:
@@ -69,38 +92,66 @@ def byte_level_tokenizer():
                          pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
 
 
-def _build(name: str, model_dir: Path, lora_dir: Path) -> None:
+def _vae(channels: tuple[int, ...], tiny: bool, sdxl: bool, seed: int):
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL
+
+    # SDXL's VAE has its own latent scale; force_upcast=False as in the fp16-fix VAE.
+    extra = {"scaling_factor": 0.13025, "force_upcast": False} if sdxl else {}
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=channels, in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
+                         layers_per_block=1 if tiny else 2, norm_num_groups=32, **extra)
+
+
+def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool, seed: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                            max_position_embeddings=77, **kwargs)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _build(name: str, folder: Path) -> None:
+    import torch
+    from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_kwargs, vae_channels, text_kwargs, lora_rank = ARCHITECTURES[name]
+    sdxl, tiny = name in SDXL_ARCHITECTURES, name.startswith("tiny")
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1)
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
-    torch.manual_seed(1)
-    vae = AutoencoderKL(block_out_channels=vae_channels, in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-                        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-                        layers_per_block=1 if name.startswith("tiny") else 2, norm_num_groups=32)
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1, max_position_embeddings=77, **text_kwargs))
-    # SD1.5 ships a PNDM scheduler; the loader swaps in LCMScheduler exactly as for real models.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(model_dir)
+    vae = _vae(vae_channels, tiny, sdxl, seed=1)
+    if sdxl:
+        # SDXL ships an Euler scheduler; the loader swaps in LCMScheduler exactly as for real models.
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, unet=unet, tokenizer=tokenizer, tokenizer_2=byte_level_tokenizer(),
+            text_encoder=_text_encoder(text_kwargs[0], len(tokenizer), False, seed=2),
+            text_encoder_2=_text_encoder(text_kwargs[1], len(tokenizer), True, seed=4),
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas), add_watermarker=False)
+        _vae(vae_channels, tiny, sdxl, seed=5).save_pretrained(folder / "vae")
+    else:
+        # SD1.5 ships a PNDM scheduler; the loader swaps in LCMScheduler exactly as for real models.
+        pipe = StableDiffusionPipeline(
+            vae=vae, unet=unet, tokenizer=tokenizer,
+            text_encoder=_text_encoder(text_kwargs, len(tokenizer), False, seed=2),
+            scheduler=PNDMScheduler(skip_prk_steps=True, **betas), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.save_pretrained(folder / "model")
 
     torch.manual_seed(3)
     unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                 target_modules=LORA_TARGETS))
-    StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(unet),
-                                              weight_name=LORA_FILE, safe_serialization=True)
+    type(pipe).save_lora_weights(folder / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(unet),
+                                 weight_name=LORA_FILE, safe_serialization=True)
 
 
 def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
@@ -118,7 +169,7 @@ def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
     try:
         log.info("generating model", extra={"model": name, "path": str(target)})
-        _build(name, tmp / "model", tmp / "lcm-lora")
+        _build(name, tmp)
         (tmp / COMPLETE_MARKER).write_text("ok\n")
         try:
             os.rename(tmp, target)

@@ -12,18 +12,22 @@ from lcmq.settings import get_settings, reset_settings
 
 
 def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork", batch_size: int | None = None,
-               device: str | None = None, name: str | None = None) -> None:
+               device: str | None = None, name: str | None = None, max_memory_mb: int | None = None) -> None:
     # Settings given as flags travel as LCMQ_* variables, so pool children build the same ones.
     if batch_size is not None:
         os.environ["LCMQ_BATCH_SIZE"] = str(batch_size)
     if device is not None:
         os.environ["LCMQ_DEVICE"] = device
+    if max_memory_mb is not None:
+        os.environ["LCMQ_MAX_MEMORY_MB"] = str(max_memory_mb)
     reset_settings()
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
 
     profile = get_profile(profile_name)
-    preflight(profile)  # a missing path or wrong family stops the start, not the first task
+    # A missing path, a wrong family, a single file without its config, or float16 on an explicit
+    # CPU device stop the start, not the first task. (`auto` is resolved in the pool child.)
+    preflight(profile, settings.device if settings.device != "auto" else None)
     from celery.signals import (worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown,
                                 worker_shutting_down)
 

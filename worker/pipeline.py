@@ -1,8 +1,10 @@
 """The pinned pipeline: one per worker process, loaded once, kept for the process's life.
 
-Every profile, the generated `tiny` included, loads through the same steps real models take:
-`from_pretrained` (or `from_single_file`), `LCMScheduler.from_config`, `load_lora_weights`,
-`fuse_lora`.
+Every profile, the generated `tiny` and `tiny-xl` included, loads through the same steps real
+models take: `from_pretrained` (or `from_single_file` with the profile's config folder), with the
+profile's replacement VAE if it names one, `LCMScheduler.from_config`, `load_lora_weights`,
+`fuse_lora`, then the profile's memory modes. `plan_load` decides all of it without torch, so the
+wiring is testable without loading anything.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcmq.errors import ModelLoadError
-from lcmq.profiles import GENERATED_PREFIX, NULL_FAMILY, Profile, preflight
+from lcmq.errors import LcmqError, ModelLoadError
+from lcmq.profiles import FAMILY_PIPELINE_CLASS, GENERATED_PREFIX, NULL_FAMILY, Profile, preflight, resolve_dtype
 from lcmq.settings import Settings
 
 log = logging.getLogger("lcmq.worker")
@@ -31,45 +33,121 @@ class LoadedPipeline:
     device: str
     dtype: Any
     load_s: float
+    # The images per pipeline call this process uses: settings.batch_size, or less when
+    # --max-memory made the load probe a smaller one (worker/memory.py).
+    batch_size: int | None = None
+
+
+DEVICES = ("cpu", "cuda", "mps")
 
 
 def pick_device(requested: str) -> str:
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
     if requested != "auto":
+        if requested not in DEVICES:
+            raise ModelLoadError(f"unknown device {requested!r}; use auto, {', '.join(DEVICES)}")
         if requested == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+        if requested == "mps" and not (mps and mps.is_available()):
+            raise ModelLoadError("device 'mps' requested but Metal (MPS) is not available on this machine")
         return requested
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if mps and mps.is_available():
         return "mps"
     return "cpu"
 
 
-def _dtype(profile: Profile, device: str):
-    import torch
+@dataclass(frozen=True)
+class LoadPlan:
+    """What loading a profile on a device will do, decided without torch or downloads."""
 
-    if device == "cpu":
-        return torch.float32  # half precision on CPU is slow and poorly supported
-    return getattr(torch, profile.dtype)
+    pipeline_class: str  # the diffusers class, by family (profiles.FAMILY_PIPELINE_CLASS)
+    base: str
+    single_file: bool  # from_single_file(base, config=config) instead of from_pretrained(base)
+    config: str | None
+    vae: str | None  # AutoencoderKL.from_pretrained(vae), passed to the pipeline as `vae=`
+    lcm_lora: str
+    dtype: str  # a torch dtype name
+    device: str
+    cpu_offload: bool  # enable_model_cpu_offload instead of .to(device)
+    memory_modes: tuple[str, ...]  # attention_slicing, vae_slicing, vae_tiling as the profile asks
+    warnings: tuple[str, ...] = ()
+
+
+def plan_load(profile: Profile, device: str) -> LoadPlan:
+    """The load of a profile on a resolved device; ModelLoadError when it cannot work there."""
+    try:
+        preflight(profile, device)  # float16 on the CPU device is refused here
+    except LcmqError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    warnings = []
+    cpu_offload = profile.cpu_offload
+    if cpu_offload and device != "cuda":
+        # Offload moves components between the GPU and host memory; on the CPU they are in host
+        # memory already, and MPS shares memory with the host. One lcmq.toml serves every worker,
+        # so this is not an error: the option is ignored where it means nothing.
+        warnings.append(f"cpu_offload ignored on device {device!r} (it only applies to cuda)")
+        cpu_offload = False
+    modes = tuple(mode for mode in ("attention_slicing", "vae_slicing", "vae_tiling") if getattr(profile, mode))
+    return LoadPlan(pipeline_class=FAMILY_PIPELINE_CLASS[profile.family], base=profile.base,
+                    single_file=profile.single_file, config=profile.config, vae=profile.vae,
+                    lcm_lora=profile.lcm_lora, dtype=resolve_dtype(profile.dtype, device), device=device, cpu_offload=cpu_offload,
+                    memory_modes=modes, warnings=tuple(warnings))
 
 
 def _resolve(ref: str, settings: Settings) -> str:
+    """A generated ref (`lcmq-generated:<model>[-lcm-lora|-vae]`) becomes its folder, built on first use."""
     if ref.startswith(GENERATED_PREFIX):
         from worker.generated import ensure_generated
 
         name = ref[len(GENERATED_PREFIX):]
-        model_name = name.removesuffix("-lcm-lora")
-        model_dir, lora_dir = ensure_generated(model_name, settings.models_path)
-        return str(lora_dir if name.endswith("-lcm-lora") else model_dir)
+        for suffix, part in (("-lcm-lora", "lora"), ("-vae", "vae")):
+            if name.endswith(suffix):
+                model_dir, lora_dir = ensure_generated(name.removesuffix(suffix), settings.models_path)
+                return str(lora_dir if part == "lora" else model_dir.parent / "vae")
+        return str(ensure_generated(name, settings.models_path)[0])
     return ref
 
 
-def _pipeline_class(profile: Profile):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _load_base(plan: LoadPlan, settings: Settings, dtype, extra: dict[str, Any]):
+    import diffusers
 
-    return StableDiffusionPipeline if profile.family == "sd15" else StableDiffusionXLPipeline
+    cls = getattr(diffusers, plan.pipeline_class)
+    if plan.vae:
+        extra["vae"] = diffusers.AutoencoderKL.from_pretrained(_resolve(plan.vae, settings), dtype=dtype)
+    base = _resolve(plan.base, settings)
+    if plan.single_file:
+        # The config folder gives the architecture and the tokenizers; local_files_only keeps
+        # diffusers from fetching configs from the hub (a hub id as config may still download).
+        config = _resolve(plan.config, settings)
+        return cls.from_single_file(base, config=config, local_files_only=Path(config).is_dir(), dtype=dtype,
+                                    **extra)
+    return cls.from_pretrained(base, dtype=dtype, **extra)
+
+
+def _place(pipe, plan: LoadPlan) -> None:
+    """Memory modes, then the device: offloaded (components visit the GPU in turn) or moved whole."""
+    import torch
+
+    for warning in plan.warnings:
+        log.warning("profile option ignored", extra={"warning": warning, "device": plan.device})
+    if "attention_slicing" in plan.memory_modes:
+        pipe.enable_attention_slicing()
+    if "vae_slicing" in plan.memory_modes:
+        pipe.vae.enable_slicing()  # decode a batch one image at a time
+    if "vae_tiling" in plan.memory_modes:
+        pipe.vae.enable_tiling()  # decode large images in overlapping tiles
+    if plan.cpu_offload:
+        # After fuse_lora: loading a LoRA into an offloaded pipeline can silently switch it to
+        # sequential offload (diffusers #10914), ~15x slower.
+        pipe.enable_model_cpu_offload(device=plan.device)
+    else:
+        pipe.to(plan.device)
+        if plan.device != "cpu":
+            pipe.unet.to(memory_format=torch.channels_last)
 
 
 def _load_lora(pipe, ref: str) -> None:
@@ -108,7 +186,8 @@ class NullPipeline:
 
 
 def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
-    """Load, swap the scheduler, load and fuse the LCM-LoRA; ModelLoadError on any failure."""
+    """Load, swap the scheduler, load and fuse the LCM-LoRA, apply the memory modes, and with a
+    memory budget probe the batch size; ModelLoadError on any failure."""
     if profile.family == NULL_FAMILY:
         return LoadedPipeline(profile, NullPipeline(), "cpu", None, 0.0)
     import torch
@@ -116,28 +195,22 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
 
     quiet_libraries()
     started = time.perf_counter()
-    preflight(profile)
     device = pick_device(settings.device)
-    dtype = _dtype(profile, device)
+    plan = plan_load(profile, device)
+    dtype = getattr(torch, plan.dtype)
     if device == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
-        # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint.
-        base = _resolve(profile.base, settings)
-        cls = _pipeline_class(profile)
+        # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint (+ its config).
         extra = {"safety_checker": None, "requires_safety_checker": False} if profile.family == "sd15" else {}
-        if base.endswith((".safetensors", ".ckpt")):
-            pipe = cls.from_single_file(base, dtype=dtype, **extra)
-        else:
-            pipe = cls.from_pretrained(base, dtype=dtype, **extra)
+        pipe = _load_base(plan, settings, dtype, extra)
         # 2. The LCM scheduler, configured from the model's own scheduler.
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         # 3. The LCM-LoRA, fused into the weights: no per-step adapter cost.
-        _load_lora(pipe, _resolve(profile.lcm_lora, settings))
+        _load_lora(pipe, _resolve(plan.lcm_lora, settings))
         pipe.fuse_lora(adapter_names=[LCM_ADAPTER])
-        pipe.to(device)
-        if device != "cpu":
-            pipe.unet.to(memory_format=torch.channels_last)
+        # 4. Memory modes and the device.
+        _place(pipe, plan)
         pipe.set_progress_bar_config(disable=True)
     except ModelLoadError:
         raise
@@ -145,8 +218,20 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
         raise ModelLoadError(f"profile {profile.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     load_s = time.perf_counter() - started
     log.info("pipeline loaded", extra={"profile": profile.name, "device": device, "dtype": str(dtype),
-                                       "load_s": round(load_s, 2), "pid": os.getpid()})
-    return LoadedPipeline(profile, pipe, device, dtype, load_s)
+                                       "pipeline": plan.pipeline_class, "single_file": plan.single_file,
+                                       "vae": plan.vae, "memory_modes": ",".join(plan.memory_modes) or None,
+                                       "cpu_offload": plan.cpu_offload, "load_s": round(load_s, 2),
+                                       "pid": os.getpid()})
+    loaded = LoadedPipeline(profile, pipe, device, dtype, load_s)
+    if settings.max_memory_mb:
+        from worker.memory import probe_batch_size
+
+        try:
+            loaded.batch_size = probe_batch_size(loaded, settings.max_memory_mb, settings.batch_size)
+        except Exception as exc:
+            raise ModelLoadError(f"profile {profile.name!r}: memory probe failed: {type(exc).__name__}: {exc}") \
+                from exc
+    return loaded
 
 
 def truncation_warnings(loaded: LoadedPipeline, prompts: list[str]) -> list[str | None]:

@@ -29,6 +29,7 @@ from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
 
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
+from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
 from worker.store import Outcome, StoreContext, pipeline
@@ -81,6 +82,7 @@ class ChunkRun:
         self.next_start = 0  # position in the chunk of the first job not yet claimed
         self.succeeded = 0
         self._timings_before = self.store.timings_snapshot()
+        self.render_peak_mb: float | None = None  # the highest micro-batch peak (worker/memory.py)
 
     @property
     def held(self) -> dict[str, JobRecord]:
@@ -102,7 +104,7 @@ class ChunkRun:
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
         context = StoreContext(self.repo, self.storage, self.worker, batch, backoff_s)
-        size = self.settings.batch_size
+        size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
         claimed = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
             for start in range(0, len(job_ids), size):
@@ -129,6 +131,7 @@ class ChunkRun:
         log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
                                       "succeeded": self.succeeded, "storing": self.store.held_count(),
                                       "worker": self.worker, "pid": os.getpid(),
+                                      "batch_size": size, "render_peak_mb": self.render_peak_mb,
                                       **{k: round(timings[k] - self._timings_before[k], 2) for k in timings}})
         return {"claimed": claimed, "succeeded": self.succeeded}
 
@@ -175,8 +178,11 @@ class ChunkRun:
             maybe_crash(prompts)
             warnings = truncation_warnings(loaded, prompts)
             started = time.perf_counter()
-            images = render(loaded, group)
+            with PeakMemory(loaded.device) as peak:
+                images = render(loaded, group)
             self.store.add_time("render_ms", started)
+            if peak.mb is not None:
+                self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
         except Exception as exc:
             if is_transient(exc):
