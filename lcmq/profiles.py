@@ -49,6 +49,8 @@ class Profile:
     height: int = 512
     steps: int = 4
     guidance: float = 1.0
+    # Style LoRAs every job of the profile gets unless its batch or row sets others (lcmq.loras).
+    loras: tuple[dict[str, Any], ...] = ()
 
     @property
     def queue(self) -> str:
@@ -59,7 +61,10 @@ class Profile:
         return self.base.startswith(GENERATED_PREFIX)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if not values["loras"]:  # profiles without style LoRAs keep their idempotency and render keys
+            del values["loras"]
+        return values
 
 
 BUILTIN_PROFILES: dict[str, Profile] = {
@@ -79,7 +84,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
     )
 }
 
-_FIELDS = {"family", "base", "lcm_lora", "dtype", "width", "height", "steps", "guidance"}
+_FIELDS = {"family", "base", "lcm_lora", "dtype", "width", "height", "steps", "guidance", "loras"}
 
 
 def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profile:
@@ -103,6 +108,13 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
             raise ProfileError(f"{where}.{key}: must be an integer")
     if values.get("dtype", "float16") not in DTYPES:
         raise ProfileError(f"{where}.dtype: must be one of {', '.join(DTYPES)}")
+    if "loras" in values:  # paths are checked when a batch uses them (the producer's machine)
+        from lcmq.loras import LoraProblem, check_loras
+
+        try:
+            values["loras"] = check_loras(values["loras"], Path(source).parent, exists=lambda _: True)
+        except LoraProblem as exc:
+            raise ProfileError(f"{where}.loras: {exc}") from None
     if base_profile is not None:
         return replace(base_profile, **values)
     return Profile(name=name, **values)
