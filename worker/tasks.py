@@ -30,6 +30,7 @@ from lcmq.settings import get_settings
 from lcmq.storage import Storage, sha256_hex, storage_from_settings
 
 from worker.encode import encode_job
+from worker.img2img import load_init_images
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -178,12 +179,14 @@ class ChunkRun:
 
     def _render_then_store(self, loaded, batch: BatchRecord, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
-        prompts = [job.prompt for job in group]
         try:
-            maybe_crash(prompts)
-            warnings = truncation_warnings(loaded, prompts)
+            maybe_crash([job.prompt for job in group])
+            group, init_images = self._init_images(loaded, group)
+            if not group:
+                return
+            warnings = truncation_warnings(loaded, [job.prompt for job in group])
             started = time.perf_counter()
-            images = render(loaded, group)
+            images = render(loaded, group, init_images)
             self._timed("render_ms", started)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
         except Exception as exc:
@@ -198,6 +201,15 @@ class ChunkRun:
         uploads = [_UPLOADS.submit(self._upload, batch, job, image, warning, render_ms, len(group))
                    for job, image, warning in zip(group, images, warnings, strict=True)]
         self._storing.append((_RECORDER.submit(self._record, group, uploads), group))
+
+    def _init_images(self, loaded, group: list[JobRecord]):
+        """img2img: read and check each job's init image; a bad one fails its own job only."""
+        if loaded.dtype is None:  # the null renderer draws no image from them
+            return group, None
+        ready, images, bad = load_init_images(group, self.settings)
+        for job, reason in bad:
+            self._fail_jobs([job], reason)
+        return ready, images
 
     def _finish_oldest(self) -> None:
         future, group = self._storing.popleft()
