@@ -80,6 +80,8 @@ def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profil
         del opts["image_format"], opts["quality"]
     if not opts["matrix"]:  # and batches without a matrix the keys they had before matrices
         del opts["matrix"]
+    if opts["loras"] is None:  # and batches without --lora the keys they had before style LoRAs
+        del opts["loras"]
     parts = {"content": content_sha256, "options": opts, "profile": profile.to_dict(), "chunk_size": chunk_size}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -98,13 +100,21 @@ def _check_flags(source: str, chunk_size: Any, priority: Any, idempotency_key: A
         raise InputError(source, None, "--idempotency-key", "must be 1-64 printable characters")
 
 
+def _lora_entries(loras: Any, source: str) -> list[dict[str, Any]]:
+    """The batch's LoRA list as plain dicts (checked by the validator, as `--lora`)."""
+    if isinstance(loras, (str, bytes, Mapping)) or not isinstance(loras, Iterable):
+        raise InputError(source, None, "--lora", f"must be a list of {{name, path, weight}} (got {type(loras).__name__})")
+    return [dict(entry) if isinstance(entry, Mapping) else entry for entry in loras]
+
+
 def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
            steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
            width: int | None = None, height: int | None = None, seed: int | None = None,
            name: str | None = None, chunk_size: int | None = None, priority: int = 0,
            idempotency_key: str | None = None, image_format: str = DEFAULT_FORMAT,
            quality: int | None = None,
-           matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None) -> BatchStatus:
+           matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None,
+           loras: Sequence[Mapping[str, Any]] | None = None) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
     `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
@@ -114,6 +124,10 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     webp or jpeg; `quality` (1-100, default 90) applies to webp and jpeg. `matrix` multiplies
     every row by axes (`{"seed": [0, 1], "steps": [4, 6], "style": ["oil", "ink"]}`: job fields,
     or text that fills `{style}` in the prompt); identical cells of a row collapse (lcmq.matrix).
+    `loras` (`[{"name": "ink", "path": "ink.safetensors", "weight": 0.8}]`) are the style LoRAs of
+    every row that lists none of its own (a row's `loras` replaces them; lcmq.loras). Rows may
+    also give `init_image` and `strength` (img2img); relative file names in a batch file are
+    resolved against its folder.
     """
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
 
@@ -129,9 +143,10 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     axes = check_matrix(matrix, source)
     options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                            width=width, height=height, seed=seed, name=name, image_format=image_format,
-                           quality=quality, matrix=axes)
+                           quality=quality, matrix=axes,
+                           loras=None if loras is None else tuple(_lora_entries(loras, source)))
     profile = _resolve_profile(model, source)
-    validator = RowValidator(options, profile, source)
+    validator = RowValidator(options, profile, source, base_dir=path.parent if path else None)
     specs: Iterable[JobSpec]
     if path is not None:
         # Validated while written, in one transaction: a bad row anywhere commits nothing.

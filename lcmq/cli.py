@@ -62,7 +62,8 @@ def cmd_submit(args) -> int:
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
                     idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality,
-                    matrix=[parse_axis(axis, args.file) for axis in args.matrix or ()])
+                    matrix=[parse_axis(axis, args.file) for axis in args.matrix or ()],
+                    loras=None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora])
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -71,6 +72,15 @@ def cmd_submit(args) -> int:
     if args.wait:
         return EXIT_OK if st.ok else EXIT_FAILED
     return EXIT_OK
+
+
+def _lora_flag(text: str, source: str) -> dict:
+    from lcmq.loras import LoraProblem, parse_lora_flag
+
+    try:
+        return parse_lora_flag(text)
+    except LoraProblem as exc:
+        raise InputError(source, None, "--lora", str(exc)) from None
 
 
 def cmd_status(args) -> int:
@@ -318,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply every row: seed=0..3, steps=4,6, guidance=1,1.5, or a text field that "
                         "fills {NAME} in the prompt (style=oil,ink); repeat for more axes")
     p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH[:WEIGHT]",
+                   help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
+                        "local or s3://; weight -2..2, default 1); repeat for more")
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")

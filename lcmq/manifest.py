@@ -50,7 +50,7 @@ def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[
     output = OutputFormat.of(batch.options)
     model = model_identity(batch.profile)
     for job in repo.iter_jobs(batch_id, JobState.succeeded):
-        yield {
+        record = {
             "index": job.index, "key": job.key, "url": storage.url(job.key), "sha256": job.sha256,
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
             "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
@@ -59,6 +59,12 @@ def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[
             "warning": job.warning, "attempts": job.attempts,
             "job_id": job.id, "metadata": job.meta,
         }
+        # Only where used, so the records of plain text2img batches stay byte for byte the same.
+        if job.loras:
+            record["loras"] = job.loras
+        if job.init_image is not None:
+            record |= {"init_image": job.init_image, "strength": job.strength}
+        yield record
 
 
 def line(record: dict[str, Any]) -> str:

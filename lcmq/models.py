@@ -87,6 +87,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A catalog item's version: a hash of what decides its pixels (see scheduler/catalog.py).
     render_key: Mapped[str | None] = mapped_column(String(64))
+    # Style LoRAs ([{name, path, weight}], sorted by name; NULL: none) and img2img's init image
+    # (an s3:// or file:// URL) and strength (NULL: text2img). Part of the render shape.
+    loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    init_image: Mapped[str | None] = mapped_column(Text)
+    strength: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_jobs_batch_index"),

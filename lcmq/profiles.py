@@ -48,7 +48,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload")
 # Fields added after profiles were first hashed into batches' idempotency keys and catalog items'
 # render keys: to_dict() leaves them out while unset, so existing keys (and renders) stay valid.
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None} | dict.fromkeys(MEMORY_OPTIONS, False)
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": ()} | dict.fromkeys(MEMORY_OPTIONS, False)
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class Profile:
     vae_tiling: bool = False
     vae_slicing: bool = False
     cpu_offload: bool = False  # model offload to CPU between components; CUDA only
+    # Style LoRAs every job of the profile gets unless its batch or row sets others (lcmq.loras).
+    loras: tuple[dict[str, Any], ...] = ()
 
     @property
     def queue(self) -> str:
@@ -85,6 +87,8 @@ class Profile:
         return self.base.endswith(SINGLE_FILE_SUFFIXES)
 
     def to_dict(self) -> dict[str, Any]:
+        # Fields left at their defaults are left out: profiles that do not use the newer options
+        # keep their idempotency and render keys.
         return {k: v for k, v in asdict(self).items() if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]}
 
 
@@ -110,7 +114,7 @@ BUILTIN_PROFILES: dict[str, Profile] = {
 }
 
 _FIELDS = {"family", "base", "lcm_lora", "dtype", "width", "height", "steps", "guidance", "config", "vae",
-           *MEMORY_OPTIONS}
+           "loras", *MEMORY_OPTIONS}
 
 
 def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profile:
@@ -145,6 +149,13 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
     for key in MEMORY_OPTIONS:
         if key in values and not isinstance(values[key], bool):
             raise ProfileError(f"{where}.{key}: must be true or false")
+    if "loras" in values:  # paths are checked when a batch uses them (the producer's machine)
+        from lcmq.loras import LoraProblem, check_loras
+
+        try:
+            values["loras"] = check_loras(values["loras"], Path(source).parent, exists=lambda _: True)
+        except LoraProblem as exc:
+            raise ProfileError(f"{where}.loras: {exc}") from None
     if base_profile is not None:
         return replace(base_profile, **values)
     return Profile(name=name, **values)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lcmq.errors import DatabaseError, NotFoundError, RecordError, SchemaError
 from lcmq.models import Batch, CatalogItem, Job, JobState, Schedule
+from lcmq.spec import render_shape
 
 
 def utcnow() -> datetime:
@@ -70,7 +71,7 @@ class PendingJob:
 
     id: str
     batch_id: str
-    shape: tuple[int, int, int, float]
+    shape: tuple  # lcmq.spec.render_shape: size, steps, guidance, LoRA set, img2img strength
     attempts: int
 
 
@@ -101,6 +102,9 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     render_key: str | None = None  # catalog jobs: the item's version (see scheduler/catalog.py)
+    loras: list[dict[str, Any]] | None = None  # style LoRAs, sorted by name (lcmq.loras)
+    init_image: str | None = None  # img2img: s3:// or file:// URL of the init image
+    strength: float | None = None  # img2img strength; None: text2img
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ def _record(cls, row) -> Any:
     return cls(**values)
 
 
+def _shape(row) -> tuple:
+    return render_shape(row.width, row.height, row.steps, row.guidance, row.loras, row.strength)
+
+
 def normalize_url(url: str) -> str:
     """Let users write postgresql:// URLs; lcmq drives Postgres with psycopg 3."""
     for prefix in ("postgresql://", "postgres://"):
@@ -195,11 +203,12 @@ def engine_for(url: str) -> Engine:
 
 
 # Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta. The
-# first twelve vary per job; the last five are the same for every job of a batch (`fixed`).
+# first fifteen vary per job; the last five are the same for every job of a batch (`fixed`).
 # "key" and "render_key" are set at creation for catalog jobs only (a stable per-item object key).
 _NEW_JOB_COLUMNS = ("id", "index", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
-                    "metadata", "key", "render_key", "batch_id", "state", "attempts", "created_at", "dispatched_at")
-_FIXED_JOB_COLUMNS = _NEW_JOB_COLUMNS[12:]
+                    "metadata", "key", "render_key", "loras", "init_image", "strength",
+                    "batch_id", "state", "attempts", "created_at", "dispatched_at")
+_FIXED_JOB_COLUMNS = _NEW_JOB_COLUMNS[15:]
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -215,17 +224,21 @@ def _copy_text(value: Any) -> str:
     return text_value
 
 
+NULL = "\\N"  # COPY text format's NULL
+
+
 def _copy_lines(jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> Iterator[str]:
     """COPY text lines. One f-string a row: 10^5 rows are formatted in well under a second."""
     tail = "\t" + "\t".join(_copy_text(fixed[c]) for c in _FIXED_JOB_COLUMNS) + "\n"
     text = _copy_text
     dumps = json.dumps
     for job in jobs:
-        meta = job["meta"]
+        meta, loras, strength = job["meta"], job.get("loras"), job.get("strength")
         yield (f"{job['id']}\t{job['index']}\t{text(job['prompt'])}\t{text(job['negative_prompt'])}\t"
                f"{job['seed']}\t{job['steps']}\t{job['guidance']!r}\t{job['width']}\t{job['height']}\t"
-               f"{text(dumps(meta)) if meta else '{}'}\t{text(job.get('key'))}\t{text(job.get('render_key'))}"
-               f"{tail}")
+               f"{text(dumps(meta)) if meta else '{}'}\t{text(job.get('key'))}\t{text(job.get('render_key'))}\t"
+               f"{text(dumps(loras)) if loras else NULL}\t{text(job.get('init_image'))}\t"
+               f"{NULL if strength is None else repr(float(strength))}{tail}")
 
 
 def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> int:
@@ -421,28 +434,29 @@ class Repository:
     def pending_dispatch(self, *, batch_id: str | None = None,
                          dispatched_before: datetime | None = None, limit: int = 10_000) -> list[PendingJob]:
         """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
-        query = select(Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.attempts) \
-            .where(Job.state == JobState.queued.value)
+        query = select(Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras,
+                       Job.strength, Job.attempts).where(Job.state == JobState.queued.value)
         if dispatched_before is not None:
             query = query.where(Job.dispatched_at < dispatched_before)
         else:
             query = query.where(Job.dispatched_at.is_(None))
         if batch_id is not None:
             query = query.where(Job.batch_id == batch_id)
-        query = query.order_by(Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.index).limit(limit)
+        # (JSON has no ordering in Postgres: a page's LoRA sets are grouped by chunk_pending.)
+        query = query.order_by(Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.strength,
+                               Job.index).limit(limit)
         with self._session() as s:
-            return [PendingJob(r.id, r.batch_id, (r.width, r.height, r.steps, r.guidance), r.attempts)
-                    for r in s.execute(query)]
+            return [PendingJob(r.id, r.batch_id, _shape(r), r.attempts) for r in s.execute(query)]
 
     @_translate_errors
     def queued_jobs(self, batch_id: str, after_index: int = -1, limit: int = 10_000) -> list[tuple[int, PendingJob]]:
         """A page of a batch's queued jobs in row order, with their index (keyset pagination)."""
-        query = (select(Job.index, Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.attempts)
+        query = (select(Job.index, Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras,
+                        Job.strength, Job.attempts)
                  .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
                  .order_by(Job.index).limit(limit))
         with self._session() as s:
-            return [(r.index, PendingJob(r.id, r.batch_id, (r.width, r.height, r.steps, r.guidance), r.attempts))
-                    for r in s.execute(query)]
+            return [(r.index, PendingJob(r.id, r.batch_id, _shape(r), r.attempts)) for r in s.execute(query)]
 
     @_translate_errors
     def mark_published(self, batch_id: str) -> None:

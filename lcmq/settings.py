@@ -86,6 +86,9 @@ class Settings(BaseSettings):
                                       "at load it probes batch sizes up to batch_size and keeps the largest "
                                       "that fits (worker/memory.py).")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
+    lora_cache_size: int = Field(8, ge=1, le=256, description="Style LoRAs a worker process keeps loaded; "
+                                 "the least recently used one is deleted before another loads.")
+    max_init_image_bytes: int = Field(32 << 20, ge=1024, description="img2img: larger init images fail their job.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
     log_level: str = "INFO"
     log_json: bool = False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmq.errors import InputError
+from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
 
 MIN_STEPS, MAX_STEPS = 1, 8
@@ -26,7 +27,9 @@ SIZE_MULTIPLE = 8
 MAX_SEED = 2**63 - 1
 MAX_NAME = 200  # batches.name is a String(200)
 # Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
-JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height")
+JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "loras", "init_image",
+              "strength")
+DEFAULT_STRENGTH = 0.5  # img2img without a strength: half the steps, the usual LCM img2img setting
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
 
@@ -44,11 +47,27 @@ class JobSpec:
     # The input row a job came from, when it differs from its index (a matrix makes several
     # jobs of one row): a derived seed comes from the row, so a row's cells share it.
     row: int | None = None
+    # Style LoRAs, canonical (lcmq.loras): sorted by name, local paths absolute.
+    loras: tuple[dict[str, Any], ...] = ()
+    # img2img: an s3:// or file:// URL, and how much of the image the steps may change. A
+    # relative file name is resolved at submit to a file:// URL with upload_init set: the
+    # producer uploads it under the batch's prefix and stores that URL instead.
+    init_image: str | None = None
+    strength: float | None = None
+    upload_init: bool = False
 
     @property
-    def render_shape(self) -> tuple[int, int, int, float]:
+    def render_shape(self) -> tuple:
         """Jobs with the same shape can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance)
+        return render_shape(self.width, self.height, self.steps, self.guidance, self.loras, self.strength)
+
+
+def render_shape(width: int, height: int, steps: int, guidance: float, loras: Any = None,
+                 strength: float | None = None) -> tuple:
+    """What one pipeline call needs its jobs to share: size, steps, guidance, the style LoRA set
+    (one adapter set is active per call) and, for img2img, the strength (None: text2img). The
+    producer chunks by it and the worker groups micro-batches by it: both sides call this."""
+    return (width, height, steps, guidance, lora_key(loras), strength)
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,8 @@ class BatchOptions:
     quality: int | None = None
     # Axes that multiply every row (lcmq.matrix): ((name, (values...)), ...), in the given order.
     matrix: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    # Style LoRAs of every row that sets none (`--lora`); None: the profile's (lcmq.loras).
+    loras: tuple[dict[str, Any], ...] | None = None
 
 
 # --- field checks -------------------------------------------------------------------------
@@ -209,16 +230,59 @@ _FIELD_CHECKS = {
                                           "; 1.0 disables CFG, above 2 breaks LCM images", _fail),
     "width": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
     "height": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
+    "strength": lambda v, t: _check_strength(_coerce_float(v, _fail, t)),
+    "init_image": _text_field(True),  # then resolved by the validator (relative names, schemes)
 }
+
+
+def _check_strength(value: float) -> float:
+    if not 0 < value <= 1:
+        _fail(f"must be above 0 and at most 1 (got {_show(value)}); 1 ignores the init image")
+    return value
+
+
+def resolve_init_image(ref: str, base_dir: Path | None, exists=None) -> tuple[str, bool]:
+    """(URL, upload?) of an init image: s3:// as is; file:///abs must exist; a plain name is a file
+    relative to base_dir (the batch file's folder, else the working directory) that must exist
+    and is uploaded under the batch's prefix, so workers on other machines can read it."""
+    import os
+    from urllib.parse import urlparse
+
+    exists = exists or os.path.isfile
+    ref = ref.strip()
+    if ref.startswith("s3://"):
+        parsed = urlparse(ref)
+        if not parsed.netloc or not parsed.path.strip("/"):
+            _fail(f"must be s3://bucket/key (got {_show(ref)})")
+        return ref, False
+    if ref.startswith("file://"):
+        path = Path(ref[len("file://"):])
+        if not path.is_absolute():
+            _fail(f"a file:// URL must hold an absolute path (got {_show(ref)}); or give a plain file name")
+        if not exists(str(path)):
+            _fail(f"no such file {path}")
+        return path.as_uri(), False
+    if "://" in ref:
+        _fail(f"must be an s3:// or file:// URL, or a file name (got {_show(ref)})")
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    path = Path(os.path.normpath(path))
+    if not exists(str(path)):
+        _fail(f"no such file {path}")
+    return path.as_uri(), True
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)
 
 
 class RowValidator:
     """Turns raw rows into JobSpecs, filling defaults from the batch options and the profile."""
 
-    def __init__(self, options: BatchOptions, profile: Profile, source: str):
+    def __init__(self, options: BatchOptions, profile: Profile, source: str, base_dir: Path | None = None):
         self.source = source
         self.profile = profile
+        # Relative LoRA paths and init images name files next to the batch file.
+        self.base_dir = base_dir
+        self._exists: dict[str, bool] = {}  # a path shared by 10^5 rows is looked up once
         # Batch defaults are validated once, up front, so a bad flag is named as a flag.
         flags = {k: v for k, v in {
             "steps": options.steps, "guidance": options.guidance, "width": options.width,
@@ -227,7 +291,14 @@ class RowValidator:
         checked = self._check_fields(flags, "--", line=None, from_text=False)
         if options.name is not None:
             self._check_name(options.name)
+        try:  # batch LoRAs (--lora) replace the profile's, as any flag replaces a profile default
+            loras = check_loras(options.loras if options.loras is not None else profile.loras, None,
+                                exists=self._path_exists)
+        except LoraProblem as exc:
+            where = "--lora" if options.loras is not None else f"profile {profile.name}: loras"
+            raise InputError(self.source, None, where, str(exc)) from None
         self.defaults = {
+            "loras": loras,
             "negative_prompt": checked.get("negative_prompt", ""),
             "steps": checked.get("steps", profile.steps),
             "guidance": checked.get("guidance", profile.guidance),
@@ -248,7 +319,7 @@ class RowValidator:
         out: dict[str, Any] = {}
         for name in JOB_FIELDS:
             value = raw.get(name)
-            if value is None or (from_text and value == "" and name != "prompt"):
+            if value is None or (from_text and value == "" and name != "prompt") or name not in _FIELD_CHECKS:
                 continue
             try:
                 out[name] = _FIELD_CHECKS[name](value, from_text)
@@ -265,6 +336,7 @@ class RowValidator:
             raise InputError(self.source, line, "prompt", "must be a string (got null)")
         checked = self._check_fields(raw, "", line, from_text)
         values = self.defaults | checked
+        self._check_inputs(raw, values, line, from_text)
         metadata = {k: v for k, v in raw.items() if k not in _JOB_FIELD_SET}
         for key, value in metadata.items():
             try:
@@ -276,7 +348,42 @@ class RowValidator:
                 raise InputError(self.source, line, str(key), str(exc)) from None
         return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
                        seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
-                       width=values["width"], height=values["height"], metadata=metadata)
+                       width=values["width"], height=values["height"], metadata=metadata,
+                       loras=values["loras"], init_image=values.get("init_image"),
+                       strength=values.get("strength"), upload_init=values.get("upload_init", False))
+
+    def _path_exists(self, path: str) -> bool:
+        import os
+
+        if path not in self._exists:
+            self._exists[path] = os.path.exists(path)
+        return self._exists[path]
+
+    def _check_inputs(self, raw: Mapping[str, Any], values: dict[str, Any], line: int, from_text: bool) -> None:
+        """The row's style LoRAs and img2img fields, which depend on the batch file's folder and
+        on each other: a strength needs an init image, and must leave the steps at least one."""
+        def fail(name: str, message: str):
+            raise InputError(self.source, line, name, message)
+
+        value = raw.get("loras")
+        if value is not None and not (from_text and value == ""):
+            try:  # the row's set replaces the batch's ([] renders without style LoRAs)
+                values["loras"] = check_loras(value, self.base_dir, from_text, exists=self._path_exists)
+            except LoraProblem as exc:
+                fail("loras", str(exc))
+        if "init_image" in values:
+            try:
+                values["init_image"], values["upload_init"] = resolve_init_image(
+                    values["init_image"], self.base_dir, exists=self._path_exists)
+            except _Bad as exc:
+                fail("init_image", str(exc))
+            values.setdefault("strength", DEFAULT_STRENGTH)
+            # The img2img pipeline runs int(steps * strength) of the steps: at least one.
+            if int(values["steps"] * values["strength"]) < 1:
+                fail("strength", f"{values['strength']:g} of {values['steps']} steps leaves no step to run; "
+                                 f"use at least {1 / values['steps']:g} or more steps")
+        elif "strength" in values:
+            fail("strength", "needs an init_image (strength is for img2img)")
 
 
 # --- readers: (line number, raw row) streams --------------------------------------------

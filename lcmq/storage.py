@@ -48,6 +48,11 @@ class Storage(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Remove an object (no error when it is not there). Only for objects lcmq put moments
+        ago and must take back: a refused batch's uploaded init images."""
+        raise NotImplementedError
+
     @abstractmethod
     def stored_sha256(self, key: str) -> str | None:
         """The sha256 of the object at key, or None when there is none."""
@@ -116,6 +121,9 @@ class FileStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def stored_sha256(self, key: str) -> str | None:
         path = self._path(key)
@@ -202,6 +210,9 @@ class S3Storage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._object_key(key))
 
     def stored_sha256(self, key: str) -> str | None:
         head = self._head(key)

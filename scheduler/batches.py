@@ -22,6 +22,7 @@ from lcmq.spec import BatchOptions, JobSpec
 from lcmq.storage import Storage
 
 from scheduler.dispatch import chunk_size_for, publish_batch
+from scheduler.inputs import InputUploads
 
 log = logging.getLogger("lcmq.scheduler")
 
@@ -48,7 +49,8 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
     seed = spec.seed if spec.seed is not None else derive_seed(batch_seed, spec.index if spec.row is None else spec.row)
     return {"id": job_id, "index": spec.index, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
             "seed": seed, "steps": spec.steps, "guidance": spec.guidance, "width": spec.width,
-            "height": spec.height, "meta": spec.metadata}
+            "height": spec.height, "meta": spec.metadata, "loras": list(spec.loras) or None,
+            "init_image": spec.init_image, "strength": spec.strength}
 
 
 def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: BatchOptions, repo: Repository,
@@ -64,11 +66,14 @@ def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: Batc
     # What publishing needs is kept while the rows are written, up to a bound; a longer batch
     # is read back from the database page by page (memory stays flat for 10^7 rows).
     kept: list[PendingJob] | None = []
+    uploads = InputUploads(storage, batch_id)
 
     def rows():
         nonlocal kept
         for spec in specs:
             row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
+            if spec.upload_init:  # a local init image: workers read it from storage
+                row["init_image"] = uploads.url_for(spec.init_image)
             if kept is not None:
                 kept.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))
                 if len(kept) > KEEP_PENDING_UP_TO:
@@ -76,11 +81,15 @@ def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: Batc
             yield row
 
     # 1-2. One transaction: a reader sees the whole batch or none of it.
-    batch_id, created = repo.create_batch(
-        {"id": batch_id, "name": options.name, "profile": profile.name, "total": 0, "seed": batch_seed,
-         "output": storage.batch_url(batch_id), "options": asdict(options), "idempotency_key": idempotency_key,
-         "priority": priority},
-        rows())
+    try:
+        batch_id, created = repo.create_batch(
+            {"id": batch_id, "name": options.name, "profile": profile.name, "total": 0, "seed": batch_seed,
+             "output": storage.batch_url(batch_id), "options": asdict(options),
+             "idempotency_key": idempotency_key, "priority": priority},
+            rows())
+    except BaseException:
+        uploads.discard()  # nothing was written: the init images uploaded so far go too
+        raise
     batch = repo.get_batch(batch_id)
     try:
         if not created:

@@ -121,6 +121,9 @@ def render_key(spec: JobSpec, profile: Profile, output_format: str = OUTPUT_FORM
     parts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "profile": profile.to_dict(),
              "steps": spec.steps, "guidance": spec.guidance, "width": spec.width, "height": spec.height,
              "seed": spec.seed, "format": output_format}
+    # Style LoRAs and img2img decide pixels too; absent ones leave older items' keys unchanged.
+    parts |= {k: v for k, v in (("loras", list(spec.loras)), ("init_image", spec.init_image),
+                                ("strength", spec.strength)) if v}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -179,3 +179,40 @@ def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target / "model", target / "lcm-lora"
+
+
+def generate_style_lora(model_dir: Path, out: Path, seed: int, rank: int = 4, strength: float = 0.5) -> Path:
+    """A random style LoRA for a generated (or any diffusers-folder) model: one `.safetensors`.
+
+    Like the LCM-LoRA above (peft LoraConfig, gaussian, on the UNet's attention projections), but
+    lora_B is drawn too: peft starts it at zero, which would make every style a no-op. `seed`
+    picks the style; `strength` scales lora_B, i.e. how far the style moves the image. Written
+    through a temporary file and renamed, so concurrent callers never read half a file.
+    Works for any UNet2DConditionModel folder layout (SD1.5 and SDXL alike: `<model>/unet`).
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out)
+    if out.exists():
+        return out
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * strength)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".lora-"))
+    try:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                  weight_name=out.name, safe_serialization=True)
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

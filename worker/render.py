@@ -1,26 +1,36 @@
-"""Micro-batch rendering: one pipeline call for several jobs of the same render shape."""
+"""Micro-batch rendering: one pipeline call for several jobs of the same render shape (size,
+steps, guidance, style LoRA set, img2img strength: lcmq.spec.render_shape)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 from lcmq.repository import JobRecord
+from lcmq.settings import get_settings
+from lcmq.spec import render_shape
 
+from worker.adapters import adapter_cache
+from worker.img2img import img2img_pipeline
 from worker.pipeline import LoadedPipeline
 
 
+def job_shape(job: JobRecord) -> tuple:
+    return render_shape(job.width, job.height, job.steps, job.guidance, job.loras, job.strength)
+
+
 def micro_batches(jobs: Sequence[JobRecord], batch_size: int) -> Iterator[list[JobRecord]]:
-    """Consecutive groups of at most batch_size jobs that share width, height, steps and guidance."""
+    """Consecutive groups of at most batch_size jobs that share a render shape."""
     by_shape: dict[tuple, list[JobRecord]] = {}
     for job in jobs:
-        by_shape.setdefault((job.width, job.height, job.steps, job.guidance), []).append(job)
+        by_shape.setdefault(job_shape(job), []).append(job)
     for group in by_shape.values():
         for start in range(0, len(group), batch_size):
             yield group[start:start + batch_size]
 
 
-def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord]):
-    """PIL images for jobs of one shape; each image's noise comes from its own seeded generator."""
+def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord], init_images: Sequence | None = None):
+    """PIL images for jobs of one shape; each image's noise comes from its own seeded generator.
+    With init_images (one per job, already fitted to the size: worker.img2img) it is img2img."""
     first = jobs[0]
     if loaded.dtype is None:  # the null renderer: no noise, no compute
         return loaded.pipe(prompt=[job.prompt for job in jobs], width=first.width, height=first.height).images
@@ -32,8 +42,16 @@ def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord]):
     kwargs = {}
     if first.guidance > 1.0:  # guidance 1.0 disables CFG; the negative prompt has no effect then
         kwargs["negative_prompt"] = [job.negative_prompt for job in jobs]
-    with torch.inference_mode():
-        result = loaded.pipe(prompt=[job.prompt for job in jobs], num_inference_steps=first.steps,
-                             guidance_scale=first.guidance, width=first.width, height=first.height,
-                             generator=generators, output_type="pil", **kwargs)
+    pipe = loaded.pipe
+    if init_images is not None:
+        pipe = img2img_pipeline(loaded.pipe)
+        kwargs |= {"image": list(init_images), "strength": first.strength}
+    else:
+        kwargs |= {"width": first.width, "height": first.height}
+    cache = adapter_cache(loaded.pipe, get_settings())
+    # The adapter set and the call that uses it, as one step (a threads pool shares the pipeline).
+    with cache.lock, torch.inference_mode():
+        cache.activate(first.loras)
+        result = pipe(prompt=[job.prompt for job in jobs], num_inference_steps=first.steps,
+                      guidance_scale=first.guidance, generator=generators, output_type="pil", **kwargs)
     return result.images

@@ -28,6 +28,7 @@ from lcmq.repository import BatchRecord, JobRecord, Repository
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
 
+from worker.img2img import load_init_images
 from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
 from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
@@ -173,13 +174,15 @@ class ChunkRun:
 
     def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
-        prompts = [job.prompt for job in group]
         try:
-            maybe_crash(prompts)
-            warnings = truncation_warnings(loaded, prompts)
+            maybe_crash([job.prompt for job in group])
+            group, init_images = self._init_images(loaded, group)
+            if not group:
+                return
+            warnings = truncation_warnings(loaded, [job.prompt for job in group])
             started = time.perf_counter()
             with PeakMemory(loaded.device) as peak:
-                images = render(loaded, group)
+                images = render(loaded, group, init_images)
             self.store.add_time("render_ms", started)
             if peak.mb is not None:
                 self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
@@ -202,6 +205,15 @@ class ChunkRun:
         self.succeeded += sum(outcome.recorded for outcome in outcomes)
         if errors := [outcome.transient_error for outcome in outcomes if outcome.transient_error]:
             raise StorageError(f"storing failed: {errors[0]}")
+
+    def _init_images(self, loaded, group: list[JobRecord]):
+        """img2img: read and check each job's init image; a bad one fails its own job only."""
+        if loaded.dtype is None:  # the null renderer draws no image from them
+            return group, None
+        ready, images, bad = load_init_images(group, self.settings)
+        for job, reason in bad:
+            self._fail_jobs([job], reason)
+        return ready, images
 
     # --- after a failure ----------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ def test_format_is_part_of_the_idempotency_key():
     import hashlib
     import json
     old = {"content": "c" * 64, "options": {k: v for k, v in asdict(BatchOptions(model="tiny")).items()
-                                            if k not in ("image_format", "quality", "matrix")},
+                                            if k not in ("image_format", "quality", "matrix", "loras")},
            "profile": profile.to_dict(), "chunk_size": 32}
     assert png == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -1,0 +1,58 @@
+"""Init images named by a local file in a batch: uploaded under the batch's prefix at submit.
+
+A worker on another machine cannot read the submitter's disk, so a relative `init_image` (which
+the validator resolved to a file:// URL with `upload_init`) is stored once per distinct file at
+`<batch_id>/inputs/<sha256[:16]><ext>` and the job row gets that object's URL. The uploads run
+while the rows stream into the batch's transaction; when the transaction fails (a bad row later
+in the file), `discard` removes them again, so a refused batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+from pathlib import Path
+
+from lcmq.errors import LcmqError
+from lcmq.storage import Storage, check_key
+
+log = logging.getLogger("lcmq.scheduler")
+
+INPUTS_FOLDER = "inputs"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class InputUploads:
+    def __init__(self, storage: Storage, batch_id: str):
+        self.storage = storage
+        self.batch_id = batch_id
+        self._urls: dict[str, str] = {}  # file:// URL -> stored URL: a file used by 10^4 rows goes up once
+        self.keys: list[str] = []
+
+    def url_for(self, file_url: str) -> str:
+        if file_url not in self._urls:
+            path = Path(file_url[len("file://"):])
+            suffix = path.suffix.lower() if path.suffix[1:].isalnum() else ""
+            key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{_sha256_file(path)[:16]}{suffix}")
+            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            self.storage.put_file(key, path, content_type)
+            self.keys.append(key)
+            self._urls[file_url] = self.storage.url(key)
+        return self._urls[file_url]
+
+    def discard(self) -> None:
+        """Best effort: the batch was not written, so its inputs should not stay either."""
+        for key in self.keys:
+            try:
+                self.storage.delete(key)
+            except (LcmqError, OSError) as exc:
+                log.warning("input not removed", extra={"key": key, "error": str(exc)})
+        self.keys.clear()

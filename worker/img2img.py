@@ -1,0 +1,104 @@
+"""img2img: jobs with an `init_image` render through the image-to-image pipeline built from the
+pinned one (`AutoPipelineForImage2Image.from_pipe`: the same UNet, VAE, text encoder and LCM
+scheduler objects, no second copy of the weights; style adapters on that UNet apply to both).
+
+Each init image is read (s3:// or file://) and checked before its micro-batch renders: at most
+`max_init_image_bytes`, decodable, at most MAX_SIDE pixels a side, convertible to RGB (alpha is
+dropped, EXIF orientation applied). It is then fitted to the job's width and height: scaled to
+cover the size and centre-cropped (ImageOps.fit), so a job's size always wins and the aspect
+ratio is kept. A bad image fails its own job with the reason; its micro-batch neighbours render.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from lcmq.errors import PermanentError, PermanentStorageError
+from lcmq.repository import JobRecord
+from lcmq.settings import Settings
+from lcmq.storage import read_url
+
+log = logging.getLogger("lcmq.worker")
+
+MAX_SIDE = 2048  # as for a job's own width and height (lcmq.spec.MAX_SIDE)
+
+
+class InitImageError(PermanentError):
+    """An init image that cannot be read or used: its job fails, the others go on."""
+
+
+def _decode(data: bytes, url: str):
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if max(image.size) > MAX_SIDE:  # before decoding the pixels: no decompression bombs
+                raise InitImageError(f"init image {url} is {image.size[0]}x{image.size[1]}; at most "
+                                     f"{MAX_SIDE} pixels a side")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except InitImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
+
+
+def load_init_image(url: str, width: int, height: int, settings: Settings):
+    """The job's init image as an RGB PIL image of exactly width x height. Transient storage
+    errors propagate (the task retries); everything else is an InitImageError."""
+    from PIL import Image, ImageOps
+
+    try:
+        data = read_url(url, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s,
+                        settings.s3_max_attempts)
+    except PermanentStorageError as exc:
+        raise InitImageError(f"init image {url} cannot be read: {exc}") from exc
+    if len(data) > settings.max_init_image_bytes:
+        raise InitImageError(f"init image {url} has {len(data)} bytes; at most {settings.max_init_image_bytes}")
+    image = _decode(data, url)
+    if image.size != (width, height):
+        image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    return image
+
+
+def load_init_images(jobs: Sequence[JobRecord], settings: Settings
+                     ) -> tuple[list[JobRecord], list[Any] | None, list[tuple[JobRecord, str]]]:
+    """(jobs that can render, their init images or None for text2img, (job, reason) of bad ones).
+    A micro-batch is all img2img or all text2img: strength is part of the render shape."""
+    if not jobs or jobs[0].init_image is None:
+        return list(jobs), None, []
+    ready, images, bad = [], [], []
+    cache: dict[str, Any] = {}  # the same init image for several jobs of one size: read once
+    for job in jobs:
+        try:
+            key = f"{job.init_image}@{job.width}x{job.height}"
+            if key not in cache:
+                cache[key] = load_init_image(job.init_image, job.width, job.height, settings)
+            ready.append(job)
+            images.append(cache[key])
+        except InitImageError as exc:
+            bad.append((job, f"{type(exc).__name__}: {exc}"))
+    return ready, images, bad
+
+
+_PIPES: dict[int, Any] = {}
+_PIPES_LOCK = threading.Lock()
+
+
+def img2img_pipeline(pipe: Any) -> Any:
+    """The image-to-image pipeline over the same components, built once per text2img pipeline."""
+    with _PIPES_LOCK:
+        built = _PIPES.get(id(pipe))
+        if built is None or built.unet is not pipe.unet:
+            from diffusers import AutoPipelineForImage2Image
+
+            built = AutoPipelineForImage2Image.from_pipe(pipe)
+            built.set_progress_bar_config(disable=True)
+            _PIPES[id(pipe)] = built
+            log.info("img2img pipeline built", extra={"class": type(built).__name__})
+        return built
