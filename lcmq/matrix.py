@@ -1,7 +1,8 @@
 """Sweeps: axes that multiply every row of a batch into cells (`--matrix seed=0..3`).
 
-An axis is a job field (`seed`, `steps`, `guidance`) or a text field that fills `{name}` in the
-row's prompt and negative prompt. Cells are the product of the axes in the order given; cells
+An axis is a job field (`seed`, `steps`, `guidance`), a style LoRA's weight (`lora_weight` for
+the one style LoRA of a job's set, `lora_weight.NAME` for the one named NAME), or a text field
+that fills `{name}` in the row's prompt and negative prompt. Cells are the product of the axes in the order given; cells
 of one row that come out identical (a repeated value, or a text field the prompt never uses)
 collapse to one job. Each job keeps its axis values in its metadata under `matrix`, so the
 manifest says which cell every image is. Cells of one row share the row's seed unless `seed` is
@@ -17,13 +18,15 @@ from dataclasses import replace
 from typing import Any
 
 from lcmq.errors import InputError
-from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad
+from lcmq.loras import lora_key
+from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad, _coerce_float, _fail
 
-# Job fields an axis may set. (`lora_weight` joins them with style LoRAs.)
+# Job fields an axis may set, and the style-LoRA weight axis (alone, or `lora_weight.NAME`).
 FIELD_AXES = ("seed", "steps", "guidance")
+LORA_WEIGHT = "lora_weight"
 MATRIX_KEY = "matrix"  # the metadata key that holds a job's axis values
 MAX_CELLS = 10_000  # per row: a typo like seed=0..99999999 is refused, not enqueued
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$|^lora_weight\.[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 
 Matrix = tuple[tuple[str, tuple[Any, ...]], ...]
@@ -70,10 +73,25 @@ def check_matrix(axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequenc
     return tuple(checked)
 
 
+def _is_lora_axis(name: str) -> bool:
+    return name == LORA_WEIGHT or name.startswith(LORA_WEIGHT + ".")
+
+
+def _lora_weight(value: Any) -> float:
+    from lcmq.loras import MAX_WEIGHT
+
+    weight = _coerce_float(value, _fail, True)
+    if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+        raise _Bad(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")
+    return weight
+
+
 def _check_value(name: str, value: Any, source: str, where: str) -> Any:
     try:
         if name in FIELD_AXES:
             return _FIELD_CHECKS[name](value, True)
+        if _is_lora_axis(name):
+            return _lora_weight(value)
         if not isinstance(value, str) or not value.strip():
             raise _Bad(f"values must be non-empty text (got {value!r})")
         return _FIELD_CHECKS["negative_prompt"](value, True)  # text: no control characters
@@ -87,7 +105,7 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         yield from specs
         return
     names = [name for name, _ in matrix]
-    unused = {name for name in names if name not in FIELD_AXES}  # text axes no row has used yet
+    unused = {name for name in names if name not in FIELD_AXES and not _is_lora_axis(name)}  # text axes unused yet
     index = 0
     for row, spec in enumerate(specs):
         if unused:
@@ -98,8 +116,8 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         seen: set[tuple] = set()
         for cell in itertools.product(*(values for _, values in matrix)):
             values = dict(zip(names, cell))
-            job = _apply(spec, values)
-            identity = (job.prompt, job.negative_prompt, job.seed, job.steps, job.guidance)
+            job = _apply(spec, values, source, row)
+            identity = (job.prompt, job.negative_prompt, job.seed, job.steps, job.guidance, lora_key(job.loras))
             if identity in seen:
                 continue
             seen.add(identity)
@@ -112,13 +130,31 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
                          f"no prompt uses {{{name}}}, and {name!r} is not a job field ({', '.join(FIELD_AXES)})")
 
 
-def _apply(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
+def _apply(spec: JobSpec, values: dict[str, Any], source: str, row: int) -> JobSpec:
     prompt, negative = spec.prompt, spec.negative_prompt
     fields: dict[str, Any] = {}
     for name, value in values.items():
         if name in FIELD_AXES:
             fields[name] = value
+        elif _is_lora_axis(name):
+            fields["loras"] = _with_weight(fields.get("loras", spec.loras), name, value, source, row)
         else:
             prompt = prompt.replace("{" + name + "}", value)
             negative = negative.replace("{" + name + "}", value)
     return replace(spec, prompt=prompt, negative_prompt=negative, **fields)
+
+
+def _with_weight(loras: tuple[dict[str, Any], ...], axis: str, weight: float, source: str,
+                 row: int) -> tuple[dict[str, Any], ...]:
+    """The job's LoRA set with one style's weight set by the axis."""
+    target = axis.partition(".")[2]
+    names = [entry["name"] for entry in loras]
+    if target and target not in names:
+        raise InputError(source, None, f"--matrix {axis}",
+                         f"row {row + 1}: its LoRA set has no {target!r} (it has {', '.join(names) or 'none'})")
+    if not target and len(loras) != 1:
+        raise InputError(source, None, f"--matrix {axis}",
+                         f"row {row + 1}: lora_weight needs exactly one style LoRA in the job's set (it has "
+                         f"{len(loras)}); name one with lora_weight.NAME")
+    target = target or names[0]
+    return tuple(entry | {"weight": weight} if entry["name"] == target else entry for entry in loras)

@@ -99,3 +99,31 @@ def test_cells_of_a_row_share_its_derived_seed():
     # Without a matrix, a row's seed is what it always was (derived from its index).
     plain = [job_row("j", s, batch_seed=7)["seed"] for s in (spec(0, "a fox"), spec(1, "an owl"))]
     assert plain == [seeds[0], seeds[2]]
+
+
+def _lora(name: str, weight: float = 1.0) -> dict:
+    return {"name": name, "path": f"/loras/{name}.safetensors", "weight": weight}
+
+
+def test_lora_weight_axis_sets_the_style_weight():
+    matrix = check_matrix({"lora_weight": ["0.4", "0.8", "0.8"]})
+    jobs = list(expand([spec(0, "a fox", loras=(_lora("ink"),))], matrix, "f.txt"))
+    assert [j.loras[0]["weight"] for j in jobs] == [0.4, 0.8]  # the repeated 0.8 collapsed
+    assert jobs[0].metadata["matrix"] == {"lora_weight": 0.4}
+    # Named, in a set of two: only that style's weight moves.
+    matrix = check_matrix({"lora_weight.oil": [0.2, 1.5]})
+    jobs = list(expand([spec(0, "a fox", loras=(_lora("ink", 0.7), _lora("oil")))], matrix, "f.txt"))
+    assert [[(e["name"], e["weight"]) for e in j.loras] for j in jobs] == [[("ink", 0.7), ("oil", 0.2)],
+                                                                          [("ink", 0.7), ("oil", 1.5)]]
+
+
+@pytest.mark.parametrize("axes, loras, field, message", [
+    ({"lora_weight": ["3"]}, (_lora("ink"),), "--matrix lora_weight", "between -2 and 2"),
+    ({"lora_weight": ["0.5"]}, (), "--matrix lora_weight", "exactly one style LoRA"),
+    ({"lora_weight": ["0.5"]}, (_lora("ink"), _lora("oil")), "--matrix lora_weight", "lora_weight.NAME"),
+    ({"lora_weight.oil": ["0.5"]}, (_lora("ink"),), "--matrix lora_weight.oil", "has no 'oil'"),
+])
+def test_lora_weight_axis_refusals(axes, loras, field, message):
+    with pytest.raises(InputError) as info:
+        list(expand([spec(0, "a fox", loras=loras)], check_matrix(axes), "f.txt"))
+    assert info.value.field == field and message in str(info.value), str(info.value)
