@@ -266,7 +266,8 @@ def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
 
 def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: str, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 negative_prompt: str = "", seed: int | None = None) -> dict[str, Any]:
+                 negative_prompt: str = "", seed: int | None = None, image_format: str = DEFAULT_FORMAT,
+                 quality: int | None = None) -> dict[str, Any]:
     """Check everything (the catalog is read and every item checked now, and again at each run),
     then store the schedule; it first fires at the next cron time. Nothing is written on error."""
     from lcmq.models import SCHEDULE_NAME_LENGTH
@@ -289,6 +290,9 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     profile = _resolve_profile(model, source)
     options = {"steps": steps, "guidance": guidance, "width": width, "height": height,
                "negative_prompt": negative_prompt, "seed": seed}
+    image_format, quality = check_output(source, image_format, quality)
+    if image_format != DEFAULT_FORMAT:  # PNG schedules store what they stored before formats
+        options |= {"image_format": image_format, "quality": quality}
     settings = get_settings()
     load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
     repo = repository(settings)

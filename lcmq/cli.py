@@ -171,7 +171,8 @@ def cmd_schedule(args) -> int:
     if action == "add":
         shown = api.schedule_add(args.name, catalog=args.catalog, template=args.template, cron=args.cron,
                                  model=args.model, steps=args.steps, guidance=args.guidance, width=args.width,
-                                 height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed)
+                                 height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed,
+                                 image_format=args.format, quality=args.quality)
     elif action == "list":
         rows = api.schedules()
         if args.json:
@@ -374,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--width", type=int)
     a.add_argument("--height", type=int)
     a.add_argument("--seed", type=int, help="base seed; an item without its own seed derives one from its id")
+    a.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
+    a.add_argument("--quality", type=int, help="1-100 for webp and jpeg (default 90)")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list", help="schedules with their next and last runs")
     a.add_argument("--json", action="store_true")

@@ -30,8 +30,16 @@ from lcmq.spec import FORMATS, BatchOptions, JobSpec, RowValidator, _read_csv, _
 from lcmq.storage import read_url
 
 ID_FIELD = "id"
-# The one output format today. It is part of the render key, so a format change re-renders.
+# The default output format. The format (and a lossy one's quality) is part of the render key,
+# so a format change re-renders; PNG catalogs keep the keys they had before formats.
 OUTPUT_FORMAT = "png"
+
+
+def format_identity(options: BatchOptions) -> str:
+    """What the render key says of the output: "png", or "webp:85" (a quality change re-renders)."""
+    if options.image_format == OUTPUT_FORMAT:
+        return OUTPUT_FORMAT
+    return f"{options.image_format}:{options.quality}"
 SEED_BITS = 32
 CATALOG_FORMATS = ("csv", "jsonl")
 _ID_CHARS = set(string.ascii_letters + string.digits + "._-")
@@ -208,7 +216,7 @@ def build_items(rows: Iterable[tuple[int, dict[str, Any]]], template: str, optio
         spec = validator.validate(len(items), line, row, from_text)
         if spec.seed is None:
             spec = replace(spec, seed=item_seed(options.seed, item_id))
-        items.append(CatalogItem(item_id, line, spec, render_key(spec, profile)))
+        items.append(CatalogItem(item_id, line, spec, render_key(spec, profile, format_identity(options))))
     if not items:
         raise InputError(source, None, None, "no items in the catalog")
     return items

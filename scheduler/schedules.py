@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 
 from lcmq.errors import BrokerError, DatabaseError, LcmqError
+from lcmq.formats import OutputFormat
 from lcmq.models import JobState
 from lcmq.profiles import get_profile
 from lcmq.repository import ItemState, PendingJob, Repository, ScheduleRecord, utcnow
@@ -89,11 +90,12 @@ def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedul
     counts = plan.counts
 
     batch_id = new_batch_id()
+    ext = OutputFormat.of(asdict(options)).ext  # the stable key follows the schedule's format
     jobs, rendered, pending = [], [], []
     for index, (item, _) in enumerate(plan.render):
         spec = replace(item.spec, index=index)  # its place in this run's batch
         row = job_row(job_id(batch_id, index), spec, 0) | {
-            "key": storage.item_key(schedule.name, item.item_id), "render_key": item.render_key}
+            "key": storage.item_key(schedule.name, item.item_id, ext), "render_key": item.render_key}
         jobs.append(row)
         rendered.append({"item_id": item.item_id, "render_key": item.render_key, "job_id": row["id"]})
         pending.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))

@@ -107,3 +107,26 @@ def test_a_scheduled_run_of_a_broken_catalog_records_why_and_waits(embedded_env,
     fired = fire_due(repo, store, settings, now=later)
     assert len(fired) == 1 and repo.get_schedule("shop").last_error is None
     assert repo.get_batch(fired[0]).total == 1
+
+
+def test_a_webp_schedule_keeps_stable_webp_keys_and_its_format_is_in_the_render_key(embedded_env, tmp_path):
+    from scheduler.schedules import run_schedule
+
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white"), ("b", "cup", "red")]))
+    for name, fmt, quality in (("png-shop", "png", None), ("webp-shop", "webp", 85)):
+        api.schedule_add(name, catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null",
+                         image_format=fmt, quality=quality)
+    with pytest.raises(InputError, match="--quality: applies to webp and jpeg only"):
+        api.schedule_add("x", catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null", quality=50)
+    repo, settings = api.repository(), get_settings()
+    keys = {}
+    for name in ("png-shop", "webp-shop"):
+        result = run_schedule(repo, api.storage(), settings, repo.get_schedule(name), scheduled=False)
+        keys[name] = {job.key: job.render_key for job in repo.jobs(result.batch_id)}
+    assert sorted(keys["png-shop"]) == ["png-shop/a.png", "png-shop/b.png"]
+    assert sorted(keys["webp-shop"]) == ["webp-shop/a.webp", "webp-shop/b.webp"]
+    # The same items, another format: another render key (a format change re-renders).
+    assert set(keys["png-shop"].values()).isdisjoint(keys["webp-shop"].values())
+    assert repo.get_batch(result.batch_id).options["image_format"] == "webp"
