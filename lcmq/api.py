@@ -246,6 +246,22 @@ def export(batch_id: str, *, format: str, to: str | Path, shard_size: int = 1000
     return run_export(repository(settings), storage(settings), batch_id, format, to, settings, shard_size)
 
 
+def jobs(batch_id: str, state: JobState | str | None = None) -> Iterator[dict[str, Any]]:
+    """What happened to each job of a batch, in row order (all, or those in one state): its
+    state, attempts, the worker that last held it, and its image or the reason it failed."""
+    repo = repository()
+    repo.get_batch(batch_id)  # an unknown batch is an error, not an empty list
+    wanted = JobState(state) if isinstance(state, str) else state
+    store = storage()
+    for job in repo.iter_jobs(batch_id, wanted):
+        yield {"index": job.index, "job_id": job.id, "state": job.state, "attempts": job.attempts,
+               "worker": job.worker, "key": job.key, "url": store.url(job.key) if job.key else None,
+               "error": job.error, "warning": job.warning, "prompt": job.prompt, "seed": job.seed,
+               "started_at": job.started_at.isoformat() if job.started_at else None,
+               "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+               "render_ms": job.render_ms}
+
+
 def models() -> list[dict[str, Any]]:
     return [p.to_dict() | {"queue": p.queue} for p in load_profiles().values()]
 

@@ -16,6 +16,7 @@ from lcmq import api
 from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
 from lcmq.matrix import parse_axis
+from lcmq.models import JobState
 from lcmq.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -225,6 +226,17 @@ def cmd_manifest(args) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args) -> int:
+    for job in api.jobs(args.batch, args.state):
+        if args.json:
+            print(json.dumps(job))
+            continue
+        outcome = job["error"] or job["url"] or ""
+        print(f"{job['index']:>7}  {job['state']:<9}  attempts={job['attempts']}  "
+              f"{job['worker'] or '-':<24}  {outcome}")
+    return EXIT_OK
+
+
 def cmd_export(args) -> int:
     _print_json(api.export(args.batch, format=args.format, to=args.to, shard_size=args.shard_size))
     return EXIT_OK
@@ -400,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="one JSON line per succeeded image")
     p.add_argument("batch")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("jobs", help="what happened to each job of a batch: state, attempts, worker, image or error")
+    p.add_argument("batch")
+    p.add_argument("--state", choices=[state.value for state in JobState], help="only the jobs in this state")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("export", help="write a finished batch as a dataset (imagefolder or webdataset)")
     p.add_argument("batch")

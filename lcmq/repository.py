@@ -403,14 +403,15 @@ class Repository:
             return [(b, counts[b.id]) for b in batches]
 
     @_translate_errors
-    def _jobs_page(self, batch_id: str, state: JobState, after_index: int, limit: int) -> list[JobRecord]:
-        query = (select(Job).where(Job.batch_id == batch_id, Job.state == state.value, Job.index > after_index)
-                 .order_by(Job.index).limit(limit))
+    def _jobs_page(self, batch_id: str, state: JobState | None, after_index: int, limit: int) -> list[JobRecord]:
+        query = select(Job).where(Job.batch_id == batch_id, Job.index > after_index).order_by(Job.index).limit(limit)
+        if state is not None:
+            query = query.where(Job.state == state.value)
         with self._session() as s:
             return [_record(JobRecord, j) for j in s.scalars(query)]
 
-    def iter_jobs(self, batch_id: str, state: JobState, page: int = 5000) -> Iterator[JobRecord]:
-        """A batch's jobs in one state, in row order, a page at a time (keyset pagination): a
+    def iter_jobs(self, batch_id: str, state: JobState | None, page: int = 5000) -> Iterator[JobRecord]:
+        """A batch's jobs (all, or in one state), in row order, a page at a time (keyset pagination): a
         10^6-job manifest or export never holds the batch, nor a session, for long."""
         after = -1
         while True:

@@ -68,6 +68,10 @@ def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, t
     failed = api.repository().jobs(batch_id)
     assert [j.state for j in failed] == ["failed"] * 6
     assert all("NoSuchBucket" in j.error and j.attempts == 1 for j in failed)
+    # `lcmq jobs` says what happened to each job: the table, and one JSON object per job.
+    table = cli(env, "jobs", batch_id, "--state", "failed")
+    assert table.returncode == 0, table.stderr
+    assert len(table.stdout.splitlines()) == 6 and all("NoSuchBucket" in line for line in table.stdout.splitlines())
 
     boto3.client("s3", endpoint_url=env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
         Bucket=bucket)
@@ -77,6 +81,10 @@ def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, t
     jobs = api.repository().jobs(batch_id)
     assert [j.state for j in jobs] == ["succeeded"] * 6
     assert all(j.attempts == 1 and j.error is None for j in jobs)
+    listed = [json.loads(line) for line in cli(env, "jobs", batch_id, "--json").stdout.splitlines()]
+    assert [(j["index"], j["state"], j["error"]) for j in listed] == [(i, "succeeded", None) for i in range(6)]
+    assert all(j["url"] == f"s3://{bucket}/x/{batch_id}/{j['index']:06d}.png" for j in listed)
+    assert cli(env, "jobs", "nosuchbatch").returncode == 1
 
 
 def test_urgent_batches_are_served_first(isolated_env, procs, tmp_path):
