@@ -8,6 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from lcmq.api import BatchStatus, batches, export, manifest, models, status, submit, wait  # noqa: E402
+from lcmq.api import BatchStatus, batches, export, jobs, manifest, models, status, submit, wait  # noqa: E402
 
-__all__ = ["BatchStatus", "batches", "export", "manifest", "models", "status", "submit", "wait", "__version__"]
+__all__ = ["BatchStatus", "batches", "export", "jobs", "manifest", "models", "status", "submit", "wait", "__version__"]
