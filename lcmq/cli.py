@@ -318,29 +318,34 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 # --- parser -----------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lcmq", description="Batch rendering queue for LCM-LoRA diffusion.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("submit", help="validate a prompt file and enqueue it as a batch")
-    p.add_argument("file", help=".txt (a prompt per line), .jsonl or .csv")
+def _add_render_flags(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The model and job parameters a batch and a schedule both take."""
     p.add_argument("--model", required=True, help="model profile (see `lcmq models`)")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--negative-prompt")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--seed", type=int, help="batch seed; a row without its own seed derives one from it")
+    p.add_argument("--seed", type=int, help=seed_help)
+    p.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
+    p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcmq", description="Batch rendering queue for LCM-LoRA diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="validate a prompt file and enqueue it as a batch")
+    p.add_argument("file", help=".txt (a prompt per line), .jsonl or .csv")
+    _add_render_flags(p, seed_help="batch seed; a row without its own seed derives one from it")
     p.add_argument("--name")
     p.add_argument("--chunk-size", type=int, help="jobs per queue message")
     p.add_argument("--priority", type=int, default=0, help="0-9, 9 most urgent (default 0)")
     p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
                    "submitting the same key again returns the existing batch")
-    p.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
     p.add_argument("--matrix", action="append", metavar="NAME=VALUES",
                    help="multiply every row: seed=0..3, steps=4,6, guidance=1,1.5, or a text field that "
                         "fills {NAME} in the prompt (style=oil,ink); repeat for more axes")
-    p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
     p.add_argument("--lora", action="append", metavar="NAME=PATH[:WEIGHT]",
                    help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
                         "local or s3://; weight -2..2, default 1); repeat for more")
@@ -380,15 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--template", required=True, help='prompt template over the item\'s columns, e.g. '
                    '"{name}, {color}, studio photo on white"')
     a.add_argument("--cron", required=True, help='5 fields, UTC, e.g. "0 3 * * *"; or @hourly, @daily, ...')
-    a.add_argument("--model", required=True, help="model profile (see `lcmq models`)")
-    a.add_argument("--steps", type=int)
-    a.add_argument("--guidance", type=float)
-    a.add_argument("--negative-prompt")
-    a.add_argument("--width", type=int)
-    a.add_argument("--height", type=int)
-    a.add_argument("--seed", type=int, help="base seed; an item without its own seed derives one from its id")
-    a.add_argument("--format", default="png", help="image format: png (default), webp or jpeg")
-    a.add_argument("--quality", type=int, help="1-100 for webp and jpeg (default 90)")
+    _add_render_flags(a, seed_help="base seed; an item without its own seed derives one from its id")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list", help="schedules with their next and last runs")
     a.add_argument("--json", action="store_true")

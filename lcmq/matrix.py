@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from lcmq.errors import InputError
-from lcmq.loras import lora_key
+from lcmq.loras import MAX_WEIGHT, lora_key
 from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad, _coerce_float, _fail
 
 # Job fields an axis may set, and the style-LoRA weight axis (alone, or `lora_weight.NAME`).
@@ -78,8 +78,6 @@ def _is_lora_axis(name: str) -> bool:
 
 
 def _lora_weight(value: Any) -> float:
-    from lcmq.loras import MAX_WEIGHT
-
     weight = _coerce_float(value, _fail, True)
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
         raise _Bad(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")

@@ -372,13 +372,17 @@ class Repository:
         s.execute(update(Batch).where(Batch.id == batch_id).values(total=total))
         return total
 
+    def _get(self, model, key: str, record_cls, what: str):
+        """One row by primary key as a record; NotFoundError names what is missing."""
+        with self._session() as s:
+            row = s.get(model, key)
+            if row is None:
+                raise NotFoundError(f"no {what} {key!r}")
+            return _record(record_cls, row)
+
     @_translate_errors
     def get_batch(self, batch_id: str) -> BatchRecord:
-        with self._session() as s:
-            row = s.get(Batch, batch_id)
-            if row is None:
-                raise NotFoundError(f"no batch {batch_id!r}")
-            return _record(BatchRecord, row)
+        return self._get(Batch, batch_id, BatchRecord, "batch")
 
     @_translate_errors
     def state_counts(self, batch_id: str) -> dict[str, int]:
@@ -551,11 +555,7 @@ class Repository:
 
     @_translate_errors
     def get_schedule(self, name: str) -> ScheduleRecord:
-        with self._session() as s:
-            row = s.get(Schedule, name)
-            if row is None:
-                raise NotFoundError(f"no schedule {name!r}")
-            return _record(ScheduleRecord, row)
+        return self._get(Schedule, name, ScheduleRecord, "schedule")
 
     @_translate_errors
     def schedules(self) -> list[ScheduleRecord]:
@@ -662,14 +662,19 @@ class Repository:
     # --- worker side ----------------------------------------------------------------------
 
     @_translate_errors
-    def claim(self, job_ids: Sequence[str], worker: str, lease_s: float) -> list[JobRecord]:
+    def claim(self, job_ids: Sequence[str], worker: str, lease_s: float,
+              max_attempts: int | None = None) -> list[JobRecord]:
         """Take the jobs that are free: queued, or running under a lease that expired.
 
-        A conditional update, so two workers handed the same ids never both own a job.
+        A conditional update, so two workers handed the same ids never both own a job. With
+        max_attempts, an expired job that already used them all is not taken: it is the
+        sweeper's to fail (a redelivered message must not give a poison job one more worker).
         """
         now = utcnow()
-        claimable = or_(Job.state == JobState.queued.value,
-                        (Job.state == JobState.running.value) & (Job.lease_until < now))
+        expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
+        if max_attempts is not None:
+            expired = expired & (Job.attempts < max_attempts)
+        claimable = or_(Job.state == JobState.queued.value, expired)
         table = Job.__table__
         with self.engine.begin() as conn:  # Core: plain rows back, no ORM objects
             claimed = _job_records(conn.execute(

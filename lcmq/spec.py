@@ -19,6 +19,7 @@ from typing import Any
 from lcmq.errors import InputError
 from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
+from lcmq.storage import file_sha256
 
 MIN_STEPS, MAX_STEPS = 1, 8
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
@@ -494,16 +495,6 @@ def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowVali
     if not specs:
         raise InputError(validator.source, None, None, "no prompts in input")
     return specs
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def open_batch_file(path: Path, validator: RowValidator) -> tuple[Iterator[JobSpec], str]:

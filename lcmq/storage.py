@@ -31,6 +31,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (a batch file or an init image is never held whole)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class Storage(ABC):
     """Where images go. `key` is relative to the storage root given by the URL."""
 

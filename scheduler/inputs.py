@@ -9,25 +9,16 @@ in the file), `discard` removes them again, so a refused batch leaves nothing be
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mimetypes
 from pathlib import Path
 
 from lcmq.errors import LcmqError
-from lcmq.storage import Storage, check_key
+from lcmq.storage import Storage, check_key, file_sha256
 
 log = logging.getLogger("lcmq.scheduler")
 
 INPUTS_FOLDER = "inputs"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class InputUploads:
@@ -41,7 +32,7 @@ class InputUploads:
         if file_url not in self._urls:
             path = Path(file_url[len("file://"):])
             suffix = path.suffix.lower() if path.suffix[1:].isalnum() else ""
-            key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{_sha256_file(path)[:16]}{suffix}")
+            key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{file_sha256(path)[:16]}{suffix}")
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             self.storage.put_file(key, path, content_type)
             self.keys.append(key)

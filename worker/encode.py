@@ -16,7 +16,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from lcmq.formats import OutputFormat
 
-PNG_CONTENT_TYPE = "image/png"
 # zlib level 4 costs ~half the time of the default 6 for a few percent more bytes.
 PNG_COMPRESS_LEVEL = 4
 # libwebp's default effort, pinned: the bytes must not change with a library default.

@@ -12,7 +12,11 @@ would idle the GPU for a large share of it). So storing belongs to the process, 
   with a backoff. A task that has returned thus owes nothing to the micro-batches it left here;
 - the jobs being stored stay leased: a process-wide heartbeat renews them, whichever task
   (or none) is running;
-- backpressure: a task waits when `max_pending` micro-batches are in the pipeline;
+- backpressure: a task waits while `max_pending` micro-batches are in the pipeline;
+- once per chunk, after its last record, the recorder writes the batch's manifest if that chunk
+  finished the batch;
+- a task drains the pipeline before it renders a retried job (one that may have killed a
+  worker before), so a poison job never takes other jobs' stored images down with it;
 - at shutdown the worker drains the pipeline before its process exits (a crash instead leaves
   the leases to expire, and the sweeper requeues those jobs: keys are deterministic, so the
   redone upload finds its object and nothing is stored twice).
@@ -21,6 +25,7 @@ would idle the GPU for a large share of it). So storing belongs to the process, 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -48,9 +53,7 @@ class Outcome:
     """What became of one stored micro-batch."""
 
     recorded: int = 0
-    failed: int = 0
-    handed_back: int = 0
-    transient_error: str | None = None
+    transient_error: str | None = None  # set when the micro-batch was handed back
 
 
 @dataclass
@@ -65,13 +68,6 @@ class StoreContext:
 
 
 @dataclass
-class _Pending:
-    future: Future
-    ids: list[str]
-    batch_id: str
-
-
-@dataclass
 class StorePipeline:
     """This process's storing machinery (one per process; see `pipeline()`)."""
 
@@ -81,7 +77,7 @@ class StorePipeline:
         UPLOAD_THREADS, thread_name_prefix="lcmq-upload"))
     _recorder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="lcmq-record"))
-    _pending: deque[_Pending] = field(default_factory=deque)
+    _pending: deque[Future] = field(default_factory=deque)  # each micro-batch's record, oldest first
     _held: dict[str, tuple[Repository, str]] = field(default_factory=dict)  # job id -> (repo, worker)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _heartbeat: Heartbeat | None = None
@@ -123,31 +119,35 @@ class StorePipeline:
     # --- the pipeline -----------------------------------------------------------------------
 
     def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
-        """Store a rendered micro-batch in the background (call `wait_below` first)."""
+        """Store a rendered micro-batch in the background (call `make_room` first)."""
         ids = [job.id for job in group]
         self._hold(ctx, ids)
         uploads = [self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
                    for job, image, warning in zip(group, images, warnings, strict=True)]
         future = self._recorder.submit(self._record, ctx, group, uploads)
         with self._lock:
-            self._pending.append(_Pending(future, ids, ctx.batch.id))
+            self._pending.append(future)
 
-    def wait_below(self, limit: int) -> list[Outcome]:
-        """Wait until fewer than `limit` micro-batches are in the pipeline; their outcomes."""
+    def finish_chunk(self, ctx: StoreContext) -> None:
+        """A chunk handed in its last micro-batch: once its records are done (the recorder runs
+        in order), write the batch's manifest if that finished the batch. One check per chunk."""
+        self._recorder.submit(self._write_manifest, ctx)
+
+    def make_room(self) -> list[Outcome]:
+        """Backpressure: wait until fewer than `max_pending` micro-batches are in the pipeline."""
+        return self._wait_below(self.max_pending)
+
+    def drain(self) -> list[Outcome]:
+        return self._wait_below(1)
+
+    def _wait_below(self, limit: int) -> list[Outcome]:
         outcomes = []
         while True:
             with self._lock:
                 if len(self._pending) < limit:
                     return outcomes
                 oldest = self._pending.popleft()
-            outcomes.append(oldest.future.result())  # _record never raises
-
-    def drain(self) -> list[Outcome]:
-        return self.wait_below(1)
-
-    def pending_for(self, batch_id: str) -> int:
-        with self._lock:
-            return sum(1 for p in self._pending if p.batch_id == batch_id and not p.future.done())
+            outcomes.append(oldest.result())  # _record never raises
 
     # --- in the pool threads ----------------------------------------------------------------
 
@@ -171,14 +171,7 @@ class StorePipeline:
 
     def _record(self, ctx: StoreContext, group: list[JobRecord], uploads: list[Future]) -> Outcome:
         """Record a micro-batch once all its uploads are done, or settle its failure (the first
-        failed upload decides for the whole micro-batch); then, if that was the batch's last
-        job anywhere, write its manifest. Never raises."""
-        outcome = self._record_or_settle(ctx, group, uploads)
-        if self.pending_for(ctx.batch.id) <= 1:  # only this one: nothing more of the batch here
-            self._write_manifest(ctx)
-        return outcome
-
-    def _record_or_settle(self, ctx: StoreContext, group: list[JobRecord], uploads: list[Future]) -> Outcome:
+        failed upload decides for the whole micro-batch). Never raises."""
         ids = [job.id for job in group]
         try:
             stored = [upload.result() for upload in uploads]
@@ -205,10 +198,10 @@ class StorePipeline:
                 publish_chunks(batch.profile, [(batch.id, ids)], batch.priority, countdown_s=ctx.backoff_s(0))
                 log.warning("storing failed, jobs handed back", extra={"batch_id": batch.id, "jobs": released,
                                                                        "error": reason})
-                return Outcome(handed_back=released, transient_error=reason)
+                return Outcome(transient_error=reason)
             failed = ctx.repo.record_failure(ids, ctx.worker, reason)
             log.error("micro-batch failed", extra={"batch_id": batch.id, "jobs": failed, "error": reason})
-            return Outcome(failed=failed)
+            return Outcome()
         except LcmqError as settle_exc:  # the database or broker is gone too: leases expire, the
             # sweeper requeues the jobs
             log.error("could not settle a failed micro-batch", extra={"batch_id": batch.id, "error": reason,
@@ -230,8 +223,6 @@ _PIPELINES: dict[int, StorePipeline] = {}
 
 def pipeline(lease_s: float = 120.0) -> StorePipeline:
     """This process's pipeline (a forked pool child builds its own: threads do not survive fork)."""
-    import os
-
     pid = os.getpid()
     if pid not in _PIPELINES:
         _PIPELINES[pid] = StorePipeline(lease_s=lease_s)
@@ -240,8 +231,6 @@ def pipeline(lease_s: float = 120.0) -> StorePipeline:
 
 def drain_on_exit(**_) -> None:
     """Worker shutdown: let every background store finish before the process exits."""
-    import os
-
     if (store := _PIPELINES.get(os.getpid())) is not None:
         outcomes = store.drain()
         if outcomes:

@@ -59,9 +59,6 @@ def process_clients() -> tuple[Repository, Storage]:
     return _CLIENTS[pid]
 
 
-STORING_MICRO_BATCHES = 2  # in the store pipeline while the next renders: backpressure beyond
-
-
 class ChunkRun:
     """One task's work over its jobs.
 
@@ -115,16 +112,22 @@ class ChunkRun:
                     break
                 # Jobs already taken, done or canceled are skipped by the claim itself.
                 started = time.perf_counter()
-                group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s)
+                group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s,
+                                        self.settings.max_attempts)
                 self.store.add_time("claim_ms", started)
                 with self._lock:
                     self.rendering = {job.id: job for job in group}
                     self.next_start = start + size
                 claimed += len(group)
+                if any(job.attempts > 1 for job in group):
+                    # A retried job may be a poison one (it took a worker down before): nothing
+                    # of another job may be storing in this process when it renders.
+                    self._absorb(self.store.drain())
                 for same_shape in micro_batches(group, size):
                     self._render_then_store(loaded, context, same_shape)
             else:
                 self.next_start = len(job_ids)
+        self.store.finish_chunk(context)  # the manifest, if this chunk finished the batch
         if shutting_down():  # the process is about to exit: nothing may be left storing
             self._absorb(self.store.drain())
         # The last micro-batches are still storing: the next task renders meanwhile.
@@ -193,7 +196,7 @@ class ChunkRun:
             self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
             return
         started = time.perf_counter()
-        outcomes = self.store.wait_below(STORING_MICRO_BATCHES)  # backpressure
+        outcomes = self.store.make_room()  # backpressure
         self.store.add_time("wait_store_ms", started)
         self.store.submit(context, group, images, warnings, render_ms)
         self._drop(group)  # the store pipeline holds them now

@@ -96,3 +96,15 @@ def test_metadata_and_options_round_trip(repo):
     jobs = repo.jobs(batch_id)
     assert [j.meta for j in jobs] == [{"i": 0}, {"i": 1}]
     assert repo.get_batch(batch_id).created_at.tzinfo is not None
+
+
+def test_an_expired_job_at_its_attempt_limit_is_left_for_the_sweeper(repo):
+    batch_id, job_ids = _batch(repo, 1)
+    for attempt in range(3):
+        (job,) = repo.claim(job_ids, f"worker-{attempt}", lease_s=0.05, max_attempts=3)
+        assert job.attempts == attempt + 1
+        time.sleep(0.1)  # the worker died: the lease runs out
+    assert repo.claim(job_ids, "worker-4", lease_s=60, max_attempts=3) == []  # a redelivered message
+    repo.recover_expired(max_attempts=3)  # the sweeper fails it
+    (job,) = repo.jobs(batch_id)
+    assert (job.state, job.attempts) == ("failed", 3) and "attempt 3 of 3" in job.error
