@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/lcmq: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(BIN)/lcmq
 demo: install
 	env -u LCMQ_DATABASE_URL -u LCMQ_BROKER_URL -u LCMQ_STORAGE_URL $(BIN)/lcmq demo
 
-test: install
+# Lint first: it takes seconds, the suite minutes.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
