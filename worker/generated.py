@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("lcmq.worker")
 
@@ -26,7 +27,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # name -> (unet kwargs, vae block channels, text encoder kwargs, lora rank)
-ARCHITECTURES = {
+# name → (unet kwargs, vae channels, text encoder kwargs (a pair for SDXL), LCM-LoRA rank)
+ARCHITECTURES: dict[str, tuple[Any, ...]] = {
     "tiny-sd15": (
         dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, cross_attention_dim=32,
              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -130,6 +132,7 @@ def _build(name: str, folder: Path) -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
     vae = _vae(vae_channels, tiny, sdxl, seed=1)
+    pipe: Any  # StableDiffusionPipeline or StableDiffusionXLPipeline
     if sdxl:
         # SDXL ships an Euler scheduler; the loader swaps in LCMScheduler exactly as for real models.
         pipe = StableDiffusionXLPipeline(
@@ -148,8 +151,9 @@ def _build(name: str, folder: Path) -> None:
     pipe.save_pretrained(folder / "model")
 
     torch.manual_seed(3)
-    unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
+    lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                             target_modules=LORA_TARGETS)
+    unet.add_adapter(lora_config)  # type: ignore[attr-defined]  # peft's mixin, untyped in diffusers
     type(pipe).save_lora_weights(folder / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(unet),
                                  weight_name=LORA_FILE, safe_serialization=True)
 

@@ -4,6 +4,7 @@ steps, guidance, style LoRA set, img2img strength: lcmq.spec.render_shape)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from lcmq.repository import JobRecord
 from lcmq.settings import get_settings
@@ -39,7 +40,7 @@ def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord], init_images: Seque
     # CPU generators give the same noise on every device: an image depends on its seed alone
     # (and, slightly, on the batch size through kernel choice; the row records it).
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if first.guidance > 1.0:  # guidance 1.0 disables CFG; the negative prompt has no effect then
         kwargs["negative_prompt"] = [job.negative_prompt for job in jobs]
     pipe = loaded.pipe
