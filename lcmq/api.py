@@ -288,7 +288,7 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     then store the schedule; it first fires at the next cron time. Nothing is written on error."""
     from lcmq.models import SCHEDULE_NAME_LENGTH
     from scheduler.catalog import check_item_id, load_items, normalize_location
-    from scheduler.cron import CronError, parse_cron
+    from scheduler.cron import parse_cron
 
     source = f"schedule {name}"
 
@@ -298,10 +298,7 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     check_item_id(name, fail)  # it names the folder of the catalog's images: the same rules as ids
     if len(name) > SCHEDULE_NAME_LENGTH:
         fail(f"must be at most {SCHEDULE_NAME_LENGTH} characters (got {len(name)})")
-    try:
-        next_run_at = parse_cron(cron).next_after(utcnow())
-    except CronError as exc:
-        raise InputError(source, None, "--cron", str(exc)) from None
+    next_run_at = parse_cron(cron, source=source).next_after(utcnow())  # an InputError naming --cron
     location = normalize_location(catalog)
     profile = _resolve_profile(model, source)
     options = {"steps": steps, "guidance": guidance, "width": width, "height": height,
