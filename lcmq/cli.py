@@ -173,16 +173,17 @@ def cmd_schedule(args) -> int:
         shown = api.schedule_add(args.name, catalog=args.catalog, template=args.template, cron=args.cron,
                                  model=args.model, steps=args.steps, guidance=args.guidance, width=args.width,
                                  height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed,
-                                 image_format=args.format, quality=args.quality)
+                                 image_format=args.format, quality=args.quality, timezone=args.tz)
     elif action == "list":
         rows = api.schedules()
         if args.json:
             _print_json(rows)
             return EXIT_OK
-        print(f"{'schedule':20}  {'cron':15}  {'state':6}  {'next run':19}  {'last batch':16}  items")
+        print(f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  {'last batch':16}  "
+              "items")
         for r in rows:
             items = " ".join(f"{k}={v}" for k, v in (r["items"] or {}).items())
-            print(f"{r['name']:20}  {r['cron']:15}  {'paused' if r['paused'] else 'active':6}  "
+            print(f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {'paused' if r['paused'] else 'active':6}  "
                   f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
                   + (f"  error: {r['last_error']}" if r["last_error"] else ""))
         return EXIT_OK
@@ -384,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--catalog", required=True, help="a .csv/.jsonl path or s3:// URL, read afresh at each run")
     a.add_argument("--template", required=True, help='prompt template over the item\'s columns, e.g. '
                    '"{name}, {color}, studio photo on white"')
-    a.add_argument("--cron", required=True, help='5 fields, UTC, e.g. "0 3 * * *"; or @hourly, @daily, ...')
+    a.add_argument("--cron", required=True, help='5 fields in --tz local time, e.g. "0 6 * * mon-fri"; or '
+                   "@hourly, @daily, ...")
+    a.add_argument("--tz", default="UTC", help="IANA time zone of the cron fields, e.g. Europe/Berlin "
+                   "(default UTC); DST-correct: 06:00 stays 06:00 local")
     _add_render_flags(a, seed_help="base seed; an item without its own seed derives one from its id")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list", help="schedules with their next and last runs")

@@ -123,6 +123,7 @@ class ScheduleRecord:
     last_counts: dict[str, Any] | None
     last_error: str | None
     created_at: datetime
+    timezone: str = "UTC"  # the IANA zone of the cron fields
 
 
 @dataclass(frozen=True)

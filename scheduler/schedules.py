@@ -104,7 +104,7 @@ def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedul
              "options": asdict(options) | {"schedule": schedule.name, "catalog": schedule.catalog,
                                            "template": schedule.template, "items": counts},
              "idempotency_key": None, "priority": 0}
-    next_run_at = parse_cron(schedule.cron).next_after(now) if scheduled else None
+    next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now) if scheduled else None
     if not repo.record_catalog_run(schedule.name, schedule.version, batch, jobs, rendered, plan.unchanged,
                                    plan.removed, counts, next_run_at):
         log.info("schedule run lost the race", extra={"schedule": schedule.name, "version": schedule.version})
@@ -144,7 +144,7 @@ def fire_due(repo: Repository, storage: Storage, settings: Settings, now: dateti
                 log.error("schedule run failed, retrying", extra={"schedule": schedule.name, "error": str(exc)})
                 continue
             # A bad catalog, an unknown profile: record why and wait for the next fire time.
-            next_run_at = parse_cron(schedule.cron).next_after(now)
+            next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now)
             if repo.record_schedule_error(schedule.name, schedule.version, str(exc), next_run_at):
                 log.error("schedule run refused", extra={"schedule": schedule.name, "error": str(exc),
                                                          "next_run_at": next_run_at})
