@@ -57,6 +57,21 @@ class BatchStatus:
         return values
 
 
+@dataclass(frozen=True)
+class UnchangedRun:
+    """A schedule run that found nothing new or changed in its catalog: no batch was submitted
+    (nothing to render or upload), yet the run counted (its counts and next fire time moved)."""
+
+    schedule: str
+    items: dict[str, int]  # new=0 changed=0; unchanged and removed as counted
+    batch_id: None = None
+    submitted: int = 0
+    unchanged: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def repository(settings: Settings | None = None) -> Repository:
     settings = settings or get_settings()
     return Repository(settings.database_url_resolved)
@@ -274,7 +289,8 @@ def _iso(when) -> str | None:
 
 def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
     return {"name": record.name, "catalog": record.catalog, "template": record.template, "cron": record.cron,
-            "timezone": record.timezone, "model": record.profile, "options": record.options, "paused": record.paused,
+            "timezone": record.timezone, "model": record.profile, "options": record.options,
+            "paused": record.paused,
             "next_run_at": _iso(record.next_run_at), "last_run_at": _iso(record.last_run_at),
             "last_batch_id": record.last_batch_id, "items": record.last_counts, "last_error": record.last_error,
             "catalog_items": repo.catalog_counts(record.name), "output": storage().catalog_url(record.name)}
@@ -352,10 +368,13 @@ def schedule_rm(name: str) -> None:
     repository().delete_schedule(name)
 
 
-def schedule_run(name: str) -> BatchStatus:
-    """Run a schedule now, once: a batch of the catalog's new and changed items."""
+def schedule_run(name: str) -> BatchStatus | UnchangedRun:
+    """Run a schedule now, once: a batch of the catalog's new and changed items, or, when there
+    are none, an UnchangedRun (no batch: nothing was submitted)."""
     from scheduler.schedules import run_now
 
     settings = get_settings()
     result = run_now(repository(settings), storage(settings), settings, name)
+    if result.batch_id is None:
+        return UnchangedRun(name, result.counts)
     return status(result.batch_id)

@@ -179,11 +179,12 @@ def cmd_schedule(args) -> int:
         if args.json:
             _print_json(rows)
             return EXIT_OK
-        print(f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  {'last batch':16}  "
-              "items")
+        print(f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  "
+              f"{'last batch':16}  items")
         for r in rows:
             items = " ".join(f"{k}={v}" for k, v in (r["items"] or {}).items())
-            print(f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {'paused' if r['paused'] else 'active':6}  "
+            state = "paused" if r["paused"] else "active"
+            print(f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {state:6}  "
                   f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
                   + (f"  error: {r['last_error']}" if r["last_error"] else ""))
         return EXIT_OK
@@ -192,6 +193,8 @@ def cmd_schedule(args) -> int:
         return EXIT_OK
     elif action == "run":
         st = api.schedule_run(args.name)
+        if isinstance(st, api.UnchangedRun):
+            return _print_unchanged_run(st, args.json)
         print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
         if args.wait:
             st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -202,6 +205,17 @@ def cmd_schedule(args) -> int:
         shown = {"show": api.schedule_show, "pause": api.schedule_pause, "resume": api.schedule_resume}[action](
             args.name)
     _print_json(shown)
+    return EXIT_OK
+
+
+def _print_unchanged_run(run: api.UnchangedRun, as_json: bool) -> int:
+    """Nothing new or changed: say so; there is no batch to print or wait for."""
+    if as_json:
+        _print_json(run.to_dict())
+    else:
+        counts = " ".join(f"{k}={v}" for k, v in run.items.items())
+        print(f"schedule {run.schedule}: unchanged, nothing submitted (nothing new or changed)")
+        print(f"items: {counts}")
     return EXIT_OK
 
 

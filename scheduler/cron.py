@@ -69,8 +69,9 @@ def _check_fields(parts: list[str], expression: str, source: str) -> None:
         try:
             croniter(" ".join(alone))
         except CroniterError:
-            raise CronError(source, "--cron", f"{name}: {part!r} is not valid in {expression!r} (takes {values}; "
-                                              "lists 1,15, ranges 1-5, steps */15)") from None
+            wrong = f"{name}: {part!r} is not valid in {expression!r}"
+            usage = f"takes {values}; lists 1,15, ranges 1-5, steps */15"
+            raise CronError(source, "--cron", f"{wrong} ({usage})") from None
 
 
 class Cron:
@@ -102,7 +103,7 @@ class Cron:
         except CroniterBadDateError:
             raise CronError(self.source, "--cron", f"{self.expression!r} never fires (no date matches "
                                                    "its day and month fields)") from None
-        raise CronError(self.source, "--cron", f"{self.expression!r} finds no fire time after {when.isoformat()}")
+        raise CronError(self.source, "--cron", f"{self.expression!r} has no fire time after {when:%Y-%m-%d}")
 
 
 def parse_cron(expression: str, zone: str = DEFAULT_ZONE, source: str = "cron") -> Cron:

@@ -56,8 +56,9 @@ def test_schedule_lifecycle_and_refusals(embedded_env, tmp_path):
     catalog.write_bytes(_csv([("a", "mug", "white")]))
     shown = api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="0 3 * * *", model="null")
     assert shown["next_run_at"] == parse_cron("0 3 * * *").next_after(utcnow()).isoformat()
-    assert shown["timezone"] == "UTC" and shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0,
+    assert shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0,
                                                                                                "removed": 0}
+    assert shown["timezone"] == "UTC"
     for bad, match in [
         (dict(name="shop"), "shop:name: a schedule of this name exists"),
         (dict(name="a/b"), "schedule:name: must not contain '/'"),
@@ -140,8 +141,8 @@ def test_a_schedule_fires_at_six_local_time_in_its_zone_across_dst(embedded_env,
     upgrade(get_settings().database_url_resolved)
     catalog = tmp_path / "items.csv"
     catalog.write_bytes(_csv([("a", "mug", "white")]))
-    shown = api.schedule_add("berlin", catalog=str(catalog), template=TEMPLATE, cron="0 6 * * *", model="null",
-                             timezone="Europe/Berlin")
+    shown = api.schedule_add("berlin", catalog=str(catalog), template=TEMPLATE, cron="0 6 * * *",
+                             model="null", timezone="Europe/Berlin")
     assert shown["timezone"] == "Europe/Berlin" and api.schedules()[0]["timezone"] == "Europe/Berlin"
     assert shown["next_run_at"] == parse_cron("0 6 * * *", "Europe/Berlin").next_after(utcnow()).isoformat()
     assert api.schedule_show("berlin")["next_run_at"].endswith("+00:00")
@@ -161,3 +162,44 @@ def test_a_schedule_fires_at_six_local_time_in_its_zone_across_dst(embedded_env,
     assert api.schedule_pause("berlin")["timezone"] == "Europe/Berlin"
     resumed = api.schedule_resume("berlin")
     assert resumed["next_run_at"] == parse_cron("0 6 * * *", "Europe/Berlin").next_after(utcnow()).isoformat()
+
+
+def test_a_run_with_nothing_new_or_changed_submits_no_batch_and_still_counts_as_fired(embedded_env, tmp_path):
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white"), ("b", "cup", "red")]))
+    api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="0 3 * * *", model="null")
+    repo, store, settings = api.repository(), api.storage(), get_settings()
+    first = api.schedule_run("shop")  # a and b are queued now: "on their way", so unchanged next time
+    assert first.total == 2
+
+    # `lcmq schedule run`: the same catalog again makes no empty 0/0 batch.
+    again = api.schedule_run("shop")
+    assert isinstance(again, api.UnchangedRun)
+    assert again.to_dict() == {"schedule": "shop", "batch_id": None, "submitted": 0, "unchanged": True,
+                               "items": {"new": 0, "changed": 0, "unchanged": 2, "removed": 0}}
+    assert [b.id for b, _ in repo.recent_batches(100)] == [first.batch_id]
+    schedule = repo.get_schedule("shop")
+    assert schedule.last_batch_id == first.batch_id and schedule.last_counts == again.items
+    assert schedule.version == 2 and schedule.last_run_at is not None
+
+    # An item removed, none new or changed: still no batch; the removal is recorded.
+    catalog.write_bytes(_csv([("a", "mug", "white")]))
+    removed = api.schedule_run("shop")
+    assert isinstance(removed, api.UnchangedRun)
+    assert removed.items == {"new": 0, "changed": 0, "unchanged": 1, "removed": 1}
+    assert repo.catalog_counts("shop") == {"active": 1, "removed": 1}
+    assert len(repo.recent_batches(100)) == 1
+
+    # The scheduler service: due, nothing changed -> fired (next_run_at moves on), no batch.
+    now = utcnow()
+    repo.update_schedule("shop", next_run_at=now - timedelta(minutes=1))
+    assert fire_due(repo, store, settings, now=now) == []
+    schedule = repo.get_schedule("shop")
+    assert schedule.next_run_at == parse_cron("0 3 * * *").next_after(now) and schedule.version == 4
+    assert schedule.last_counts == {"new": 0, "changed": 0, "unchanged": 1, "removed": 0}
+    assert schedule.last_batch_id == first.batch_id and schedule.last_error is None
+    assert len(repo.recent_batches(100)) == 1
+    assert fire_due(repo, store, settings, now=now) == []  # not due again: it counted as fired
+    assert repo.get_schedule("shop").version == 4
+    api.cancel(first.batch_id)
