@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         a = actions.add_parser(action, help=text)
         a.add_argument("name")
         a.set_defaults(func=cmd_schedule)
-    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items")
+    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items (none, and "
+                           "'unchanged', when there are none)")
     a.add_argument("name")
     a.add_argument("--wait", action="store_true", help="block until every job is final")
     a.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
