@@ -57,6 +57,21 @@ class BatchStatus:
         return values
 
 
+@dataclass(frozen=True)
+class UnchangedRun:
+    """A schedule run that found nothing new or changed in its catalog: no batch was submitted
+    (nothing to render or upload), yet the run counted (its counts and next fire time moved)."""
+
+    schedule: str
+    items: dict[str, int]  # new=0 changed=0; unchanged and removed as counted
+    batch_id: None = None
+    submitted: int = 0
+    unchanged: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def repository(settings: Settings | None = None) -> Repository:
     settings = settings or get_settings()
     return Repository(settings.database_url_resolved)
@@ -274,7 +289,8 @@ def _iso(when) -> str | None:
 
 def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
     return {"name": record.name, "catalog": record.catalog, "template": record.template, "cron": record.cron,
-            "model": record.profile, "options": record.options, "paused": record.paused,
+            "timezone": record.timezone, "model": record.profile, "options": record.options,
+            "paused": record.paused,
             "next_run_at": _iso(record.next_run_at), "last_run_at": _iso(record.last_run_at),
             "last_batch_id": record.last_batch_id, "items": record.last_counts, "last_error": record.last_error,
             "catalog_items": repo.catalog_counts(record.name), "output": storage().catalog_url(record.name)}
@@ -283,12 +299,13 @@ def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
 def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: str, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
                  negative_prompt: str = "", seed: int | None = None, image_format: str = DEFAULT_FORMAT,
-                 quality: int | None = None) -> dict[str, Any]:
+                 quality: int | None = None, timezone: str = "UTC") -> dict[str, Any]:
     """Check everything (the catalog is read and every item checked now, and again at each run),
-    then store the schedule; it first fires at the next cron time. Nothing is written on error."""
+    then store the schedule; it first fires at the next cron time. Nothing is written on error.
+    The cron fields are wall-clock times in `timezone` (an IANA name); next_run_at is in UTC."""
     from lcmq.models import SCHEDULE_NAME_LENGTH
     from scheduler.catalog import check_item_id, load_items, normalize_location
-    from scheduler.cron import CronError, parse_cron
+    from scheduler.cron import parse_cron
 
     source = f"schedule {name}"
 
@@ -298,10 +315,8 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     check_item_id(name, fail)  # it names the folder of the catalog's images: the same rules as ids
     if len(name) > SCHEDULE_NAME_LENGTH:
         fail(f"must be at most {SCHEDULE_NAME_LENGTH} characters (got {len(name)})")
-    try:
-        next_run_at = parse_cron(cron).next_after(utcnow())
-    except CronError as exc:
-        raise InputError(source, None, "--cron", str(exc)) from None
+    schedule_cron = parse_cron(cron, timezone, source)  # an InputError naming --cron or --tz
+    next_run_at = schedule_cron.next_after(utcnow())
     location = normalize_location(catalog)
     profile = _resolve_profile(model, source)
     options = {"steps": steps, "guidance": guidance, "width": width, "height": height,
@@ -313,7 +328,8 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
     repo = repository(settings)
     if not repo.add_schedule({"name": name, "catalog": location, "template": template, "cron": cron.strip(),
-                              "profile": profile.name, "options": options, "next_run_at": next_run_at}):
+                              "timezone": schedule_cron.zone.key, "profile": profile.name, "options": options,
+                              "next_run_at": next_run_at}):
         raise InputError(source, None, "name", "a schedule of this name exists (`lcmq schedule rm` it first)")
     return schedule_show(name)
 
@@ -342,7 +358,8 @@ def schedule_resume(name: str) -> dict[str, Any]:
 
     repo = repository()
     record = repo.get_schedule(name)
-    repo.update_schedule(name, paused=False, next_run_at=parse_cron(record.cron).next_after(utcnow()))
+    next_run_at = parse_cron(record.cron, record.timezone).next_after(utcnow())
+    repo.update_schedule(name, paused=False, next_run_at=next_run_at)
     return schedule_show(name)
 
 
@@ -351,10 +368,13 @@ def schedule_rm(name: str) -> None:
     repository().delete_schedule(name)
 
 
-def schedule_run(name: str) -> BatchStatus:
-    """Run a schedule now, once: a batch of the catalog's new and changed items."""
+def schedule_run(name: str) -> BatchStatus | UnchangedRun:
+    """Run a schedule now, once: a batch of the catalog's new and changed items, or, when there
+    are none, an UnchangedRun (no batch: nothing was submitted)."""
     from scheduler.schedules import run_now
 
     settings = get_settings()
     result = run_now(repository(settings), storage(settings), settings, name)
+    if result.batch_id is None:
+        return UnchangedRun(name, result.counts)
     return status(result.batch_id)

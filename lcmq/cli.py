@@ -173,16 +173,18 @@ def cmd_schedule(args) -> int:
         shown = api.schedule_add(args.name, catalog=args.catalog, template=args.template, cron=args.cron,
                                  model=args.model, steps=args.steps, guidance=args.guidance, width=args.width,
                                  height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed,
-                                 image_format=args.format, quality=args.quality)
+                                 image_format=args.format, quality=args.quality, timezone=args.tz)
     elif action == "list":
         rows = api.schedules()
         if args.json:
             _print_json(rows)
             return EXIT_OK
-        print(f"{'schedule':20}  {'cron':15}  {'state':6}  {'next run':19}  {'last batch':16}  items")
+        print(f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  "
+              f"{'last batch':16}  items")
         for r in rows:
             items = " ".join(f"{k}={v}" for k, v in (r["items"] or {}).items())
-            print(f"{r['name']:20}  {r['cron']:15}  {'paused' if r['paused'] else 'active':6}  "
+            state = "paused" if r["paused"] else "active"
+            print(f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {state:6}  "
                   f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
                   + (f"  error: {r['last_error']}" if r["last_error"] else ""))
         return EXIT_OK
@@ -191,6 +193,8 @@ def cmd_schedule(args) -> int:
         return EXIT_OK
     elif action == "run":
         st = api.schedule_run(args.name)
+        if isinstance(st, api.UnchangedRun):
+            return _print_unchanged_run(st, args.json)
         print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
         if args.wait:
             st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
@@ -201,6 +205,17 @@ def cmd_schedule(args) -> int:
         shown = {"show": api.schedule_show, "pause": api.schedule_pause, "resume": api.schedule_resume}[action](
             args.name)
     _print_json(shown)
+    return EXIT_OK
+
+
+def _print_unchanged_run(run: api.UnchangedRun, as_json: bool) -> int:
+    """Nothing new or changed: say so; there is no batch to print or wait for."""
+    if as_json:
+        _print_json(run.to_dict())
+    else:
+        counts = " ".join(f"{k}={v}" for k, v in run.items.items())
+        print(f"schedule {run.schedule}: unchanged, nothing submitted (nothing new or changed)")
+        print(f"items: {counts}")
     return EXIT_OK
 
 
@@ -384,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--catalog", required=True, help="a .csv/.jsonl path or s3:// URL, read afresh at each run")
     a.add_argument("--template", required=True, help='prompt template over the item\'s columns, e.g. '
                    '"{name}, {color}, studio photo on white"')
-    a.add_argument("--cron", required=True, help='5 fields, UTC, e.g. "0 3 * * *"; or @hourly, @daily, ...')
+    a.add_argument("--cron", required=True, help='5 fields in --tz local time, e.g. "0 6 * * mon-fri"; or '
+                   "@hourly, @daily, ...")
+    a.add_argument("--tz", default="UTC", help="IANA time zone of the cron fields, e.g. Europe/Berlin "
+                   "(default UTC); DST-correct: 06:00 stays 06:00 local")
     _add_render_flags(a, seed_help="base seed; an item without its own seed derives one from its id")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list", help="schedules with their next and last runs")
@@ -396,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         a = actions.add_parser(action, help=text)
         a.add_argument("name")
         a.set_defaults(func=cmd_schedule)
-    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items")
+    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items (none, and "
+                           "'unchanged', when there are none)")
     a.add_argument("name")
     a.add_argument("--wait", action="store_true", help="block until every job is final")
     a.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")

@@ -102,6 +102,7 @@ class Job(Base):
 
 
 SCHEDULE_NAME_LENGTH = 100
+SCHEDULE_ZONE_LENGTH = 64
 ITEM_ID_LENGTH = 200
 
 
@@ -117,7 +118,9 @@ class Schedule(Base):
     profile: Mapped[str] = mapped_column(String(100))
     options: Mapped[dict[str, Any]] = mapped_column(JSON)  # steps, guidance, size, seed, negative prompt
     paused: Mapped[bool] = mapped_column(Boolean, server_default=false())
-    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # in UTC
+    # The IANA zone the cron fields are wall-clock times in (next_run_at is computed in it).
+    timezone: Mapped[str] = mapped_column(String(SCHEDULE_ZONE_LENGTH), server_default="UTC")
     # Bumped by every run in the transaction that writes the run's batch: a run whose diff was
     # computed against an older version (another scheduler fired first) writes nothing.
     version: Mapped[int] = mapped_column(Integer, server_default=text("0"))

@@ -123,6 +123,7 @@ class ScheduleRecord:
     last_counts: dict[str, Any] | None
     last_error: str | None
     created_at: datetime
+    timezone: str = "UTC"  # the IANA zone of the cron fields
 
 
 @dataclass(frozen=True)
@@ -609,26 +610,30 @@ class Repository:
         return s.execute(statement).rowcount == 1
 
     @_translate_errors
-    def record_catalog_run(self, name: str, seen_version: int, batch: dict[str, Any], jobs: list[dict[str, Any]],
-                           rendered: list[dict[str, Any]], kept: list[str], removed: list[str],
-                           counts: dict[str, int], next_run_at: datetime | None = None) -> bool:
+    def record_catalog_run(self, name: str, seen_version: int, batch: dict[str, Any] | None,
+                           jobs: list[dict[str, Any]], rendered: list[dict[str, Any]], kept: list[str],
+                           removed: list[str], counts: dict[str, int],
+                           next_run_at: datetime | None = None) -> bool:
         """One catalog run in one transaction: advance the schedule (compare-and-set on its
         version), write the batch and its jobs, and the catalog's new state. False, and nothing
         written, when another run committed first: its diff is stale, so exactly one run wins.
+        `batch` None: nothing new or changed, so no batch is written and last_batch_id stays.
 
         `rendered`: {item_id, render_key, job_id} of the new and changed items; `kept`: unchanged
         items (back in the catalog if they had been removed); `removed`: items gone from it.
         """
         now = utcnow()
-        values: dict[str, Any] = {"last_run_at": now, "last_batch_id": batch["id"], "last_counts": counts,
-                                  "last_error": None}
+        values: dict[str, Any] = {"last_run_at": now, "last_counts": counts, "last_error": None}
+        if batch is not None:
+            values["last_batch_id"] = batch["id"]
         if next_run_at is not None:
             values["next_run_at"] = next_run_at
         with self._session() as s:
             if not self._schedule_cas(s, name, seen_version, values):
                 return False
-            s.execute(insert(Batch).values(**batch, created_at=now))
-            self._write_jobs(s, batch["id"], jobs, now)
+            if batch is not None:
+                s.execute(insert(Batch).values(**batch, created_at=now))
+                self._write_jobs(s, batch["id"], jobs, now)
             if rendered:
                 statement = self._dialect_insert(s, CatalogItem)
                 statement = statement.on_conflict_do_update(

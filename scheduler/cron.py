@@ -1,16 +1,30 @@
-"""A small 5-field cron parser (no dependency): `minute hour day-of-month month day-of-week`.
+"""Cron expressions (parsed by croniter), evaluated in a schedule's time zone.
 
-Each field takes `*`, numbers, lists (`1,15`), ranges (`1-5`) and steps (`*/15`, `0-30/10`,
-`5/20` = from 5 to the field's maximum). Day of week is 0-6 with 0 (and 7) Sunday. Macros:
-`@hourly`, `@daily` (`@midnight`), `@weekly`, `@monthly`, `@yearly` (`@annually`). Times are UTC.
+Five fields, `minute hour day-of-month month day-of-week`: numbers, lists (`1,15`), ranges
+(`1-5`), steps (`*/15`), month and weekday names (`jan-mar`, `mon-fri`), 0 and 7 both Sunday;
+or a macro: `@hourly`, `@daily` (`@midnight`), `@weekly`, `@monthly`, `@yearly` (`@annually`).
 As in Vixie cron, when both day fields are restricted a day matching either one fires.
+
+The fields are wall-clock times in the schedule's zone (an IANA name such as Europe/Berlin;
+default UTC), so `0 6 * * *` in Europe/Berlin fires at 06:00 local time all year: 05:00 UTC in
+summer, 06:00 UTC in winter. Next fire times come back in UTC, which is what is stored. Across
+a DST change, as in cronie:
+- spring forward: a time the clock skips (02:30 on the last Sunday of March in Berlin) fires
+  once, at the first instant after the gap (03:00 local);
+- fall back: a time the clock shows twice fires at its first occurrence only; a job that runs
+  every hour (its hour field covers all 24) keeps running by elapsed time through both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import CroniterBadDateError, CroniterError, croniter
+
+from lcmq.errors import InputError
+
+DEFAULT_ZONE = "UTC"
 MACROS = {
     "@hourly": "0 * * * *",
     "@daily": "0 0 * * *",
@@ -20,107 +34,96 @@ MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
 }
-# (name, low, high) of the five fields, in order.
-FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7))
-# A schedule that finds no time within this many years never fires (e.g. "0 0 30 2 *").
-SEARCH_YEARS = 5
+# What each of the five fields takes, in order: named in the message when one is wrong.
+FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day-of-month", "1-31"), ("month", "1-12 or jan-dec"),
+          ("day-of-week", "0-7 (0 and 7 are Sunday) or sun-sat"))
+HOUR_FIELD = 1
+HOURS_PER_DAY = 24
+# A fall-back day repeats one hour; skipping the repeats of a time never takes more tries than this.
+MAX_REPEATS_SKIPPED = 4
 
 
-class CronError(ValueError):
-    """A cron expression that cannot be parsed, or that never fires."""
+class CronError(InputError):
+    """A cron expression or time zone a user gave that cannot be used (the flag is named)."""
+
+    def __init__(self, source: str, field: str, message: str):
+        super().__init__(source, None, field, message)
 
 
-def _number(text: str, name: str, low: int, high: int) -> int:
-    if not text.isdigit():
-        raise CronError(f"{name}: {text!r} is not a number")
-    value = int(text)
-    if not low <= value <= high:
-        raise CronError(f"{name}: {value} is out of range {low}-{high}")
-    return value
+def check_zone(name: str, source: str = "cron") -> ZoneInfo:
+    """The zone of an IANA name; a CronError naming --tz when there is no such zone."""
+    if not isinstance(name, str) or not name.strip():
+        raise CronError(source, "--tz", "must not be empty (an IANA name such as Europe/Berlin, or UTC)")
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # ValueError: a path, not a key ("../x")
+        raise CronError(source, "--tz", f"unknown time zone {name!r}; use an IANA name such as "
+                                        "Europe/Berlin, America/New_York or UTC") from None
 
 
-def _parse_field(text: str, name: str, low: int, high: int) -> frozenset[int]:
-    values: set[int] = set()
-    for part in text.split(","):
-        if not part:
-            raise CronError(f"{name}: empty list element in {text!r}")
-        base, slash, step_text = part.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or not 1 <= int(step_text) <= high - low + 1:
-                raise CronError(f"{name}: step in {part!r} must be a number from 1 to {high - low + 1}")
-            step = int(step_text)
-        if base == "*":
-            start, end = low, high
-        elif "-" in base:
-            first, _, last = base.partition("-")
-            start, end = _number(first, name, low, high), _number(last, name, low, high)
-            if start > end:
-                raise CronError(f"{name}: range {base!r} runs backwards")
-        else:
-            start = _number(base, name, low, high)
-            end = high if slash else start  # "5/20": from 5 to the maximum, every 20
-        values.update(range(start, end + 1, step))
-    return frozenset(values)
+def _check_fields(parts: list[str], expression: str, source: str) -> None:
+    """Name the field that is wrong: croniter's own message names only the whole expression."""
+    for index, (part, (name, values)) in enumerate(zip(parts, FIELDS)):
+        alone = ["*"] * len(FIELDS)
+        alone[index] = part
+        try:
+            croniter(" ".join(alone))
+        except CroniterError:
+            wrong = f"{name}: {part!r} is not valid in {expression!r}"
+            usage = f"takes {values}; lists 1,15, ranges 1-5, steps */15"
+            raise CronError(source, "--cron", f"{wrong} ({usage})") from None
 
 
-@dataclass(frozen=True)
 class Cron:
-    expression: str
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    days_restricted: bool
-    weekdays_restricted: bool
+    """A checked expression in a zone; next_after gives its fire times in UTC."""
 
-    def _day_matches(self, when: datetime) -> bool:
-        day_ok = when.day in self.days
-        weekday_ok = (when.isoweekday() % 7) in self.weekdays
-        if self.days_restricted and self.weekdays_restricted:
-            return day_ok or weekday_ok
-        return day_ok and weekday_ok
+    def __init__(self, expression: str, fields: str, zone: ZoneInfo, source: str):
+        self.expression = expression
+        self.zone = zone
+        self.source = source
+        self._fields = fields
+        hours = croniter(fields).expanded[HOUR_FIELD]
+        # "Every hour" jobs follow elapsed time through a fall-back hour; fixed times fire once.
+        self._every_hour = hours == ["*"] or len(set(hours)) == HOURS_PER_DAY
+
+    def _repeated_wall_time(self, fire: datetime) -> bool:
+        """The second time the clock shows this local time (fall back): already fired once."""
+        return not self._every_hour and fire.astimezone(UTC).astimezone(self.zone).fold == 1
 
     def next_after(self, when: datetime) -> datetime:
-        """The first fire time strictly after `when` (a naive `when` is taken as UTC)."""
+        """The first fire time strictly after `when`, in UTC (a naive `when` is taken as UTC)."""
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        when = when.astimezone(UTC)
-        t = when.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        limit = t + timedelta(days=366 * SEARCH_YEARS)
-        # Skip whole months, days and hours that cannot match: a few hundred steps at most a year.
-        while t < limit:
-            if t.month not in self.months:
-                t = (t.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
-            elif not self._day_matches(t):
-                t = t.replace(hour=0, minute=0) + timedelta(days=1)
-            elif t.hour not in self.hours:
-                t = t.replace(minute=0) + timedelta(hours=1)
-            elif t.minute not in self.minutes:
-                t += timedelta(minutes=1)
-            else:
-                return t
-        raise CronError(f"{self.expression!r} never fires (no matching time within {SEARCH_YEARS} years)")
+        times = croniter(self._fields, when.astimezone(self.zone))
+        try:
+            for _ in range(MAX_REPEATS_SKIPPED):
+                fire = times.get_next(datetime)
+                if fire > when and not self._repeated_wall_time(fire):
+                    return fire.astimezone(UTC)
+        except CroniterBadDateError:
+            raise CronError(self.source, "--cron", f"{self.expression!r} never fires (no date matches "
+                                                   "its day and month fields)") from None
+        raise CronError(self.source, "--cron", f"{self.expression!r} has no fire time after {when:%Y-%m-%d}")
 
 
-def parse_cron(expression: str) -> Cron:
-    """Parse and check an expression; raises CronError naming the field that is wrong."""
+def parse_cron(expression: str, zone: str = DEFAULT_ZONE, source: str = "cron") -> Cron:
+    """Parse and check an expression in a zone; raises CronError (an InputError) naming the flag,
+    and for a bad field the field. `source` says whose expression it is in the message."""
     if not isinstance(expression, str) or not expression.strip():
-        raise CronError("empty cron expression")
+        raise CronError(source, "--cron", "empty cron expression")
     text = expression.strip()
     if text.startswith("@"):
         if text.lower() not in MACROS:
-            raise CronError(f"unknown macro {text!r}; known: {', '.join(MACROS)}")
+            raise CronError(source, "--cron", f"unknown macro {text!r}; known: {', '.join(MACROS)}")
         text = MACROS[text.lower()]
     parts = text.split()
-    if len(parts) != 5:
-        raise CronError(f"{expression!r} has {len(parts)} fields; want 5: minute hour day-of-month month "
-                        "day-of-week (or @hourly, @daily, ...)")
-    minutes, hours, days, months, weekdays = (_parse_field(part, *field) for part, field in zip(parts, FIELDS))
-    weekdays = frozenset(d % 7 for d in weekdays)  # 7 is Sunday too
-    cron = Cron(expression.strip(), minutes, hours, days, months, weekdays,
-                days_restricted=not parts[2].startswith("*"),
-                weekdays_restricted=not parts[4].startswith("*"))
+    if len(parts) != len(FIELDS):
+        raise CronError(source, "--cron", f"{expression!r} has {len(parts)} fields; want 5: minute hour "
+                                          "day-of-month month day-of-week (or @hourly, @daily, ...)")
+    _check_fields(parts, expression, source)
+    try:
+        cron = Cron(expression.strip(), " ".join(parts), check_zone(zone, source), source)
+    except CroniterError as exc:  # each field alone is fine, their combination is not
+        raise CronError(source, "--cron", f"{expression!r} is not valid: {exc}") from None
     cron.next_after(datetime(2000, 1, 1, tzinfo=UTC))  # an expression that never fires is an error now
     return cron

@@ -53,8 +53,23 @@ class Plan:
 
 @dataclass(frozen=True)
 class RunResult:
-    batch_id: str
+    batch_id: str | None  # None: nothing new or changed, so no batch was submitted
     counts: dict[str, int]
+
+    @property
+    def unchanged(self) -> bool:
+        return self.batch_id is None
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """What a run writes for its new and changed items: the batch row, its job rows, the catalog
+    state's entries for them, and the messages to publish."""
+
+    batch: dict
+    jobs: list[dict]
+    rendered: list[dict]
+    pending: list[PendingJob]
 
 
 def plan_run(items: list[CatalogItem], state: dict[str, ItemState]) -> Plan:
@@ -77,18 +92,8 @@ def schedule_options(schedule: ScheduleRecord) -> BatchOptions:
     return BatchOptions(model=schedule.profile, name=schedule.name, **schedule.options)
 
 
-def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedule: ScheduleRecord, *,
-                 scheduled: bool, now: datetime | None = None) -> RunResult | None:
-    """One run of a schedule as read at `schedule.version`; None when another run committed
-    first (nothing is written then). A scheduled run also moves next_run_at to the first cron
-    time after now: a schedule missed while no scheduler ran fires once, not once per tick."""
-    now = now or utcnow()
-    profile = get_profile(schedule.profile)
-    options = schedule_options(schedule)
-    items = load_items(schedule.catalog, schedule.template, options, profile, settings)
-    plan = plan_run(items, repo.catalog_state(schedule.name))
-    counts = plan.counts
-
+def run_batch(storage: Storage, schedule: ScheduleRecord, options: BatchOptions, plan: Plan) -> RunBatch:
+    """The batch of a run's new and changed items, each job under its stable object key."""
     batch_id = new_batch_id()
     ext = OutputFormat.of(asdict(options)).ext  # the stable key follows the schedule's format
     jobs, rendered, pending = [], [], []
@@ -99,25 +104,60 @@ def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedul
         jobs.append(row)
         rendered.append({"item_id": item.item_id, "render_key": item.render_key, "job_id": row["id"]})
         pending.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))
-    batch = {"id": batch_id, "name": schedule.name, "profile": profile.name, "total": 0,
+    batch = {"id": batch_id, "name": schedule.name, "profile": schedule.profile, "total": 0,
              "seed": options.seed or 0, "output": storage.catalog_url(schedule.name),
              "options": asdict(options) | {"schedule": schedule.name, "catalog": schedule.catalog,
-                                           "template": schedule.template, "items": counts},
+                                           "template": schedule.template, "items": plan.counts},
              "idempotency_key": None, "priority": 0}
-    next_run_at = parse_cron(schedule.cron).next_after(now) if scheduled else None
-    if not repo.record_catalog_run(schedule.name, schedule.version, batch, jobs, rendered, plan.unchanged,
-                                   plan.removed, counts, next_run_at):
+    return RunBatch(batch, jobs, rendered, pending)
+
+
+def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedule: ScheduleRecord, *,
+                 scheduled: bool, now: datetime | None = None) -> RunResult | None:
+    """One run of a schedule as read at `schedule.version`; None when another run committed
+    first (nothing is written then). A scheduled run also moves next_run_at to the first cron
+    time after now: a schedule missed while no scheduler ran fires once, not once per tick.
+
+    A run with nothing new or changed writes no batch (no empty 0/0 batch, no empty manifest),
+    yet still commits: the catalog's state (removed items) and counts, and the next fire time."""
+    now = now or utcnow()
+    profile = get_profile(schedule.profile)
+    options = schedule_options(schedule)
+    items = load_items(schedule.catalog, schedule.template, options, profile, settings)
+    plan = plan_run(items, repo.catalog_state(schedule.name))
+    counts = plan.counts
+    next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now) if scheduled else None
+    if not plan.render:
+        return _record_unchanged_run(repo, schedule, plan, scheduled, next_run_at)
+    written = run_batch(storage, schedule, options, plan)
+    if not repo.record_catalog_run(schedule.name, schedule.version, written.batch, written.jobs,
+                                   written.rendered, plan.unchanged, plan.removed, counts, next_run_at):
         log.info("schedule run lost the race", extra={"schedule": schedule.name, "version": schedule.version})
         return None
+    batch_id = written.batch["id"]
     log.info("schedule ran", extra={"schedule": schedule.name, "batch_id": batch_id, "scheduled": scheduled,
                                     "next_run_at": next_run_at, **counts})
     try:
-        publish_batch(repo, repo.get_batch(batch_id), chunk_size_for(len(jobs), settings.chunk_size,
-                                                                     settings.max_chunks_per_batch), pending)
+        publish_batch(repo, repo.get_batch(batch_id), chunk_size_for(len(written.jobs), settings.chunk_size,
+                                                                     settings.max_chunks_per_batch),
+                      written.pending)
     except BrokerError as exc:
         raise BrokerError(f"schedule {schedule.name!r} ran as batch {batch_id}, but its messages could not be "
                           f"published ({exc}); the sweeper publishes them, or run `lcmq resume {batch_id}`") from exc
     return RunResult(batch_id, counts)
+
+
+def _record_unchanged_run(repo: Repository, schedule: ScheduleRecord, plan: Plan, scheduled: bool,
+                          next_run_at: datetime | None) -> RunResult | None:
+    """Nothing to render: no batch, but the run counts (its counts, removed items, next fire)."""
+    if not repo.record_catalog_run(schedule.name, schedule.version, batch=None, jobs=[], rendered=[],
+                                   kept=plan.unchanged, removed=plan.removed, counts=plan.counts,
+                                   next_run_at=next_run_at):
+        log.info("schedule run lost the race", extra={"schedule": schedule.name, "version": schedule.version})
+        return None
+    log.info("schedule unchanged: nothing submitted",
+             extra={"schedule": schedule.name, "scheduled": scheduled, "next_run_at": next_run_at, **plan.counts})
+    return RunResult(None, plan.counts)
 
 
 def run_now(repo: Repository, storage: Storage, settings: Settings, name: str) -> RunResult:
@@ -130,7 +170,8 @@ def run_now(repo: Repository, storage: Storage, settings: Settings, name: str) -
 
 
 def fire_due(repo: Repository, storage: Storage, settings: Settings, now: datetime | None = None) -> list[str]:
-    """Run every due schedule once; returns the batch ids this process created."""
+    """Run every due schedule once; returns the batch ids this process created (a run with
+    nothing new or changed creates none, yet counts as fired: its next_run_at moves on)."""
     now = now or utcnow()
     fired: list[str] = []
     for schedule in repo.due_schedules(now):
@@ -144,11 +185,11 @@ def fire_due(repo: Repository, storage: Storage, settings: Settings, now: dateti
                 log.error("schedule run failed, retrying", extra={"schedule": schedule.name, "error": str(exc)})
                 continue
             # A bad catalog, an unknown profile: record why and wait for the next fire time.
-            next_run_at = parse_cron(schedule.cron).next_after(now)
+            next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now)
             if repo.record_schedule_error(schedule.name, schedule.version, str(exc), next_run_at):
                 log.error("schedule run refused", extra={"schedule": schedule.name, "error": str(exc),
                                                          "next_run_at": next_run_at})
             continue
-        if result is not None:
+        if result is not None and result.batch_id is not None:
             fired.append(result.batch_id)
     return fired

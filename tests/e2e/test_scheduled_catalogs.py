@@ -92,11 +92,58 @@ def test_a_catalog_run_twice_renders_only_the_changed_items(isolated_env, procs,
     assert refused.returncode == 2 and f"{catalog}:5:color: missing" in refused.stderr
     assert _json(cli(env, "schedule", "show", "shop"))["last_batch_id"] == second["batch_id"]
 
-    # Nothing changed: nothing rendered, nothing uploaded again.
+    # Nothing changed: nothing rendered, nothing uploaded again, and no empty batch or manifest.
     _write_catalog(catalog, rows[:28])
     third = _json(cli(env, "schedule", "run", "shop", "--wait", "--json"))
-    assert third["items"] == {"new": 0, "changed": 0, "unchanged": 28, "removed": 0}
-    assert third["total"] == 0
+    assert third == {"schedule": "shop", "batch_id": None, "submitted": 0, "unchanged": True,
+                     "items": {"new": 0, "changed": 0, "unchanged": 28, "removed": 0}}
+    shown = _json(cli(env, "schedule", "show", "shop"))
+    assert shown["last_batch_id"] == second["batch_id"] and shown["items"] == third["items"]
+    assert [b.id for b, _ in repo.recent_batches(100)] == [second["batch_id"], first["batch_id"]]
+    relisted = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]]
+    assert sorted(relisted) == sorted(listed)
+
+
+def test_schedule_cli_time_zones_and_a_run_with_nothing_new(embedded_env, cli, tmp_path):
+    """No worker: the first run's jobs stay queued ("on their way"), so a second run finds
+    nothing new or changed, and says so instead of submitting an empty batch."""
+    from lcmq.migrate import upgrade
+
+    env = embedded_env
+    upgrade(api.repository().url)  # the embedded SQLite file
+    catalog = tmp_path / "items.csv"
+    _write_catalog(catalog, [{"id": "mug", "name": "mug", "color": "white"}])
+    flags = ["--catalog", str(catalog), "--template", TEMPLATE, "--model", "null"]
+
+    bad_zone = cli(env, "schedule", "add", "shop", *flags, "--cron", "0 6 * * *", "--tz", "Europe/Berln")
+    assert bad_zone.returncode == 2 and "Traceback" not in bad_zone.stderr
+    assert "lcmq: error: schedule shop:--tz: unknown time zone 'Europe/Berln'" in bad_zone.stderr
+    bad_cron = cli(env, "schedule", "add", "shop", *flags, "--cron", "0 6 * * fri-mon-x")
+    assert bad_cron.returncode == 2 and "Traceback" not in bad_cron.stderr
+    assert "lcmq: error: schedule shop:--cron: day-of-week: 'fri-mon-x' is not valid" in bad_cron.stderr
+
+    cron = "0 6 * * mon-fri"  # a shop renders at 06:00 Berlin time on weekdays
+    shown = _json(cli(env, "schedule", "add", "shop", *flags, "--cron", cron, "--tz", "Europe/Berlin"))
+    assert shown["timezone"] == "Europe/Berlin" and shown["cron"] == cron
+    assert shown["next_run_at"] == parse_cron(cron, "Europe/Berlin").next_after(utcnow()).isoformat()
+    assert _json(cli(env, "schedule", "show", "shop"))["timezone"] == "Europe/Berlin"
+    listed = cli(env, "schedule", "list")
+    assert listed.returncode == 0 and "Europe/Berlin" in listed.stdout.splitlines()[1], listed.stdout
+    assert _json(cli(env, "schedule", "list", "--json"))[0]["timezone"] == "Europe/Berlin"
+
+    first = cli(env, "schedule", "run", "shop")
+    assert first.returncode == 0 and len(first.stdout.split()) == 1  # the batch id
+    again = cli(env, "schedule", "run", "shop", "--wait")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "schedule shop: unchanged, nothing submitted (nothing new or changed)",
+        "items: new=0 changed=0 unchanged=1 removed=0"]
+    as_json = _json(cli(env, "schedule", "run", "shop", "--json"))
+    assert as_json["unchanged"] is True and as_json["batch_id"] is None and as_json["submitted"] == 0
+    batches = _json(cli(env, "batches", "--json"))
+    assert [b["batch_id"] for b in batches] == [first.stdout.strip()]  # no empty 0/0 batches
+    assert _json(cli(env, "schedule", "show", "shop"))["last_batch_id"] == first.stdout.strip()
+    api.cancel(first.stdout.strip())
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

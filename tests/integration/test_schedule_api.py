@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
@@ -58,10 +58,12 @@ def test_schedule_lifecycle_and_refusals(embedded_env, tmp_path):
     assert shown["next_run_at"] == parse_cron("0 3 * * *").next_after(utcnow()).isoformat()
     assert shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0,
                                                                                                "removed": 0}
+    assert shown["timezone"] == "UTC"
     for bad, match in [
         (dict(name="shop"), "shop:name: a schedule of this name exists"),
         (dict(name="a/b"), "schedule:name: must not contain '/'"),
-        (dict(cron="0 25 * * *"), "schedule x:--cron: hour: 25 is out of range 0-23"),
+        (dict(cron="0 25 * * *"), "schedule x:--cron: hour: '25' is not valid in '0 25 * * *' (takes 0-23"),
+        (dict(tz="Europe/Berln"), "schedule x:--tz: unknown time zone 'Europe/Berln'"),
         (dict(template="{name} {size}"), "items.csv:2:size: missing: the template uses {size}"),
         (dict(model="nope"), "schedule x:model: unknown model profile 'nope'"),
         (dict(steps=20), "items.csv:--steps: must be between 1 and 8"),
@@ -69,8 +71,9 @@ def test_schedule_lifecycle_and_refusals(embedded_env, tmp_path):
     ]:
         args = dict(name="x", catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null") | bad
         name = args.pop("name")
-        with pytest.raises(InputError, match=match.replace("{", r"\{").replace("}", r"\}")):
-            api.schedule_add(name, **args)
+        with pytest.raises(InputError) as raised:
+            api.schedule_add(name, timezone=args.pop("tz", "UTC"), **args)
+        assert match in str(raised.value)
     assert [s["name"] for s in api.schedules()] == ["shop"]  # nothing written by the refusals
 
     assert api.schedule_pause("shop")["paused"] is True
@@ -130,3 +133,73 @@ def test_a_webp_schedule_keeps_stable_webp_keys_and_its_format_is_in_the_render_
     # The same items, another format: another render key (a format change re-renders).
     assert set(keys["png-shop"].values()).isdisjoint(keys["webp-shop"].values())
     assert repo.get_batch(result.batch_id).options["image_format"] == "webp"
+
+
+def test_a_schedule_fires_at_six_local_time_in_its_zone_across_dst(embedded_env, tmp_path):
+    """A shop renders at 06:00 Berlin time: next_run_at is stored in UTC, computed in the zone,
+    and each scheduled run moves it to the next 06:00 local (04:00 UTC in summer, 05:00 in winter)."""
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white")]))
+    shown = api.schedule_add("berlin", catalog=str(catalog), template=TEMPLATE, cron="0 6 * * *",
+                             model="null", timezone="Europe/Berlin")
+    assert shown["timezone"] == "Europe/Berlin" and api.schedules()[0]["timezone"] == "Europe/Berlin"
+    assert shown["next_run_at"] == parse_cron("0 6 * * *", "Europe/Berlin").next_after(utcnow()).isoformat()
+    assert api.schedule_show("berlin")["next_run_at"].endswith("+00:00")
+
+    repo, store, settings = api.repository(), api.storage(), get_settings()
+    # The night before the spring change (Saturday 28 March 2026, 06:00 CET = 05:00 UTC) ...
+    repo.update_schedule("berlin", next_run_at=datetime(2026, 3, 28, 5, tzinfo=UTC))
+    fired = fire_due(repo, store, settings, now=datetime(2026, 3, 28, 5, 0, 20, tzinfo=UTC))
+    assert len(fired) == 1
+    # ... the next run is Sunday 06:00 CEST, 04:00 UTC.
+    assert repo.get_schedule("berlin").next_run_at == datetime(2026, 3, 29, 4, tzinfo=UTC)
+    # And in autumn: after Saturday 24 October's 06:00 CEST comes Sunday's 06:00 CET (05:00 UTC).
+    repo.update_schedule("berlin", next_run_at=datetime(2026, 10, 24, 4, tzinfo=UTC))
+    fire_due(repo, store, settings, now=datetime(2026, 10, 24, 4, 0, 20, tzinfo=UTC))
+    assert repo.get_schedule("berlin").next_run_at == datetime(2026, 10, 25, 5, tzinfo=UTC)
+
+    assert api.schedule_pause("berlin")["timezone"] == "Europe/Berlin"
+    resumed = api.schedule_resume("berlin")
+    assert resumed["next_run_at"] == parse_cron("0 6 * * *", "Europe/Berlin").next_after(utcnow()).isoformat()
+
+
+def test_a_run_with_nothing_new_or_changed_submits_no_batch_and_still_counts_as_fired(embedded_env, tmp_path):
+    upgrade(get_settings().database_url_resolved)
+    catalog = tmp_path / "items.csv"
+    catalog.write_bytes(_csv([("a", "mug", "white"), ("b", "cup", "red")]))
+    api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="0 3 * * *", model="null")
+    repo, store, settings = api.repository(), api.storage(), get_settings()
+    first = api.schedule_run("shop")  # a and b are queued now: "on their way", so unchanged next time
+    assert first.total == 2
+
+    # `lcmq schedule run`: the same catalog again makes no empty 0/0 batch.
+    again = api.schedule_run("shop")
+    assert isinstance(again, api.UnchangedRun)
+    assert again.to_dict() == {"schedule": "shop", "batch_id": None, "submitted": 0, "unchanged": True,
+                               "items": {"new": 0, "changed": 0, "unchanged": 2, "removed": 0}}
+    assert [b.id for b, _ in repo.recent_batches(100)] == [first.batch_id]
+    schedule = repo.get_schedule("shop")
+    assert schedule.last_batch_id == first.batch_id and schedule.last_counts == again.items
+    assert schedule.version == 2 and schedule.last_run_at is not None
+
+    # An item removed, none new or changed: still no batch; the removal is recorded.
+    catalog.write_bytes(_csv([("a", "mug", "white")]))
+    removed = api.schedule_run("shop")
+    assert isinstance(removed, api.UnchangedRun)
+    assert removed.items == {"new": 0, "changed": 0, "unchanged": 1, "removed": 1}
+    assert repo.catalog_counts("shop") == {"active": 1, "removed": 1}
+    assert len(repo.recent_batches(100)) == 1
+
+    # The scheduler service: due, nothing changed -> fired (next_run_at moves on), no batch.
+    now = utcnow()
+    repo.update_schedule("shop", next_run_at=now - timedelta(minutes=1))
+    assert fire_due(repo, store, settings, now=now) == []
+    schedule = repo.get_schedule("shop")
+    assert schedule.next_run_at == parse_cron("0 3 * * *").next_after(now) and schedule.version == 4
+    assert schedule.last_counts == {"new": 0, "changed": 0, "unchanged": 1, "removed": 0}
+    assert schedule.last_batch_id == first.batch_id and schedule.last_error is None
+    assert len(repo.recent_batches(100)) == 1
+    assert fire_due(repo, store, settings, now=now) == []  # not due again: it counted as fired
+    assert repo.get_schedule("shop").version == 4
+    api.cancel(first.batch_id)
