@@ -22,7 +22,8 @@ def test_the_sizes_accepted_before_keep_their_value(text, mib):
     assert parse_memory_mb(text) == mib
 
 
-@pytest.mark.parametrize("text", ["", "lots", "GiB", "0", "-1GiB", "0.1KiB", "6 GiBs", "inf", "nan", "infGiB"])
+@pytest.mark.parametrize("text", ["", "lots", "GiB", "0", "-1GiB", "0.1KiB", "6 GiBs", "inf", "nan",
+                                  "infGiB"])
 def test_nonsense_sizes_are_a_usage_error(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_memory_mb(text)
