@@ -40,7 +40,7 @@ def model_identity(profile_name: str) -> dict[str, Any]:
     try:
         profile = get_profile(profile_name)
     except ProfileError:
-        return {"family": None, "base": None, "lcm_lora": None, "dtype": None}
+        return dict.fromkeys(f.name for f in keys.MODEL_IDENTITY_V1)
     return keys.model_identity(profile)
 
 

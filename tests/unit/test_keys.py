@@ -165,3 +165,13 @@ def test_every_field_is_hashed_or_deliberately_left_out(cls, key_fields, left_ou
     listed = {f.name for f in key_fields}
     assert {f.name for f in fields(cls)} == listed | left_out
     assert not listed & left_out
+
+
+def test_a_manifest_names_the_model_by_the_identity_list(tmp_path, monkeypatch):
+    from lcmq.manifest import model_identity
+    from lcmq.profiles import reset_profiles
+
+    monkeypatch.setenv("LCMQ_CONFIG", str(tmp_path / "absent.toml"))
+    reset_profiles()
+    assert model_identity("tiny") == keys.model_identity(TINY)
+    assert model_identity("no-such-profile") == {"family": None, "base": None, "lcm_lora": None, "dtype": None}
