@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lcmq import keys
 from lcmq.errors import InputError, ProfileError
 from lcmq.formats import DEFAULT_FORMAT, check_output
 from lcmq.models import JobState
@@ -90,15 +89,7 @@ def _resolve_profile(model: str, source: str) -> Profile:
 
 def _idempotency_key(content_sha256: str, options: BatchOptions, profile: Profile, chunk_size: int) -> str:
     """The same content, profile and parameters give the same key: a resubmission is found."""
-    opts = asdict(options)
-    if opts["image_format"] == DEFAULT_FORMAT:  # PNG batches keep the keys they had before formats
-        del opts["image_format"], opts["quality"]
-    if not opts["matrix"]:  # and batches without a matrix the keys they had before matrices
-        del opts["matrix"]
-    if opts["loras"] is None:  # and batches without --lora the keys they had before style LoRAs
-        del opts["loras"]
-    parts = {"content": content_sha256, "options": opts, "profile": profile.to_dict(), "chunk_size": chunk_size}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return keys.idempotency_key(content_sha256, options, profile, chunk_size)
 
 
 def _is_int(value: Any) -> bool:
@@ -168,8 +159,7 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         specs, content_sha256 = open_batch_file(path, validator)
     else:
         specs = validate_rows(rows_from_objects(rows), validator)
-        content_sha256 = hashlib.sha256(json.dumps([asdict(spec) for spec in specs], sort_keys=True,
-                                                   default=str).encode()).hexdigest()
+        content_sha256 = keys.content_sha256(specs)
     specs = expand_matrix(specs, axes, source)
     key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
     batch_id, _ = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),

@@ -12,6 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+
 from lcmq import api
 from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
@@ -129,23 +130,23 @@ def parse_duration(text: str) -> float:
     return value
 
 
-_SIZE_UNITS = {"kib": 1 / 1024, "kb": 1000 / 2**20, "mib": 1, "mb": 10**6 / 2**20, "gib": 1024,
-               "gb": 10**9 / 2**20, "tib": 2**20, "tb": 10**12 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024,
-               "t": 2**20}
+# A unit letter alone, and no unit, keep the meaning they had before pydantic's ByteSize read these
+# sizes: "6G" is 6 GiB (ByteSize: 6*10^9 bytes) and "100" is 100 MiB (ByteSize: 100 bytes).
+_UNIT_LETTERS = {"k": "KiB", "m": "MiB", "g": "GiB", "t": "TiB"}
 
 
 def parse_memory_mb(text: str) -> int:
-    """'6GiB', '6G', '512MiB', '8GB' (decimal) or plain MiB, as whole MiB."""
-    lowered = text.strip().lower()
-    for suffix in sorted(_SIZE_UNITS, key=len, reverse=True):
-        if lowered.endswith(suffix):
-            number, factor = lowered[: -len(suffix)], _SIZE_UNITS[suffix]
-            break
-    else:
-        number, factor = lowered, 1
+    """'6GiB', '6G', '512MiB', '8GB' or '6000MB' (decimal) or plain MiB, as whole MiB."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError  # lazy: `lcmq --help` loads no pydantic
+
+    size = text.strip()
+    if size[-1:].lower() in _UNIT_LETTERS:
+        size = size[:-1] + _UNIT_LETTERS[size[-1].lower()]
+    elif size[-1:].isdigit():
+        size += "MiB"
     try:
-        value = int(float(number) * factor)
-    except ValueError:
+        value = TypeAdapter(ByteSize).validate_python(size) // 2**20
+    except ValidationError:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use 6GiB, 512MiB, 8GB)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"memory size must be at least 1 MiB: {text!r}")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lcmq import keys
 from lcmq.errors import ProfileError
 from lcmq.formats import OutputFormat
 from lcmq.models import JobState
@@ -39,9 +40,8 @@ def model_identity(profile_name: str) -> dict[str, Any]:
     try:
         profile = get_profile(profile_name)
     except ProfileError:
-        return {"family": None, "base": None, "lcm_lora": None, "dtype": None}
-    data = profile.to_dict()
-    return {key: data[key] for key in ("family", "base", "lcm_lora", "dtype")}
+        return dict.fromkeys(f.name for f in keys.MODEL_IDENTITY_V1)
+    return keys.model_identity(profile)
 
 
 def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[str, Any]]:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lcmq.errors import ProfileError
 from lcmq.settings import config_path, read_config_file
@@ -46,8 +49,8 @@ GENERATED_PREFIX = "lcmq-generated:"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload")
-# Fields added after profiles were first hashed into batches' idempotency keys and catalog items'
-# render keys: to_dict() leaves them out while unset, so existing keys (and renders) stay valid.
+# Options `lcmq models` shows only when set, so a plain profile reads as it always did. (Display
+# only: the keys that hash a profile list their own fields, lcmq.keys.PROFILE_KEY_V1.)
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": ()} | dict.fromkeys(MEMORY_OPTIONS, False)
 
 
@@ -87,8 +90,7 @@ class Profile:
         return self.base.endswith(SINGLE_FILE_SUFFIXES)
 
     def to_dict(self) -> dict[str, Any]:
-        # Fields left at their defaults are left out: profiles that do not use the newer options
-        # keep their idempotency and render keys.
+        """The profile as `lcmq models` shows it: the optional fields only when set."""
         return {k: v for k, v in asdict(self).items() if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]}
 
 
@@ -113,20 +115,65 @@ BUILTIN_PROFILES: dict[str, Profile] = {
     )
 }
 
-_FIELDS = {"family", "base", "lcm_lora", "dtype", "width", "height", "steps", "guidance", "config", "vae",
-           "loras", *MEMORY_OPTIONS}
+
+class ProfileTable(BaseModel):
+    """One [profiles.NAME] table of lcmq.toml, as written. Unknown keys are refused by name. The
+    values are checked, never converted (strict): a profile hashes into stored keys exactly as
+    before (`guidance = 1` stays the integer 1). Unset fields come from the built-in profile of
+    the same name, or from the family."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    family: Literal["sd15", "sdxl", "ssd1b"] | None = None  # FAMILIES
+    base: str | None = None
+    lcm_lora: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] | None = None  # DTYPES
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: int | float | None = None
+    config: str | None = None  # "" turns it off (as `vae = ""` turns a built-in's VAE off)
+    vae: str | None = None
+    attention_slicing: bool | None = None
+    vae_tiling: bool | None = None
+    vae_slicing: bool | None = None
+    cpu_offload: bool | None = None
+    loras: Any = None  # checked by lcmq.loras.check_loras, whose messages name the entry
+
+
+# What a field must hold, as a refused value's message says it.
+_EXPECTED = {
+    "family": f"one of {', '.join(FAMILIES)}", "dtype": f"one of {', '.join(DTYPES)}",
+    "width": "an integer", "height": "an integer", "steps": "an integer", "guidance": "a number",
+    "base": "a string", "lcm_lora": "a string", "config": "a string", "vae": "a string",
+} | dict.fromkeys(MEMORY_OPTIONS, "true or false")
+
+
+def _table_problem(where: str, exc: ValidationError) -> ProfileError:
+    """The first problem of a table, named as `<file>: [profiles.NAME].field: ...`."""
+    errors = exc.errors()
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return ProfileError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    field = str(errors[0]["loc"][0])
+    return ProfileError(f"{where}.{field}: must be {_EXPECTED[field]} (got {errors[0]['input']!r})")
+
+
+def _parse_table(name: str, table: dict[str, Any], source: str) -> ProfileTable:
+    try:
+        return ProfileTable.model_validate(table)
+    except ValidationError as exc:
+        raise _table_problem(f"{source}: [profiles.{name}]", exc) from None
 
 
 def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profile:
     where = f"{source}: [profiles.{name}]"
-    unknown = set(table) - _FIELDS
-    if unknown:
-        raise ProfileError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    parsed = _parse_table(name, table, source)
     base_profile = BUILTIN_PROFILES.get(name)
-    family = table.get("family", base_profile.family if base_profile else None)
-    if family not in FAMILIES:
-        raise ProfileError(f"{where}.family: must be one of {', '.join(FAMILIES)} (got {family!r})")
-    if "base" not in table and base_profile is None:
+    family = parsed.family or (base_profile.family if base_profile else None)
+    if family is None:
+        raise ProfileError(f"{where}.family: must be one of {', '.join(FAMILIES)} (got None)")
+    if parsed.base is None and base_profile is None:
         raise ProfileError(f"{where}.base: required")
     values: dict[str, Any] = {"family": family}
     if base_profile is None:
@@ -134,21 +181,10 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
         values |= {"width": size, "height": size, "lcm_lora": OFFICIAL_LCM_LORA[family]}
         if family in ("sdxl", "ssd1b"):
             values["vae"] = SDXL_FP16_VAE  # as the built-ins; `vae = ""` keeps the base's own
-    values |= {k: v for k, v in table.items() if k != "family"}
-    for key in ("width", "height", "steps"):
-        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool)):
-            raise ProfileError(f"{where}.{key}: must be an integer")
-    if values.get("dtype", "auto") not in DTYPES:
-        raise ProfileError(f"{where}.dtype: must be one of {', '.join(DTYPES)}")
-    for key in ("base", "lcm_lora", "config", "vae"):
-        if key in values and not isinstance(values[key], str):
-            raise ProfileError(f"{where}.{key}: must be a string")
+    values |= {k: v for k, v in parsed.model_dump(exclude_unset=True).items() if k != "family"}
     for key in ("config", "vae"):
         if values.get(key) == "":  # `vae = ""` turns a built-in's VAE replacement off
             values[key] = None
-    for key in MEMORY_OPTIONS:
-        if key in values and not isinstance(values[key], bool):
-            raise ProfileError(f"{where}.{key}: must be true or false")
     if "loras" in values:  # paths are checked when a batch uses them (the producer's machine)
         from lcmq.loras import LoraProblem, check_loras
 
@@ -161,9 +197,18 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
     return Profile(name=name, **values)
 
 
-def load_profiles(path: Path | None = None) -> dict[str, Profile]:
-    """Built-in profiles, overridden and extended by the [profiles.*] tables of lcmq.toml."""
-    path = path or config_path()
+def _file_version(path: Path) -> tuple[str, int | None, int | None]:
+    """Which file and which version of it: absolute path, modification time and size."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return str(path.absolute()), None, None
+    return str(path.absolute()), stat.st_mtime_ns, stat.st_size
+
+
+@lru_cache(maxsize=8)
+def _profiles_of(path: Path, version: tuple[str, int | None, int | None]) -> dict[str, Profile]:
+    """The profiles of one version of a config file (`version` is the cache key, not read here)."""
     profiles = dict(BUILTIN_PROFILES)
     tables = read_config_file(path).get("profiles", {})
     if not isinstance(tables, dict):
@@ -173,6 +218,21 @@ def load_profiles(path: Path | None = None) -> dict[str, Profile]:
             raise ProfileError(f"{path}: [profiles.{name}] must be a table")
         profiles[name] = _profile_from_table(name, table, str(path))
     return profiles
+
+
+def load_profiles(path: Path | None = None) -> dict[str, Profile]:
+    """Built-in profiles, overridden and extended by the [profiles.*] tables of lcmq.toml.
+
+    Built once per version of the file (its path, modification time and size), not per lookup:
+    a worker asks for its profile with every task.
+    """
+    path = path or config_path()
+    return dict(_profiles_of(path, _file_version(path)))
+
+
+def reset_profiles() -> None:
+    """Forget the built profiles (tests rewrite lcmq.toml faster than its mtime may tick)."""
+    _profiles_of.cache_clear()
 
 
 def get_profile(name: str) -> Profile:

@@ -12,7 +12,6 @@ naming the catalog, the item's line and the field.
 from __future__ import annotations
 
 import hashlib
-import json
 import string
 import tempfile
 import unicodedata
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lcmq import keys
 from lcmq.errors import InputError, LcmqError
 from lcmq.models import ITEM_ID_LENGTH
 from lcmq.profiles import Profile
@@ -126,13 +126,7 @@ def item_seed(base_seed: int | None, item_id: str) -> int:
 def render_key(spec: JobSpec, profile: Profile, output_format: str = OUTPUT_FORMAT) -> str:
     """A hash of what decides an item's image: prompt, negative prompt, the profile (model and LoRA
     identity included), steps, guidance, size, seed and format. Not the id or the row's place."""
-    parts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "profile": profile.to_dict(),
-             "steps": spec.steps, "guidance": spec.guidance, "width": spec.width, "height": spec.height,
-             "seed": spec.seed, "format": output_format}
-    # Style LoRAs and img2img decide pixels too; absent ones leave older items' keys unchanged.
-    parts |= {k: v for k, v in (("loras", list(spec.loras)), ("init_image", spec.init_image),
-                                ("strength", spec.strength)) if v}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return keys.render_key(spec, profile, output_format)
 
 
 # --- reading ----------------------------------------------------------------------------------
