@@ -205,10 +205,13 @@ class S3Storage(Storage):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
-                          read_timeout=timeout_s, max_pool_connections=16))
+        try:
+            self.client = boto3.client(
+                "s3", endpoint_url=endpoint_url, region_name=region,
+                config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
+                              read_timeout=timeout_s, max_pool_connections=16))
+        except ValueError as exc:  # botocore's "Invalid endpoint", a malformed region name
+            raise ConfigError(f"s3 endpoint {endpoint_url!r}, region {region!r}: {exc}") from exc
 
     def _object_key(self, key: str) -> str:
         check_key(key)

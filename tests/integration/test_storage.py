@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from lcmq.errors import MissingObjectError, PermanentStorageError, StorageError
+from lcmq.errors import ConfigError, MissingObjectError, PermanentStorageError, StorageError
 from lcmq.storage import FileStorage, S3Storage, read_url, storage_from_url
 
 BUCKET = "lcmq-test"
@@ -128,3 +128,8 @@ def test_s3_missing_object_is_its_own_error(s3_endpoint):
     with pytest.raises(PermanentStorageError, match="NoSuchBucket") as refused:
         storage_from_url("s3://no-such-bucket/x", s3_endpoint).get("b1/000003.png")
     assert not isinstance(refused.value, MissingObjectError)  # a missing bucket is a setup error
+
+
+def test_a_malformed_s3_endpoint_is_a_config_error():
+    with pytest.raises(ConfigError, match="not a url"):
+        storage_from_url("s3://bucket/x", "not a url")

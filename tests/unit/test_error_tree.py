@@ -11,8 +11,15 @@ import pytest
 
 import lcmq
 from lcmq.cli import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, report_error
-from lcmq.errors import (InputError, LcmqError, MissingObjectError, NotFoundError, PermanentError, StorageError,
-                         TransientError)
+from lcmq.errors import (
+    InputError,
+    LcmqError,
+    MissingObjectError,
+    NotFoundError,
+    PermanentError,
+    StorageError,
+    TransientError,
+)
 from lcmq.export import ExportError
 
 
@@ -60,3 +67,15 @@ def test_debug_shows_the_traceback(embedded_env, monkeypatch, capsys):
         assert report_error(exc) == EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("lcmq: error: unexpected RuntimeError: boom\n")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_broken_model_index_is_a_profile_error(tmp_path, content):
+    from lcmq.errors import ProfileError
+    from lcmq.profiles import load_profiles, preflight
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text(content)
+    (tmp_path / "lcmq.toml").write_text(f'[profiles.mine]\nfamily = "sd15"\nbase = "{tmp_path}/model"\n')
+    with pytest.raises(ProfileError, match=r"profile 'mine': base .*/model: model_index.json cannot be read"):
+        preflight(load_profiles(tmp_path / "lcmq.toml")["mine"])
