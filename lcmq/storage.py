@@ -56,7 +56,7 @@ def _write_whole(target: Path, content: bytes | Path) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not inherited (PEP 446)
     try:
         with os.fdopen(fd, "wb") as fh:
             if isinstance(content, Path):
