@@ -14,13 +14,14 @@ from pathlib import Path
 
 
 from lcmq import api
-from lcmq.errors import InputError, LcmqError
+from lcmq.errors import InputError, LcmqError, NotFoundError
 from lcmq.logs import setup_logging
 from lcmq.matrix import parse_axis
 from lcmq.models import JobState
 from lcmq.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_FOUND = 3  # the batch, job or schedule named does not exist
 
 
 class Progress:
@@ -475,6 +476,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_wanted() -> bool:
+    """LCMQ_LOG_LEVEL=DEBUG (or log_level = "DEBUG" in lcmq.toml): show an error's traceback."""
+    try:
+        return get_settings().log_level.upper() == "DEBUG"
+    except (LcmqError, OSError):  # the settings are what failed: the variable alone decides
+        return os.environ.get("LCMQ_LOG_LEVEL", "").upper() == "DEBUG"
+
+
+def _error_message(exc: Exception) -> str:
+    if isinstance(exc, LcmqError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # a file the user named: missing, unreadable, a folder
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _exit_code(exc: Exception) -> int:
+    if isinstance(exc, InputError):
+        return EXIT_USAGE
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    return EXIT_FAILED
+
+
+def report_error(exc: Exception) -> int:
+    """An error as the user sees it: `lcmq: error: …` on stderr and its exit code (2 for input, 3
+    for an unknown id, 1 for the rest). No traceback unless LCMQ_LOG_LEVEL=DEBUG: a mistake is not
+    a crash, and a crash says how to see where it happened."""
+    import traceback
+
+    debug = _debug_wanted()
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = "" if debug or isinstance(exc, (LcmqError, OSError)) else " (LCMQ_LOG_LEVEL=DEBUG shows where)"
+    print(f"lcmq: error: {_error_message(exc)}{hint}", file=sys.stderr)
+    return _exit_code(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -483,14 +522,10 @@ def main(argv: list[str] | None = None) -> int:
             quiet = "WARNING" if settings.log_level.upper() == "INFO" else settings.log_level
             setup_logging(quiet, settings.log_json)
         return args.func(args)
-    except InputError as exc:
-        print(f"lcmq: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except LcmqError as exc:
-        print(f"lcmq: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `lcmq manifest | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the face: every error becomes a message and an exit code
+        return report_error(exc)

@@ -74,6 +74,10 @@ class PermanentStorageError(PermanentError):
     """Object storage refused for good (no such bucket, access denied, bad key)."""
 
 
+class MissingObjectError(PermanentStorageError):
+    """No object at the key or URL read (a deleted image, a mistyped catalog URL)."""
+
+
 class BrokerError(TransientError):
     """The message broker could not be reached."""
 

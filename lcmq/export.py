@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lcmq.errors import InputError, LcmqError
+from lcmq.errors import InputError, MissingObjectError, PermanentError
 from lcmq.formats import FORMATS
 from lcmq.manifest import records
 from lcmq.repository import Repository
@@ -39,8 +39,8 @@ SUMMARY_FILE = "export.json"
 SHARD_NAME = "shard-{:06d}.tar"
 
 
-class ExportError(LcmqError):
-    """An image in storage is not the one its row recorded (sha256 mismatch)."""
+class ExportError(PermanentError):
+    """An image in storage is missing, or not the one its row recorded (sha256 mismatch)."""
 
 
 def check_export(batch_id: str, fmt: Any, to: Any, shard_size: Any) -> None:
@@ -66,7 +66,11 @@ def destination(to: str | Path, settings) -> Storage:
 
 
 def _image(source: Storage, record: dict[str, Any]) -> bytes:
-    data = source.get(record["key"])
+    try:
+        data = source.get(record["key"])
+    except MissingObjectError as exc:
+        raise ExportError(f"{record['url']}: the image of job {record['job_id']} (row {record['index']}) is "
+                          f"missing from storage; the export stopped without {SUMMARY_FILE}") from exc
     if sha256_hex(data) != record["sha256"]:
         raise ExportError(f"{record['url']}: sha256 differs from the one recorded for job {record['job_id']}")
     return data

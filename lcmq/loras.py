@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lcmq.errors import PermanentError
+
 LCM_NAME = "lcm"  # the LCM-LoRA's own adapter name in the worker: never a style's
 MAX_WEIGHT = 2.0  # past ±2 a style LoRA on top of the LCM-LoRA only burns the image
 MAX_LORAS = 8  # per job: each active adapter costs every UNet step a little
@@ -25,8 +27,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _KEYS = {"name", "path", "weight"}
 
 
-class LoraProblem(ValueError):
-    """A LoRA set is invalid; the caller names the source, line and field."""
+class LoraProblem(PermanentError):
+    """A LoRA set is invalid; the caller names the source, line and field (as an InputError)."""
 
 
 def _is_number(value: Any) -> bool:

@@ -256,7 +256,10 @@ def _check_model_index(where: str, field: str, ref: str, family: str) -> None:
     if not index.exists():
         raise ProfileError(f"{where}: {field} {ref} is a folder without model_index.json "
                            "(not a diffusers model folder)")
-    class_name = json.loads(index.read_text()).get("_class_name", "")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable, not JSON, or JSON but not an object
+        raise ProfileError(f"{where}: {field} {ref}: model_index.json cannot be read: {exc}") from exc
     expected = FAMILY_PIPELINE_CLASS[family]
     if class_name and class_name != expected:
         raise ProfileError(f"{where}: family {family!r} expects a {expected} but {index} holds a {class_name}")

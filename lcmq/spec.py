@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcmq.errors import InputError
+from lcmq.errors import InputError, PermanentError
 from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
 from lcmq.storage import file_sha256
@@ -209,7 +209,7 @@ def _check_metadata(value: Any, fail, depth: int = 0) -> None:
         fail(f"must be JSON data (got {type(value).__name__})")
 
 
-class _Bad(ValueError):
+class _Bad(PermanentError):
     """A field check failed; the caller names the field and line (no closure per field and row:
     validation runs 10^5 times a second)."""
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lcmq.errors import ConfigError, PermanentStorageError, StorageError
+from lcmq.errors import (
+    ConfigError,
+    LcmqError,
+    MissingObjectError,
+    PermanentStorageError,
+    StorageError,
+)
 
 MANIFEST_NAME = "manifest.jsonl"
+TEMP_PREFIX = ".tmp-"  # a file being written under a FileStorage root: never listed, never an object
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+# What S3 answers for an object that is not there (GET: NoSuchKey; HEAD has no body: its status).
+_S3_MISSING_CODES = ("NoSuchKey", "NotFound", "404")
 
 
 def check_key(key: str) -> str:
@@ -32,12 +41,44 @@ def sha256_hex(data: bytes) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """A file's sha256, read in 1 MiB blocks (a batch file or an init image is never held whole)."""
-    digest = hashlib.sha256()
+    """A file's sha256, read in blocks (a batch file or an init image is never held whole)."""
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_whole(target: Path, content: bytes | Path) -> None:
+    """Write bytes (or copy a local file) to target: into a temporary file, then renamed over it, so
+    a reader never sees half an object and a crash leaves no torn file under the real name.
+
+    The temporary file is created with mode 0666 and the process umask applies (0644 under umask
+    022), as for any file a program writes: `tempfile.mkstemp` would make it 0600, and a web server
+    or a training job running as another user could not read the images, manifests or exports.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not inherited (PEP 446)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(content, Path):
+                with content.open("rb") as source:
+                    shutil.copyfileobj(source, fh)
+            else:
+                fh.write(content)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _reading_error(path: Path, exc: OSError) -> LcmqError:
+    """An OSError met while reading or removing a stored file, as lcmq's error, by its class: a
+    missing file or a refusal stays so on a retry; anything else (an I/O error) may pass."""
+    message = f"{path}: {exc.strerror or exc}"
+    if isinstance(exc, FileNotFoundError):
+        return MissingObjectError(f"no such object {path}")
+    if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return PermanentStorageError(message)
+    return StorageError(message)
 
 
 class Storage(ABC):
@@ -105,45 +146,52 @@ class FileStorage(Storage):
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: a reader never sees half an image, a crash leaves no torn file.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            _write_whole(path, data)
         except OSError as exc:
             raise StorageError(f"writing {path}: {exc}") from exc
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
         target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-            os.close(fd)
-            shutil.copyfile(path, tmp)  # same rename as put: never a torn file under the real name
-            os.replace(tmp, target)
+            _write_whole(target, path)
         except OSError as exc:
             raise StorageError(f"writing {target}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise _reading_error(path, exc) from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _reading_error(path, exc) from exc
 
     def stored_sha256(self, key: str) -> str | None:
         path = self._path(key)
-        return sha256_hex(path.read_bytes()) if path.is_file() else None
+        try:
+            return file_sha256(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _reading_error(path, exc) from exc
 
     def list_keys(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".tmp-"))
+        try:
+            return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                          if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+        except OSError as exc:
+            raise _reading_error(base, exc) from exc
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -157,10 +205,13 @@ class S3Storage(Storage):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
-                          read_timeout=timeout_s, max_pool_connections=16))
+        try:
+            self.client = boto3.client(
+                "s3", endpoint_url=endpoint_url, region_name=region,
+                config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
+                              read_timeout=timeout_s, max_pool_connections=16))
+        except ValueError as exc:  # botocore's "Invalid endpoint", a malformed region name
+            raise ConfigError(f"s3 endpoint {endpoint_url!r}, region {region!r}: {exc}") from exc
 
     def _object_key(self, key: str) -> str:
         check_key(key)
@@ -180,6 +231,8 @@ class S3Storage(Storage):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = exc.response.get("Error", {}).get("Code", "")
         message = f"s3 {what} s3://{self.bucket}/{key}: {code} ({status})"
+        if code in _S3_MISSING_CODES:
+            raise MissingObjectError(message) from exc
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
             raise StorageError(message) from exc
         raise PermanentStorageError(message) from exc
@@ -203,19 +256,17 @@ class S3Storage(Storage):
             raise StorageError(f"s3 put s3://{self.bucket}/{object_key}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
-        response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._object_key(key))
-        return response["Body"].read()
+        return self._call("get", self._get_body, Bucket=self.bucket, Key=self._object_key(key))
+
+    def _get_body(self, **request) -> bytes:
+        # The body is read inside _call: a connection lost mid-body is a BotoCoreError too.
+        return self.client.get_object(**request)["Body"].read()
 
     def _head(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
         try:
             return self._call("head", self.client.head_object, Bucket=self.bucket, Key=self._object_key(key))
-        except PermanentStorageError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ClientError) and cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
+        except MissingObjectError:  # HEAD has no body: a missing bucket is a 404 here as well
+            return None
 
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
@@ -258,11 +309,10 @@ def read_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise PermanentStorageError(f"reading {path}: {exc.strerror or exc}") from exc
+            raise _reading_error(path, exc) from exc
     if parsed.scheme == "s3" and parsed.netloc and parsed.path.strip("/"):
         store = S3Storage(parsed.netloc, "", endpoint_url, region, timeout_s, max_attempts)
-        response = store._call("get", store.client.get_object, Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
-        return response["Body"].read()
+        return store._call("get", store._get_body, Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
     raise ConfigError(f"{url!r}: use s3://bucket/key or file:///path")
 
 

@@ -84,7 +84,7 @@ def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, t
     listed = [json.loads(line) for line in cli(env, "jobs", batch_id, "--json").stdout.splitlines()]
     assert [(j["index"], j["state"], j["error"]) for j in listed] == [(i, "succeeded", None) for i in range(6)]
     assert all(j["url"] == f"s3://{bucket}/x/{batch_id}/{j['index']:06d}.png" for j in listed)
-    assert cli(env, "jobs", "nosuchbatch").returncode == 1
+    assert cli(env, "jobs", "nosuchbatch").returncode == 3  # not found
 
 
 def test_urgent_batches_are_served_first(isolated_env, procs, tmp_path):
