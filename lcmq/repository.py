@@ -18,8 +18,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (Engine, String, bindparam, cast, create_engine, event, func, insert, or_, select, text,
-                        update)
+from sqlalchemy import (Engine, String, bindparam, case, cast, create_engine, event, func, insert, or_, select,
+                        text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
@@ -371,6 +371,16 @@ def _translate_errors(method):
     return wrapper
 
 
+@dataclass(frozen=True)
+class HandBack:
+    """What handing jobs back did: those back in the queue (the caller publishes them after a
+    backoff) and those failed for having been handed back too often."""
+
+    requeued: list[str]
+    failed: list[str]
+    handbacks: int  # the most hand-backs among the requeued jobs, this one included: keys the backoff
+
+
 class Repository:
     def __init__(self, url: str):
         self.url = url
@@ -618,7 +628,7 @@ class Repository:
         values: dict[str, Any] = {"state": JobState.queued.value, "dispatched_at": None, "lease_until": None,
                                   "finished_at": None}
         if reset_attempts:
-            values |= {"attempts": 0, "error": None}
+            values |= {"attempts": 0, "handbacks": 0, "error": None}
         now = utcnow()
         wanted = [st.value for st in states if st != JobState.running]
         condition = Job.state.in_(wanted)
@@ -821,19 +831,36 @@ class Repository:
                 .execution_options(synchronize_session=False)).rowcount
 
     @_translate_errors
-    def release(self, job_ids: Sequence[str], worker: str, error: str | None = None) -> int:
-        """Hand jobs back to the queue after a transient fault or at shutdown.
+    def release(self, job_ids: Sequence[str], worker: str, error: str | None, *,
+                max_handbacks: int) -> HandBack:
+        """Hand jobs back to the queue after a transient fault, or fail those handed back
+        `max_handbacks` times already, with the fault as the reason: one conditional update.
 
-        The attempt is not counted against the job (attempts - 1): max_attempts bounds the
-        workers a job takes down, not the outages of S3 or the database. The caller publishes
-        a message for them (a task retry, or a new chunk), hence dispatched_at = now.
+        A hand-back does not count an attempt (attempts - 1): max_attempts bounds the workers a
+        job takes down, not the outages of S3 or the database; `handbacks` bounds those, so a
+        fault that only looks passing (a bug) cannot loop. The caller publishes a message for
+        the requeued jobs (a task retry, or a new chunk) after a backoff, hence dispatched_at.
         """
-        with self._session() as s:
-            return s.execute(
-                update(Job).where(self._held(job_ids, worker))
-                .values(state=JobState.queued.value, error=error, lease_until=None, attempts=Job.attempts - 1,
-                        dispatched_at=utcnow())
-                .execution_options(synchronize_session=False)).rowcount
+        now = utcnow()
+        table = Job.__table__
+        spent = table.c.handbacks >= max_handbacks  # this hand-back would pass the cap
+        gave_up = f"{error or 'handed back'}; handed back {max_handbacks} times, giving up"
+        statement = (
+            update(table).where(self._held(job_ids, worker))
+            .values(state=case((spent, JobState.failed.value), else_=JobState.queued.value),
+                    error=case((spent, gave_up), else_=error),
+                    finished_at=case((spent, now), else_=None),
+                    attempts=case((spent, table.c.attempts), else_=table.c.attempts - 1),
+                    handbacks=case((spent, table.c.handbacks), else_=table.c.handbacks + 1),
+                    dispatched_at=case((spent, table.c.dispatched_at), else_=now),
+                    lease_until=None)
+            .returning(table.c.id, table.c.state, table.c.handbacks))
+        with self.engine.begin() as conn:
+            rows = conn.execute(statement).all()
+        requeued = [row for row in rows if row.state == JobState.queued.value]
+        return HandBack(requeued=[row.id for row in requeued],
+                        failed=[row.id for row in rows if row.state == JobState.failed.value],
+                        handbacks=max((row.handbacks for row in requeued), default=0))
 
     # --- manifests ------------------------------------------------------------------------
     # batches.manifest_at holds the latest job finish that the batch's manifest.jsonl covers, and

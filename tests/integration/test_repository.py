@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from lcmq.errors import DatabaseError, NotFoundError, QueryError, RecordError, SchemaError, is_transient
 from lcmq.migrate import upgrade
+from lcmq.models import JobState
 from lcmq.repository import Repository, StoredImage, database_error_kind
 
 
@@ -78,9 +79,29 @@ def test_final_jobs_are_not_claimable(repo):
 def test_released_jobs_are_queued_again(repo):
     batch_id, job_ids = _batch(repo, 2)
     repo.claim(job_ids, "w", lease_s=60)
-    assert repo.release(job_ids, "w", "s3 down") == 2
+    handed = repo.release(job_ids, "w", "s3 down", max_handbacks=5)
+    assert (sorted(handed.requeued), handed.failed, handed.handbacks) == (sorted(job_ids), [], 1)
     assert repo.state_counts(batch_id)["queued"] == 2
     assert len(repo.claim(job_ids, "w2", lease_s=60)) == 2
+
+
+def test_a_job_handed_back_too_often_fails_with_the_last_reason(repo):
+    batch_id, (job_id,) = _batch(repo, 1)
+    for handback in (1, 2):
+        repo.claim([job_id], "w", lease_s=60)
+        handed = repo.release([job_id], "w", f"s3 down #{handback}", max_handbacks=2)
+        assert (handed.requeued, handed.failed, handed.handbacks) == ([job_id], [], handback)
+    repo.claim([job_id], "w", lease_s=60)
+    handed = repo.release([job_id], "w", "s3 down #3", max_handbacks=2)  # the third would pass the cap
+    assert (handed.requeued, handed.failed) == ([], [job_id])
+    (job,) = repo.jobs(batch_id)
+    assert (job.state, job.attempts) == ("failed", 1) and job.finished_at is not None
+    assert job.error == "s3 down #3; handed back 2 times, giving up"
+    assert repo.claim([job_id], "w", lease_s=60) == []
+    # `lcmq retry` starts the count again
+    repo.requeue(batch_id, [JobState.failed], reset_attempts=True)
+    repo.claim([job_id], "w", lease_s=60)
+    assert repo.release([job_id], "w", "s3 down", max_handbacks=2).handbacks == 1
 
 
 def test_create_batch_is_all_or_nothing(repo):
