@@ -106,12 +106,10 @@ class LeaseLedger:
             self._leases.update((job.id, Lease(repo, worker, holder)) for job in claimed)
         return claimed
 
-    def hold(self, job_ids: Sequence[str], holder: object) -> None:
-        """`holder` settles these jobs from now on."""
+    def hold(self, repo: Repository, worker: str, job_ids: Sequence[str], holder: object) -> None:
+        """`holder` settles these jobs (claimed by `worker` through `repo`) from now on."""
         with self._lock:
-            for job_id in job_ids:
-                if (lease := self._leases.get(job_id)) is not None:
-                    self._leases[job_id] = Lease(lease.repo, lease.worker, holder)
+            self._leases.update((job_id, Lease(repo, worker, holder)) for job_id in job_ids)
 
     def held_by(self, holder: object) -> list[str]:
         with self._lock:

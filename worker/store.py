@@ -98,7 +98,7 @@ class StorePipeline:
 
     def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
         """Store a rendered micro-batch in the background (call `make_room` first)."""
-        self.leases.hold([job.id for job in group], self)
+        self.leases.hold(ctx.repo, ctx.worker, [job.id for job in group], self)
         uploads = [self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
                    for job, image, warning in zip(group, images, warnings, strict=True)]
         future = self._recorder.submit(self._record, ctx, group, uploads)
