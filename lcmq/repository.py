@@ -295,8 +295,10 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "58")  # connection exception, insuffi
 REFUSED_DATA_SQLSTATE_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 UNDEFINED_TABLE = "42P01"
 # SQLite has no SQLSTATE; its primary result codes (the low byte of an extended one). Busy and
-# locked: another connection held the database past busy_timeout.
-SQLITE_RETRYABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+# locked: another connection held the database past busy_timeout; full, I/O error and protocol
+# (a WAL lock race): the disk or the file system, as Postgres's classes 53 and 58.
+SQLITE_RETRYABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL,
+                              sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PROTOCOL})
 
 
 def database_error_kind(exc: BaseException) -> type[LcmqError] | None:
