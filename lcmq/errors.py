@@ -62,6 +62,10 @@ class RecordError(PermanentError):
     """The database refused a write for its content (a constraint, a value out of range)."""
 
 
+class QueryError(PermanentError):
+    """The database refused a statement as written (a bug, not an outage): retrying repeats it."""
+
+
 class SchemaError(PermanentError):
     """The database has no lcmq schema (run `lcmq db upgrade`)."""
 

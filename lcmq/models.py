@@ -71,6 +71,10 @@ class Job(Base):
     height: Mapped[int] = mapped_column(Integer)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the job went back to the queue after a transient fault (S3 or the database away),
+    # which uses no attempt: capped by max_handbacks, and its backoff grows with it. The server
+    # default covers the COPY of new jobs, which names its columns.
+    handbacks: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)

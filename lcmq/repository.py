@@ -1,7 +1,8 @@
 """Every database operation of lcmq. Callers get plain records, never a session.
 
-Driver errors are translated here (`raise ... from`): a lost connection becomes a transient
-DatabaseError, a missing table a SchemaError that says to run `lcmq db upgrade`.
+Driver errors are translated here (`raise ... from`), by exception class and SQLSTATE: a lost
+connection or a lost race becomes a transient DatabaseError, a missing table a SchemaError that
+says to run `lcmq db upgrade`, refused data a RecordError, any other refusal a QueryError.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (Engine, String, bindparam, cast, create_engine, event, func, insert, or_, select, text,
-                        update)
+from sqlalchemy import (Engine, String, bindparam, case, cast, create_engine, event, func, insert, or_, select,
+                        text, update)
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
 
-from lcmq.errors import DatabaseError, NotFoundError, RecordError, SchemaError
-from lcmq.models import Batch, CatalogItem, Job, JobState, Schedule
+from lcmq.errors import DatabaseError, LcmqError, NotFoundError, QueryError, RecordError, SchemaError
+from lcmq.models import Base, Batch, CatalogItem, Job, JobState, Schedule
 from lcmq.spec import render_shape
 
 
@@ -277,15 +281,82 @@ def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[s
     return total
 
 
-def _translate_driver_error(exc: Exception, where: str) -> None:
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return
-    if isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)):
-        raise RecordError(f"database refused the data in {where}: {exc}") from exc
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-        raise DatabaseError(f"database error in {where}: {exc}") from exc
+# SQLSTATEs (PostgreSQL's appendix A) that a retry can outlive: the transaction lost a race that
+# a rerun wins, or the server is going away or short of something for a while. Anything else
+# Postgres refuses is the fault of the statement or its data, and a retry would repeat it.
+TRANSIENT_SQLSTATES = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available
+    "57014",  # query_canceled: a statement timeout, pg_cancel_backend
+    "57P01", "57P02", "57P03",  # admin_shutdown, crash_shutdown, cannot_connect_now
+    "57P05",  # idle_session_timeout
+})
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "58")  # connection exception, insufficient resources, system error
+REFUSED_DATA_SQLSTATE_CLASSES = ("22", "23")  # data exception, integrity constraint violation
+UNDEFINED_TABLE = "42P01"
+# SQLite has no SQLSTATE; its primary result codes (the low byte of an extended one). Busy and
+# locked: another connection held the database past busy_timeout; full, I/O error and protocol
+# (a WAL lock race): the disk or the file system, as Postgres's classes 53 and 58.
+SQLITE_RETRYABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL,
+                              sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PROTOCOL})
+
+
+def database_error_kind(exc: BaseException) -> type[LcmqError] | None:
+    """The lcmq error a database failure is, by the driver's exception class and SQLSTATE (or
+    SQLite's result code), never by its message; None when `exc` is no database failure.
+
+    Transient (DatabaseError): the connection or the server went away, or a race a rerun wins.
+    Permanent: the data was refused (RecordError), a missing table (SchemaError), and every
+    other refusal, a bug in the statement (QueryError).
+    """
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return DatabaseError
+    driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(driver, sqlite3.Error):
+        return _sqlite_error_kind(driver)
+    if _is_psycopg_error(driver):
+        return _postgres_error_kind(driver)
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):  # the pool: lost, or none free
+        return DatabaseError
+    if isinstance(exc, sa_exc.SQLAlchemyError):  # a statement SQLAlchemy could not build or run
+        return QueryError
+    return None
+
+
+def _is_psycopg_error(exc: BaseException) -> bool:
+    # psycopg is in sys.modules once anything connected to Postgres; unloaded, it raised nothing
+    # (and an embedded SQLite process does not pay for importing it).
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
+
+
+def _postgres_error_kind(error) -> type[LcmqError]:
+    import psycopg
+
+    state = error.sqlstate
+    if state is None:  # raised on the client side: no server answer (lost connection), or psycopg's own check
+        if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return DatabaseError
+        if isinstance(error, (psycopg.IntegrityError, psycopg.DataError)):
+            return RecordError
+        return QueryError
+    if state == UNDEFINED_TABLE:
+        return SchemaError
+    if state in TRANSIENT_SQLSTATES or state.startswith(TRANSIENT_SQLSTATE_CLASSES):
+        return DatabaseError
+    if state.startswith(REFUSED_DATA_SQLSTATE_CLASSES):
+        return RecordError
+    return QueryError
+
+
+def _sqlite_error_kind(error: sqlite3.Error) -> type[LcmqError]:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in SQLITE_RETRYABLE:
+        return DatabaseError
+    if isinstance(error, (sqlite3.IntegrityError, sqlite3.DataError)):
+        return RecordError
+    return QueryError  # SQLITE_ERROR: a missing table too (Repository checks the schema then)
 
 
 def _translate_errors(method):
@@ -293,21 +364,24 @@ def _translate_errors(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except (sa_exc.OperationalError, sa_exc.ProgrammingError) as exc:
-            text = str(exc.orig if exc.orig is not None else exc).lower()
-            if "no such table" in text or ("relation" in text and "does not exist" in text):
-                raise SchemaError("the database has no lcmq schema: run `lcmq db upgrade` "
-                                  f"({self.safe_url})") from exc
-            raise DatabaseError(f"database error in {method.__name__}: {exc.orig or exc}") from exc
-        except (sa_exc.InterfaceError, sa_exc.DisconnectionError) as exc:
-            raise DatabaseError(f"database connection lost in {method.__name__}: {exc}") from exc
-        except (sa_exc.IntegrityError, sa_exc.DataError) as exc:
-            # The data itself was refused: retrying the same write cannot help.
-            raise RecordError(f"database refused the data in {method.__name__}: {exc.orig or exc}") from exc
-        except Exception as exc:  # psycopg's own errors, from COPY, which bypasses SQLAlchemy
-            _translate_driver_error(exc, method.__name__)
-            raise
+        except Exception as exc:  # classified by its class and code below; anything else re-raised
+            kind = database_error_kind(exc)
+            if kind is None:
+                raise
+            if kind is QueryError and self.schema_is_behind():
+                kind = SchemaError
+            raise self.translated_error(kind, exc, method.__name__) from exc
     return wrapper
+
+
+@dataclass(frozen=True)
+class HandBack:
+    """What handing jobs back did: those back in the queue (the caller publishes them after a
+    backoff) and those failed for having been handed back too often."""
+
+    requeued: list[str]
+    failed: list[str]
+    handbacks: int  # the most hand-backs among the requeued jobs, this one included: keys the backoff
 
 
 class Repository:
@@ -320,6 +394,33 @@ class Repository:
     def safe_url(self) -> str:
         """The URL with any password hidden, for messages and logs."""
         return self.engine.url.render_as_string(hide_password=True)
+
+    def schema_is_behind(self) -> bool:
+        """Whether a table or column of lcmq.models is missing in the database: a statement that
+        failed for naming one means `lcmq db upgrade` was not run, not a bug (SQLite's result
+        code does not tell a missing table from other errors)."""
+        try:
+            found = sa_inspect(self.engine)
+            tables = set(found.get_table_names())
+            for table in Base.metadata.sorted_tables:
+                if table.name not in tables:
+                    return True
+                if set(table.columns.keys()) - {column["name"] for column in found.get_columns(table.name)}:
+                    return True
+            return False
+        except Exception:  # noqa: BLE001 - cannot tell (the database is away): the first error stands
+            return False
+
+    def translated_error(self, kind: type[LcmqError], exc: BaseException, where: str) -> LcmqError:
+        driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        if kind is SchemaError:
+            return SchemaError(f"the database has no lcmq schema or an old one: run `lcmq db upgrade` "
+                               f"({self.safe_url})")
+        if kind is RecordError:  # the data itself was refused: retrying the same write cannot help
+            return RecordError(f"database refused the data in {where}: {driver}")
+        if kind is QueryError:
+            return QueryError(f"database refused the statement in {where}: {driver}")
+        return kind(f"database error in {where}: {driver}")
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -530,7 +631,7 @@ class Repository:
         values: dict[str, Any] = {"state": JobState.queued.value, "dispatched_at": None, "lease_until": None,
                                   "finished_at": None}
         if reset_attempts:
-            values |= {"attempts": 0, "error": None}
+            values |= {"attempts": 0, "handbacks": 0, "error": None}
         now = utcnow()
         wanted = [st.value for st in states if st != JobState.running]
         condition = Job.state.in_(wanted)
@@ -737,19 +838,36 @@ class Repository:
                 .execution_options(synchronize_session=False)).rowcount
 
     @_translate_errors
-    def release(self, job_ids: Sequence[str], worker: str, error: str | None = None) -> int:
-        """Hand jobs back to the queue after a transient fault or at shutdown.
+    def release(self, job_ids: Sequence[str], worker: str, error: str | None, *,
+                max_handbacks: int) -> HandBack:
+        """Hand jobs back to the queue after a transient fault, or fail those handed back
+        `max_handbacks` times already, with the fault as the reason: one conditional update.
 
-        The attempt is not counted against the job (attempts - 1): max_attempts bounds the
-        workers a job takes down, not the outages of S3 or the database. The caller publishes
-        a message for them (a task retry, or a new chunk), hence dispatched_at = now.
+        A hand-back does not count an attempt (attempts - 1): max_attempts bounds the workers a
+        job takes down, not the outages of S3 or the database; `handbacks` bounds those, so a
+        fault that only looks passing (a bug) cannot loop. The caller publishes a message for
+        the requeued jobs (a task retry, or a new chunk) after a backoff, hence dispatched_at.
         """
-        with self._session() as s:
-            return s.execute(
-                update(Job).where(self._held(job_ids, worker))
-                .values(state=JobState.queued.value, error=error, lease_until=None, attempts=Job.attempts - 1,
-                        dispatched_at=utcnow())
-                .execution_options(synchronize_session=False)).rowcount
+        now = utcnow()
+        table = Job.__table__
+        spent = table.c.handbacks >= max_handbacks  # this hand-back would pass the cap
+        gave_up = f"{error or 'handed back'}; handed back {max_handbacks} times, giving up"
+        statement = (
+            update(table).where(self._held(job_ids, worker))
+            .values(state=case((spent, JobState.failed.value), else_=JobState.queued.value),
+                    error=case((spent, gave_up), else_=error),
+                    finished_at=case((spent, now), else_=None),
+                    attempts=case((spent, table.c.attempts), else_=table.c.attempts - 1),
+                    handbacks=case((spent, table.c.handbacks), else_=table.c.handbacks + 1),
+                    dispatched_at=case((spent, table.c.dispatched_at), else_=now),
+                    lease_until=None)
+            .returning(table.c.id, table.c.state, table.c.handbacks))
+        with self.engine.begin() as conn:
+            rows = conn.execute(statement).all()
+        requeued = [row for row in rows if row.state == JobState.queued.value]
+        return HandBack(requeued=[row.id for row in requeued],
+                        failed=[row.id for row in rows if row.state == JobState.failed.value],
+                        handbacks=max((row.handbacks for row in requeued), default=0))
 
     # --- manifests ------------------------------------------------------------------------
     # batches.manifest_at holds the latest job finish that the batch's manifest.jsonl covers, and

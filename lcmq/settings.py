@@ -70,6 +70,9 @@ class Settings(BaseSettings):
                            "workers renew every lease_s/3, so a dead worker's jobs return after this.")
     max_attempts: int = Field(3, ge=1, le=100, description="Workers a job may take down (crash, OOM, kill) "
                               "before it is failed.")
+    max_handbacks: int = Field(5, ge=0, le=100, description="Times a job may go back to the queue after "
+                               "a transient fault (S3 or the database away; no attempt is used) before "
+                               "it fails with the last fault as its reason.")
     dispatch_grace_s: float = Field(30, ge=0, description="A queued job with no message this long after "
                                     "its commit is published by the sweeper.")
     redispatch_s: float = Field(120, ge=1, description="A queued job whose message is this old while its "

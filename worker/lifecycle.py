@@ -1,5 +1,5 @@
-"""Process-level worker state: the shutdown flag shared with pool children, lease heartbeats,
-and the fault hook the fault suite uses to crash a worker on purpose."""
+"""Process-level worker state: the shutdown flag shared with pool children, and the fault hook
+the fault suite uses to crash a worker on purpose. (Leases and their heartbeat: worker/leases.py.)"""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
-from collections.abc import Callable
 
 log = logging.getLogger("lcmq.worker")
 
@@ -23,34 +21,6 @@ def request_shutdown() -> None:
 
 def shutting_down() -> bool:
     return bool(_SHUTDOWN.value)
-
-
-class Heartbeat:
-    """Renews the leases of the jobs a task holds every `interval_s`, in a daemon thread.
-
-    A worker that dies stops renewing, so its jobs become claimable `lease_s` later.
-    """
-
-    def __init__(self, renew: Callable[[], None], interval_s: float):
-        self._renew = renew
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lcmq-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._renew()
-            except Exception as exc:  # noqa: BLE001 - a missed renewal must not kill the render
-                log.warning("lease renewal failed", extra={"error": str(exc)})
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # --- fault injection (tests/faults only) -------------------------------------------------

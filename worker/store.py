@@ -9,9 +9,10 @@ would idle the GPU for a large share of it). So storing belongs to the process, 
 - one recorder thread records each micro-batch, in order, once all its uploads are done, and
   settles a failure itself: a permanent one fails that micro-batch's jobs with the reason, a
   transient one (S3 or the database away) hands them back to the queue in a message of their own
-  with a backoff. A task that has returned thus owes nothing to the micro-batches it left here;
-- the jobs being stored stay leased: a process-wide heartbeat renews them, whichever task
-  (or none) is running;
+  after a backoff that grows with the times they were handed back (past `max_handbacks` they
+  fail instead). A task that has returned thus owes nothing to the micro-batches it left here;
+- the jobs being stored stay leased: the pipeline holds them in the process's lease ledger
+  (worker/leases.py), whose heartbeat renews them whichever task (or none) is running;
 - backpressure: a task waits while `max_pending` micro-batches are in the pipeline;
 - once per chunk, after its last record, the recorder writes the batch's manifest if that chunk
   finished the batch;
@@ -29,7 +30,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,7 +40,7 @@ from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
 from lcmq.storage import Storage, sha256_hex
 
 from worker.encode import encode_job
-from worker.lifecycle import Heartbeat
+from worker.leases import LeaseLedger, handback_delay_s, process_leases, stop_process_leases
 
 log = logging.getLogger("lcmq.worker")
 
@@ -64,23 +64,21 @@ class StoreContext:
     storage: Storage
     worker: str
     batch: BatchRecord
-    backoff_s: Callable[[int], float]
+    max_handbacks: int  # a transient fault past this many hand-backs fails the jobs
 
 
 @dataclass
 class StorePipeline:
     """This process's storing machinery (one per process; see `pipeline()`)."""
 
+    leases: LeaseLedger  # the process's: it holds the jobs being stored and renews their leases
     max_pending: int = 2
-    lease_s: float = 120.0
     _uploads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         UPLOAD_THREADS, thread_name_prefix="lcmq-upload"))
     _recorder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="lcmq-record"))
     _pending: deque[Future] = field(default_factory=deque)  # each micro-batch's record, oldest first
-    _held: dict[str, tuple[Repository, str]] = field(default_factory=dict)  # job id -> (repo, worker)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _heartbeat: Heartbeat | None = None
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_PARTS, 0.0))
 
     # --- bookkeeping ------------------------------------------------------------------------
@@ -94,34 +92,13 @@ class StorePipeline:
             return dict(self.timings)
 
     def held_count(self) -> int:
-        with self._lock:
-            return len(self._held)
-
-    def _hold(self, ctx: StoreContext, ids: list[str]) -> None:
-        with self._lock:
-            self._held.update((job_id, (ctx.repo, ctx.worker)) for job_id in ids)
-            if self._heartbeat is None:
-                self._heartbeat = Heartbeat(self._renew, self.lease_s / 3).__enter__()
-
-    def _drop(self, ids: list[str]) -> None:
-        with self._lock:
-            for job_id in ids:
-                self._held.pop(job_id, None)
-
-    def _renew(self) -> None:
-        with self._lock:
-            by_worker: dict[tuple[int, str], tuple[Repository, list[str]]] = {}
-            for job_id, (repo, worker) in self._held.items():
-                by_worker.setdefault((id(repo), worker), (repo, []))[1].append(job_id)
-        for (_, worker), (repo, ids) in by_worker.items():
-            repo.extend_leases(ids, worker, self.lease_s)
+        return self.leases.count(self)
 
     # --- the pipeline -----------------------------------------------------------------------
 
     def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
         """Store a rendered micro-batch in the background (call `make_room` first)."""
-        ids = [job.id for job in group]
-        self._hold(ctx, ids)
+        self.leases.hold(ctx.repo, ctx.worker, [job.id for job in group], self)
         uploads = [self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
                    for job, image, warning in zip(group, images, warnings, strict=True)]
         future = self._recorder.submit(self._record, ctx, group, uploads)
@@ -176,7 +153,7 @@ class StorePipeline:
         try:
             stored = [upload.result() for upload in uploads]
             started = time.perf_counter()
-            recorded = ctx.repo.record_successes(stored, ctx.worker)
+            recorded = self.leases.record(stored)
             self.add_time("record_ms", started)
             if recorded < len(stored):
                 log.warning("leases lost before recording", extra={"batch_id": ctx.batch.id,
@@ -185,21 +162,16 @@ class StorePipeline:
         except Exception as exc:  # noqa: BLE001 - every failure is settled here, the task is gone
             return self._settle_failure(ctx, ids, exc)
         finally:
-            self._drop(ids)
+            self.leases.drop(ids)  # settled, or (the database away too) left to run out
 
     def _settle_failure(self, ctx: StoreContext, ids: list[str], exc: Exception) -> Outcome:
         reason = f"{type(exc).__name__}: {exc}"
         batch = ctx.batch
         try:
             if is_transient(exc):
-                # Back to the queue, attempt not counted, in a message of their own after a
-                # backoff: no task is left to retry them.
-                released = ctx.repo.release(ids, ctx.worker, reason)
-                publish_chunks(batch.profile, [(batch.id, ids)], batch.priority, countdown_s=ctx.backoff_s(0))
-                log.warning("storing failed, jobs handed back", extra={"batch_id": batch.id, "jobs": released,
-                                                                       "error": reason})
+                self._hand_back(ctx, ids, reason)
                 return Outcome(transient_error=reason)
-            failed = ctx.repo.record_failure(ids, ctx.worker, reason)
+            failed = self.leases.fail(ids, reason)
             log.error("micro-batch failed", extra={"batch_id": batch.id, "jobs": failed, "error": reason})
             return Outcome()
         except LcmqError as settle_exc:  # the database or broker is gone too: leases expire, the
@@ -207,6 +179,21 @@ class StorePipeline:
             log.error("could not settle a failed micro-batch", extra={"batch_id": batch.id, "error": reason,
                                                                       "cause": str(settle_exc)})
             return Outcome(transient_error=reason)
+
+    def _hand_back(self, ctx: StoreContext, ids: list[str], reason: str) -> None:
+        """Back to the queue, attempt not counted, in a message of their own after a backoff
+        (no task is left to retry them); failed instead once handed back `max_handbacks` times."""
+        batch = ctx.batch
+        handed = self.leases.hand_back(ids, reason, ctx.max_handbacks)
+        if handed.requeued:
+            publish_chunks(batch.profile, [(batch.id, handed.requeued)], batch.priority,
+                           countdown_s=handback_delay_s(handed.handbacks))
+            log.warning("storing failed, jobs handed back", extra={
+                "batch_id": batch.id, "jobs": len(handed.requeued), "handbacks": handed.handbacks,
+                "error": reason})
+        if handed.failed:
+            log.error("storing failed, jobs handed back too often failed", extra={
+                "batch_id": batch.id, "jobs": len(handed.failed), "error": reason})
 
     def _write_manifest(self, ctx: StoreContext) -> None:
         """If the batch finished, write its manifest.jsonl (one indexed query when it did not).
@@ -225,13 +212,15 @@ def pipeline(lease_s: float = 120.0) -> StorePipeline:
     """This process's pipeline (a forked pool child builds its own: threads do not survive fork)."""
     pid = os.getpid()
     if pid not in _PIPELINES:
-        _PIPELINES[pid] = StorePipeline(lease_s=lease_s)
+        _PIPELINES[pid] = StorePipeline(process_leases(lease_s))
     return _PIPELINES[pid]
 
 
 def drain_on_exit(**_) -> None:
-    """Worker shutdown: let every background store finish before the process exits."""
+    """Worker shutdown: let every background store finish before the process exits, then stop
+    the lease heartbeat (nothing is held any more)."""
     if (store := _PIPELINES.get(os.getpid())) is not None:
         outcomes = store.drain()
         if outcomes:
             log.info("stores drained at exit", extra={"micro_batches": len(outcomes)})
+    stop_process_leases()

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import threading
 import time
 
 from lcmq.errors import LcmqError, ModelLoadError, StorageError, is_transient
@@ -29,7 +27,8 @@ from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
 
 from worker.img2img import load_init_images
-from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
+from worker.leases import handback_delay_s
+from worker.lifecycle import maybe_crash, shutting_down
 from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -40,11 +39,6 @@ app = get_app()
 
 WORKER_PROFILE_ENV = "LCMQ_WORKER_PROFILE"
 MAX_TASK_RETRIES = 8
-
-
-def backoff_s(retries: int) -> float:
-    # Exponential with full jitter, so a farm does not retry a flaky bucket in lockstep.
-    return random.uniform(0.5, min(60.0, 2.0 * 2**retries))
 
 
 _CLIENTS: dict[int, tuple[Repository, Storage]] = {}
@@ -64,9 +58,9 @@ class ChunkRun:
 
     Jobs are claimed one micro-batch at a time: a crash costs an attempt only to the jobs that
     were being rendered or stored, and the redelivered message finds the rest still queued.
-    `rendering` holds the claimed jobs not yet handed to the process's store pipeline (which
-    from then on keeps them leased and settles them, even after this task returned); this
-    task's heartbeat renews them, and a failure here releases or fails only them.
+    Claimed jobs are in the process's lease ledger (worker/leases.py), held by this run until
+    it hands them to the store pipeline (which settles them, even after this task returned);
+    a failure here releases or fails only the jobs this run still holds.
     """
 
     def __init__(self, batch_id: str, worker: str):
@@ -75,17 +69,15 @@ class ChunkRun:
         self.worker = worker
         self.repo, self.storage = process_clients()
         self.store = pipeline(self.settings.lease_s)
-        self.rendering: dict[str, JobRecord] = {}
-        self._lock = threading.Lock()
+        self.leases = self.store.leases
         self.next_start = 0  # position in the chunk of the first job not yet claimed
         self.succeeded = 0
         self._timings_before = self.store.timings_snapshot()
         self.render_peak_mb: float | None = None  # the highest micro-batch peak (worker/memory.py)
 
-    @property
-    def held(self) -> dict[str, JobRecord]:
-        with self._lock:
-            return dict(self.rendering)
+    def held_ids(self) -> list[str]:
+        """The jobs this run claimed and has not handed to the store pipeline nor settled."""
+        return self.leases.held_by(self)
 
     # --- the chunk ------------------------------------------------------------------------
 
@@ -101,32 +93,29 @@ class ChunkRun:
         except ModelLoadError as exc:  # permanent: the chunk's jobs fail now, with the reason
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
-        context = StoreContext(self.repo, self.storage, self.worker, batch, backoff_s)
+        context = StoreContext(self.repo, self.storage, self.worker, batch, self.settings.max_handbacks)
         size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
         claimed = 0
-        with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
-            for start in range(0, len(job_ids), size):
-                self.next_start = start
-                if shutting_down():
-                    self.hand_back(batch, job_ids[start:])
-                    break
-                # Jobs already taken, done or canceled are skipped by the claim itself.
-                started = time.perf_counter()
-                group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s,
-                                        self.settings.max_attempts)
-                self.store.add_time("claim_ms", started)
-                with self._lock:
-                    self.rendering = {job.id: job for job in group}
-                    self.next_start = start + size
-                claimed += len(group)
-                if any(job.attempts > 1 for job in group):
-                    # A retried job may be a poison one (it took a worker down before): nothing
-                    # of another job may be storing in this process when it renders.
-                    self._absorb(self.store.drain())
-                for same_shape in micro_batches(group, size):
-                    self._render_then_store(loaded, context, same_shape)
-            else:
-                self.next_start = len(job_ids)
+        for start in range(0, len(job_ids), size):
+            self.next_start = start
+            if shutting_down():
+                self.hand_back(batch, job_ids[start:])
+                break
+            # Jobs already taken, done or canceled are skipped by the claim itself.
+            started = time.perf_counter()
+            group = self.leases.claim(self.repo, self.worker, job_ids[start:start + size], self,
+                                      self.settings.max_attempts)
+            self.store.add_time("claim_ms", started)
+            self.next_start = start + size
+            claimed += len(group)
+            if any(job.attempts > 1 for job in group):
+                # A retried job may be a poison one (it took a worker down before): nothing
+                # of another job may be storing in this process when it renders.
+                self._absorb(self.store.drain())
+            for same_shape in micro_batches(group, size):
+                self._render_then_store(loaded, context, same_shape)
+        else:
+            self.next_start = len(job_ids)
         self.store.finish_chunk(context)  # the manifest, if this chunk finished the batch
         if shutting_down():  # the process is about to exit: nothing may be left storing
             self._absorb(self.store.drain())
@@ -147,31 +136,18 @@ class ChunkRun:
     def remaining_ids(self, job_ids: list[str]) -> list[str]:
         """What a retry of this task must cover: the jobs being rendered and those not claimed
         yet (the ones in the store pipeline are settled there)."""
-        with self._lock:
-            return list(self.rendering) + job_ids[self.next_start:]
+        return self.held_ids() + job_ids[self.next_start:]
 
-    # --- holding jobs -----------------------------------------------------------------------
-
-    def _drop(self, jobs: list[JobRecord]) -> None:
-        with self._lock:
-            for job in jobs:
-                self.rendering.pop(job.id, None)
-
-    def _renew_leases(self) -> None:
-        with self._lock:
-            ids = list(self.rendering)
-        if ids:
-            self.repo.extend_leases(ids, self.worker, self.settings.lease_s)
+    # --- settling jobs ----------------------------------------------------------------------
 
     def _fail_jobs(self, jobs: list[JobRecord], reason: str) -> None:
         log.error("micro-batch failed", extra={"batch_id": self.batch_id, "jobs": len(jobs), "error": reason})
-        self.repo.record_failure([job.id for job in jobs], self.worker, reason)
-        self._drop(jobs)
+        self.leases.fail([job.id for job in jobs], reason)
 
     def _fail_now(self, job_ids: list[str], reason: str) -> int:
-        claimed = self.repo.claim(job_ids, self.worker, self.settings.lease_s)
+        claimed = self.leases.claim(self.repo, self.worker, job_ids, self)
         log.error("jobs failed", extra={"batch_id": self.batch_id, "jobs": len(claimed), "error": reason})
-        return self.repo.record_failure([job.id for job in claimed], self.worker, reason)
+        return self.leases.fail([job.id for job in claimed], reason)
 
     # --- render, then store in the background -----------------------------------------------
 
@@ -198,8 +174,7 @@ class ChunkRun:
         started = time.perf_counter()
         outcomes = self.store.make_room()  # backpressure
         self.store.add_time("wait_store_ms", started)
-        self.store.submit(context, group, images, warnings, render_ms)
-        self._drop(group)  # the store pipeline holds them now
+        self.store.submit(context, group, images, warnings, render_ms)  # the store pipeline holds them now
         self._absorb(outcomes)
 
     def _absorb(self, outcomes: list[Outcome]) -> None:
@@ -221,12 +196,24 @@ class ChunkRun:
     # --- after a failure ----------------------------------------------------------------------
 
     def fail_pending(self, error: str) -> None:
-        if ids := list(self.held):
-            self.repo.record_failure(ids, self.worker, error)
+        if ids := self.held_ids():
+            self.leases.fail(ids, error)
 
-    def release_pending(self, error: str) -> None:
-        if ids := list(self.held):
-            self.repo.release(ids, self.worker, error)
+    def release_pending(self, error: str) -> int:
+        """Hand the jobs held back (failing those handed back too often); their hand-back count,
+        which the retry's backoff grows with."""
+        if not (ids := self.held_ids()):
+            return 0
+        handed = self.leases.hand_back(ids, error, self.settings.max_handbacks)
+        if handed.failed:
+            log.error("jobs failed: handed back too often",
+                      extra={"batch_id": self.batch_id, "jobs": len(handed.failed), "error": error})
+        return handed.handbacks
+
+    def let_go(self) -> None:
+        """The task is over: what it still holds (a settle that failed) is left to its lease,
+        which now runs out, and to the sweeper."""
+        self.leases.drop(self.held_ids())
 
 
 @app.task(name=RENDER_TASK, bind=True)
@@ -242,20 +229,27 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
             # every job of the chunk not rendered yet.
             log.warning("transient failure, retrying", extra={"batch_id": batch_id, "error": reason,
                                                                "retries": self.request.retries})
-            _safely(run.release_pending, reason)
-            raise self.retry(args=[batch_id, run.remaining_ids(job_ids)], exc=exc,
-                             countdown=backoff_s(self.request.retries), max_retries=MAX_TASK_RETRIES)
+            remaining = run.remaining_ids(job_ids)  # before the hand-back lets go of the held jobs
+            handbacks = _safely(run.release_pending, reason) or 0
+            delay_s = handback_delay_s(max(self.request.retries + 1, handbacks))
+            raise self.retry(args=[batch_id, remaining], exc=exc, countdown=delay_s,
+                             max_retries=MAX_TASK_RETRIES)
         # Out of retries, or a fault outside the render loop: fail the jobs held, keep the rest
         # queued for the sweeper's redispatch.
-        log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": len(run.held)})
+        held = len(run.held_ids())
+        log.error("chunk failed", extra={"batch_id": batch_id, "error": reason, "jobs": held})
         _safely(run.fail_pending, reason)
         if isinstance(exc, LcmqError):
-            return {"failed": len(run.held), "error": reason}
+            return {"failed": held, "error": reason}
         raise
+    finally:
+        run.let_go()
 
 
-def _safely(action, reason: str) -> None:
+def _safely(action, reason: str):
+    """The action's result; None when the database is gone too (the leases let the sweeper recover)."""
     try:
-        action(reason)
-    except LcmqError as exc:  # the database is gone too; the lease lets the sweeper recover
+        return action(reason)
+    except LcmqError as exc:
         log.error("could not record the outcome", extra={"error": str(exc), "reason": reason})
+        return None

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
+import psycopg
 import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 
-from lcmq.errors import NotFoundError
-from lcmq.repository import Repository
+from lcmq.errors import DatabaseError, NotFoundError, QueryError, RecordError, SchemaError, is_transient
+from lcmq.migrate import upgrade
+from lcmq.models import JobState
+from lcmq.repository import Repository, StoredImage, database_error_kind
 
 
 @pytest.fixture
@@ -71,15 +79,33 @@ def test_final_jobs_are_not_claimable(repo):
 def test_released_jobs_are_queued_again(repo):
     batch_id, job_ids = _batch(repo, 2)
     repo.claim(job_ids, "w", lease_s=60)
-    assert repo.release(job_ids, "w", "s3 down") == 2
+    handed = repo.release(job_ids, "w", "s3 down", max_handbacks=5)
+    assert (sorted(handed.requeued), handed.failed, handed.handbacks) == (sorted(job_ids), [], 1)
     assert repo.state_counts(batch_id)["queued"] == 2
     assert len(repo.claim(job_ids, "w2", lease_s=60)) == 2
 
 
+def test_a_job_handed_back_too_often_fails_with_the_last_reason(repo):
+    batch_id, (job_id,) = _batch(repo, 1)
+    for handback in (1, 2):
+        repo.claim([job_id], "w", lease_s=60)
+        handed = repo.release([job_id], "w", f"s3 down #{handback}", max_handbacks=2)
+        assert (handed.requeued, handed.failed, handed.handbacks) == ([job_id], [], handback)
+    repo.claim([job_id], "w", lease_s=60)
+    handed = repo.release([job_id], "w", "s3 down #3", max_handbacks=2)  # the third would pass the cap
+    assert (handed.requeued, handed.failed) == ([], [job_id])
+    (job,) = repo.jobs(batch_id)
+    assert (job.state, job.attempts) == ("failed", 1) and job.finished_at is not None
+    assert job.error == "s3 down #3; handed back 2 times, giving up"
+    assert repo.claim([job_id], "w", lease_s=60) == []
+    # `lcmq retry` starts the count again
+    repo.requeue(batch_id, [JobState.failed], reset_attempts=True)
+    repo.claim([job_id], "w", lease_s=60)
+    assert repo.release([job_id], "w", "s3 down", max_handbacks=2).handbacks == 1
+
+
 def test_create_batch_is_all_or_nothing(repo):
     batch_id, _ = _batch(repo, 1)
-    from lcmq.errors import RecordError
-
     duplicate_index = [{"id": uuid.uuid4().hex, "index": 0, "prompt": "p", "negative_prompt": "", "seed": 0,
                         "steps": 4, "guidance": 1.0, "width": 64, "height": 64, "meta": {}}] * 2
     new_batch = uuid.uuid4().hex[:16]
@@ -108,3 +134,117 @@ def test_an_expired_job_at_its_attempt_limit_is_left_for_the_sweeper(repo):
     repo.recover_expired(max_attempts=3)  # the sweeper fails it
     (job,) = repo.jobs(batch_id)
     assert (job.state, job.attempts) == ("failed", 3) and "attempt 3 of 3" in job.error
+
+
+# --- database errors: classified by driver class and SQLSTATE, never by message --------------
+
+SERIALIZABLE = "options=-c%20default_transaction_isolation%3Dserializable"
+
+
+@contextmanager
+def _row_locked_elsewhere(url: str, job_id: str):
+    """Another transaction that has updated the job's row and not committed yet."""
+    with psycopg.connect(url.replace("+psycopg", "")) as other:
+        other.execute("UPDATE jobs SET error = 'elsewhere' WHERE id = %s", (job_id,))
+        yield other
+
+
+def _blocked_on(url: str, job_id: str, call) -> Future:
+    """Run `call` in a thread and return once its statement waits for the row lock."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND datname = current_database()").fetchone():
+            assert time.monotonic() < deadline and not future.done(), future
+            time.sleep(0.02)
+    return future
+
+
+def _waiting_pid(url: str) -> int:
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as watcher:
+        return watcher.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                               "AND datname = current_database()").fetchone()[0]
+
+
+def test_a_serialization_failure_is_transient(repo, migrated_pg_url):
+    _, (job_id,) = _batch(repo, 1)
+    repo.claim([job_id], "w", lease_s=60)
+    serializable = Repository(f"{migrated_pg_url}?{SERIALIZABLE}")
+    try:
+        with _row_locked_elsewhere(migrated_pg_url, job_id) as other:
+            renewal = _blocked_on(migrated_pg_url, job_id, lambda: serializable.extend_leases([job_id], "w", 60))
+            other.commit()  # the row changed after the renewal's snapshot: it cannot serialize
+        error = renewal.exception(timeout=10)
+    finally:
+        serializable.engine.dispose()
+    assert isinstance(error, DatabaseError) and is_transient(error), error
+    assert isinstance(error.__cause__.orig, psycopg.errors.SerializationFailure)
+
+
+def test_a_terminated_backend_is_transient(repo, migrated_pg_url):
+    _, (job_id,) = _batch(repo, 1)
+    repo.claim([job_id], "w", lease_s=60)
+    with _row_locked_elsewhere(migrated_pg_url, job_id) as other:
+        renewal = _blocked_on(migrated_pg_url, job_id, lambda: repo.extend_leases([job_id], "w", 60))
+        other.execute("SELECT pg_terminate_backend(%s)", (_waiting_pid(migrated_pg_url),))
+        error = renewal.exception(timeout=10)
+    assert isinstance(error, DatabaseError) and is_transient(error), error
+
+
+def test_a_programming_error_is_permanent(repo):
+    # A bug in a statement (here: an integer compared with the text column `id`) fails the same
+    # way on every retry: it must not be handed back to the queue as a passing fault.
+    with pytest.raises(QueryError, match="operator does not exist") as caught:
+        repo.jobs(12345)
+    assert not is_transient(caught.value)
+    assert isinstance(caught.value.__cause__.orig, psycopg.errors.UndefinedFunction)
+
+
+def test_a_data_error_is_permanent(repo):
+    _, (job_id,) = _batch(repo, 1)
+    repo.claim([job_id], "w", lease_s=60)
+    too_large = StoredImage(job_id, "k", "a" * 64, 1.0, batch_size=2**40)  # the column is an integer
+    with pytest.raises(RecordError, match="out of range") as caught:
+        repo.record_successes([too_large], "w")
+    assert not is_transient(caught.value)
+
+
+def test_a_missing_table_on_postgres_says_to_upgrade(own_pg_url):
+    repo = Repository(own_pg_url)
+    with repo.engine.begin() as conn:
+        conn.execute(text("DROP TABLE catalog_items"))
+    with pytest.raises(SchemaError, match="lcmq db upgrade"):
+        repo.catalog_counts("nightly")
+
+
+def test_a_missing_column_on_sqlite_says_to_upgrade(tmp_path):
+    # SQLite's result code for "no such column" is the generic SQLITE_ERROR: the schema decides.
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url)
+    repo = Repository(url)
+    with repo.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE schedules DROP COLUMN last_error"))
+    with pytest.raises(SchemaError, match="lcmq db upgrade"):
+        repo.schedules()
+    upgrade(f"sqlite:///{tmp_path / 'new.db'}")
+    with pytest.raises(QueryError):  # with an intact schema the failed statement is a bug
+        Repository(f"sqlite:///{tmp_path / 'new.db'}").update_schedule("x", nonsense=1)
+
+
+def test_a_locked_sqlite_database_is_transient(tmp_path):
+    """SQLITE_BUSY from a real second connection, classified by its result code."""
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    writer = sqlite3.connect(path, timeout=0)
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        writer.execute("INSERT INTO t VALUES (1)")
+    holder.close()
+    writer.close()
+    assert caught.value.sqlite_errorcode == sqlite3.SQLITE_BUSY
+    assert database_error_kind(caught.value) is DatabaseError
+    assert database_error_kind(sa_exc.OperationalError("INSERT", {}, caught.value)) is DatabaseError
