@@ -19,7 +19,7 @@ from typing import Any
 
 from lcmq.errors import InputError
 from lcmq.loras import MAX_WEIGHT, lora_key
-from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad, _coerce_float, _fail
+from lcmq.spec import FieldProblem, JobSpec, check_field, parse_number
 
 # Job fields an axis may set, and the style-LoRA weight axis (alone, or `lora_weight.NAME`).
 FIELD_AXES = ("seed", "steps", "guidance")
@@ -78,22 +78,22 @@ def _is_lora_axis(name: str) -> bool:
 
 
 def _lora_weight(value: Any) -> float:
-    weight = _coerce_float(value, _fail, True)
+    weight = parse_number(value, from_text=True)
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
-        raise _Bad(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")
+        raise FieldProblem(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")
     return weight
 
 
 def _check_value(name: str, value: Any, source: str, where: str) -> Any:
     try:
         if name in FIELD_AXES:
-            return _FIELD_CHECKS[name](value, True)
+            return check_field(name, value, from_text=True)
         if _is_lora_axis(name):
             return _lora_weight(value)
         if not isinstance(value, str) or not value.strip():
-            raise _Bad(f"values must be non-empty text (got {value!r})")
-        return _FIELD_CHECKS["negative_prompt"](value, True)  # text: no control characters
-    except _Bad as exc:
+            raise FieldProblem(f"values must be non-empty text (got {value!r})")
+        return check_field("negative_prompt", value, from_text=True)  # text: no control characters
+    except FieldProblem as exc:
         raise InputError(source, None, where, str(exc)) from None
 
 

@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcmq.errors import InputError
+from lcmq.errors import InputError, PermanentError
 from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
 from lcmq.storage import file_sha256
 
 MIN_STEPS, MAX_STEPS = 1, 8
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
-MAX_SIDE = 2048
+MAX_SIDE = 2048  # a job's width and height, and an init image's sides (worker.img2img)
 SIZE_MULTIPLE = 8
 MAX_SEED = 2**63 - 1
+SEED_BITS = 32  # a seed derived from a batch's seed and a row, or from a catalog item's id
 MAX_NAME = 200  # batches.name is a String(200)
 # Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
 JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "loras", "init_image",
@@ -209,31 +210,66 @@ def _check_metadata(value: Any, fail, depth: int = 0) -> None:
         fail(f"must be JSON data (got {type(value).__name__})")
 
 
-class _Bad(ValueError):
+class FieldProblem(PermanentError):
     """A field check failed; the caller names the field and line (no closure per field and row:
     validation runs 10^5 times a second)."""
 
 
 def _fail(message: str):
-    raise _Bad(message)
+    raise FieldProblem(message)
 
 
-def _text_field(required: bool):
-    return lambda value, from_text: _check_text(value, _fail, required=required)
+def _check_prompt(value: Any, from_text: bool) -> str:
+    return _check_text(value, _fail, required=True)
+
+
+def _check_optional_text(value: Any, from_text: bool) -> str:
+    return _check_text(value, _fail, required=False)
+
+
+def _check_seed(value: Any, from_text: bool) -> int:
+    return _check_range(_coerce_int(value, _fail, from_text), 0, MAX_SEED, "", _fail)
+
+
+def _check_steps(value: Any, from_text: bool) -> int:
+    return _check_range(_coerce_int(value, _fail, from_text), MIN_STEPS, MAX_STEPS, "", _fail)
+
+
+def _check_guidance(value: Any, from_text: bool) -> float:
+    return _check_range(_coerce_float(value, _fail, from_text), MIN_GUIDANCE, MAX_GUIDANCE,
+                        "; 1.0 disables CFG, above 2 breaks LCM images", _fail)
+
+
+def _check_size(value: Any, from_text: bool) -> int:
+    return _check_side(_coerce_int(value, _fail, from_text), _fail)
+
+
+def _check_strength_field(value: Any, from_text: bool) -> float:
+    return _check_strength(_coerce_float(value, _fail, from_text))
 
 
 _FIELD_CHECKS = {
-    "prompt": _text_field(True),
-    "negative_prompt": _text_field(False),
-    "seed": lambda v, t: _check_range(_coerce_int(v, _fail, t), 0, MAX_SEED, "", _fail),
-    "steps": lambda v, t: _check_range(_coerce_int(v, _fail, t), MIN_STEPS, MAX_STEPS, "", _fail),
-    "guidance": lambda v, t: _check_range(_coerce_float(v, _fail, t), MIN_GUIDANCE, MAX_GUIDANCE,
-                                          "; 1.0 disables CFG, above 2 breaks LCM images", _fail),
-    "width": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
-    "height": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
-    "strength": lambda v, t: _check_strength(_coerce_float(v, _fail, t)),
-    "init_image": _text_field(True),  # then resolved by the validator (relative names, schemes)
+    "prompt": _check_prompt,
+    "negative_prompt": _check_optional_text,
+    "seed": _check_seed,
+    "steps": _check_steps,
+    "guidance": _check_guidance,
+    "width": _check_size,
+    "height": _check_size,
+    "strength": _check_strength_field,
+    "init_image": _check_prompt,  # non-empty text; then resolved by the validator (relative names, schemes)
 }
+
+
+def check_field(name: str, value: Any, from_text: bool = False) -> Any:
+    """One job field's value, checked (and coerced from text when `from_text`: CSV cells, the
+    command line); raises FieldProblem. The matrix checks its axis values with it."""
+    return _FIELD_CHECKS[name](value, from_text)
+
+
+def parse_number(value: Any, from_text: bool = True) -> float:
+    """A finite number (from text when `from_text`); raises FieldProblem."""
+    return _coerce_float(value, _fail, from_text)
 
 
 def _check_strength(value: float) -> float:
@@ -324,7 +360,7 @@ class RowValidator:
                 continue
             try:
                 out[name] = _FIELD_CHECKS[name](value, from_text)
-            except _Bad as exc:
+            except FieldProblem as exc:
                 # A batch default is named as the CLI flag that sets it (--negative-prompt).
                 where = prefix + name.replace("_", "-") if prefix else name
                 raise InputError(self.source, line, where, str(exc)) from None
@@ -345,7 +381,7 @@ class RowValidator:
                     _fail(f"keys must be strings (got {type(key).__name__})")
                 _check_metadata(key, _fail)
                 _check_metadata(value, _fail)
-            except _Bad as exc:
+            except FieldProblem as exc:
                 raise InputError(self.source, line, str(key), str(exc)) from None
         return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
                        seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
@@ -376,7 +412,7 @@ class RowValidator:
             try:
                 values["init_image"], values["upload_init"] = resolve_init_image(
                     values["init_image"], self.base_dir, exists=self._path_exists)
-            except _Bad as exc:
+            except FieldProblem as exc:
                 fail("init_image", str(exc))
             values.setdefault("strength", DEFAULT_STRENGTH)
             # The img2img pipeline runs int(steps * strength) of the steps: at least one.
@@ -412,7 +448,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 
-def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, text in _decoded_lines(path, source):
         if not text.strip():
             continue
@@ -429,7 +465,7 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]
         yield number, row
 
 
-def _read_csv(path: Path, source: str, required: str = "prompt") -> Iterator[tuple[int, dict[str, Any]]]:
+def read_csv_rows(path: Path, source: str, required: str = "prompt") -> Iterator[tuple[int, dict[str, Any]]]:
     lines = _decoded_lines(path, source)
     # csv.reader consumes the line stream; its line_num tells where a (multi-line) record ended.
     reader = csv.reader((text for _, text in lines), strict=True)
@@ -466,7 +502,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InputError(source, None, None, f"unknown file type {path.suffix!r}; use .txt, .jsonl or .csv")
     if not path.is_file():
         raise InputError(source, None, None, "no such file")
-    return {"txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](path, source)
+    return {"txt": _read_txt, "jsonl": read_jsonl_rows, "csv": read_csv_rows}[fmt](path, source)
 
 
 def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<rows>"

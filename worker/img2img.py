@@ -20,11 +20,10 @@ from typing import Any
 from lcmq.errors import PermanentError, PermanentStorageError
 from lcmq.repository import JobRecord
 from lcmq.settings import Settings
+from lcmq.spec import MAX_SIDE  # as for a job's own width and height
 from lcmq.storage import read_url
 
 log = logging.getLogger("lcmq.worker")
-
-MAX_SIDE = 2048  # as for a job's own width and height (lcmq.spec.MAX_SIDE)
 
 
 class InitImageError(PermanentError):
