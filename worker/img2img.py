@@ -43,6 +43,9 @@ def _decode(data: bytes, url: str):
             return image.convert("RGB")
     except InitImageError:
         raise
+    except Image.UnidentifiedImageError as exc:  # its text names the BytesIO it read, not the file
+        raise InitImageError(f"init image {url} is not a readable image: not a format Pillow can open "
+                             "(PNG, JPEG, WebP, ...)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
 
