@@ -338,6 +338,9 @@ API_CASES = [
     ("api-metadata-int-key", [{"prompt": "a", 1: "x"}], {}, "1:1", "keys must be strings (got int)"),
     ("api-metadata-set", [{"prompt": "a", "tags": {"x", "y"}}], {}, "1:tags", "must be JSON data (got set)"),
     ("api-metadata-bytes", [{"prompt": "a", "raw": b"\x00"}], {}, "1:raw", "must be JSON data (got bytes)"),
+    ("api-misspelt-key", ["a red fox", {"prompt": "a blue owl", "seeds": 7}], {}, "2:seeds",
+     "is not a job field; did you mean 'seed'?"),
+    ("api-prompt-10001-chars", ["x" * 10_001], {}, "1:prompt", "is 10001 characters long; at most 10000"),
     ("api-good-rows-then-bad-last", [f"prompt {i}" for i in range(50)] + [{"prompt": "last", "width": 4096}], {},
      "51:width", "must be between 8 and 2048 (got 4096)"),
 ]

@@ -26,7 +26,8 @@ def write(path: Path, content: str) -> Path:
 
 
 def load(path: Path, base_dir: Path | None = None, **validator_options):
-    validator = RowValidator(BatchOptions(model="tiny"), TINY, str(path), base_dir=base_dir, **validator_options)
+    validator = RowValidator(BatchOptions(model="tiny"), TINY, str(path), base_dir=base_dir,
+                             **validator_options)
     return validate_rows(read_rows(path), validator, from_text=path.suffix == ".csv")
 
 
@@ -80,7 +81,8 @@ def test_a_key_one_edit_from_a_field_is_refused_with_did_you_mean(tmp_path, key,
     assert message.startswith(f"{rows}:2:{key}: is not a job field; did you mean {field!r}?"), message
 
 
-@pytest.mark.parametrize("key", ["sku", "note", "tags", "style", "source", "id", "category", "stage", "matrix"])
+@pytest.mark.parametrize("key", ["sku", "note", "tags", "style", "source", "id", "category", "stage",
+                                 "matrix"])
 def test_a_deliberate_extra_key_stays_metadata(tmp_path, key):
     assert near_field(key) is None
     rows = write(tmp_path / "rows.jsonl", f'{{"prompt": "a", "{key}": "x"}}\n')
@@ -146,7 +148,8 @@ def test_a_prompt_over_the_default_10000_characters_is_refused_with_its_line(tmp
 
 def test_the_prompt_limit_is_a_setting_and_holds_for_negative_prompts(tmp_path, max_prompt_chars):
     max_prompt_chars(20)
-    rows = write(tmp_path / "rows.jsonl", '{"prompt": "a fox", "negative_prompt": "blurry, dark, grainy, low"}\n')
+    rows = write(tmp_path / "rows.jsonl",
+                 '{"prompt": "a fox", "negative_prompt": "blurry, dark, grainy, low"}\n')
     assert refusal(rows).startswith(f"{rows}:1:negative_prompt: is 25 characters long; at most 20")
     with pytest.raises(InputError) as info:
         RowValidator(BatchOptions(model="tiny", negative_prompt="n" * 21), TINY, "rows.txt")
@@ -179,9 +182,10 @@ def test_no_module_imports_a_private_name_of_the_spec():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "lcmq.spec":
                 found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
-            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                if isinstance(node.value, ast.Name) and node.value.id == "spec":
-                    found.append(f"{path.relative_to(ROOT)}: spec.{node.attr}")
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                  and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                  and node.value.id == "spec"):
+                found.append(f"{path.relative_to(ROOT)}: spec.{node.attr}")
     assert found == []
 
 
@@ -192,3 +196,15 @@ def test_shared_limits_are_defined_once_in_the_spec(constant):
                if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == constant
                                                        for t in node.targets)]
     assert defined == ["lcmq/spec.py"]
+
+
+def test_an_init_image_gone_by_its_upload_is_an_input_error_naming_it(tmp_path):
+    """Validated, then unreadable or removed before the producer uploads it: no OSError traceback."""
+    from lcmq.storage import FileStorage
+    from scheduler.inputs import InputUploads
+
+    uploads = InputUploads(FileStorage(tmp_path / "renders"), "b1")
+    gone = tmp_path / "gone.png"
+    with pytest.raises(InputError) as info:
+        uploads.url_for(gone.as_uri())
+    assert str(info.value).startswith(f"{gone}:init_image: cannot read the file: ")
