@@ -300,7 +300,7 @@ def resolve_init_image(ref: str, base_dir: Path | None, exists=None) -> tuple[st
             _fail(f"a file:// URL must hold an absolute path (got {_show(ref)}); or give a plain file name")
         if not exists(str(path)):
             _fail(f"no such file {path}")
-        return path.as_uri(), False
+        return _file_url(path), False
     if "://" in ref:
         _fail(f"must be an s3:// or file:// URL, or a file name (got {_show(ref)})")
     # os.path, not Path: Path.expanduser raises for an unknown ~user, and the URL needs an
@@ -308,7 +308,13 @@ def resolve_init_image(ref: str, base_dir: Path | None, exists=None) -> tuple[st
     path = Path(os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(ref))))
     if not exists(str(path)):
         _fail(f"no such file {path}")
-    return path.as_uri(), True
+    return _file_url(path), True
+
+
+def _file_url(path: Path) -> str:
+    """file:// and the path as it is, not percent-encoded as Path.as_uri does: the uploader and
+    lcmq.storage.read_url take what follows file:// as the path (`my photo.png` stays readable)."""
+    return f"file://{path}"
 
 
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)

@@ -208,3 +208,22 @@ def test_an_init_image_gone_by_its_upload_is_an_input_error_naming_it(tmp_path):
     with pytest.raises(InputError) as info:
         uploads.url_for(gone.as_uri())
     assert str(info.value).startswith(f"{gone}:init_image: cannot read the file: ")
+
+
+def test_an_init_image_name_with_a_space_is_uploaded_from_its_file(tmp_path):
+    """The URL the validator makes must lead the uploader back to the file (as_uri made %20)."""
+    from lcmq.storage import FileStorage, file_sha256
+    from scheduler.inputs import InputUploads
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "my photo.png")
+    rows = write(tmp_path / "rows.jsonl", '{"prompt": "a fox", "init_image": "my photo.png"}\n')
+    (spec,) = load(rows, base_dir=tmp_path)
+    stored = InputUploads(FileStorage(tmp_path / "renders"), "b1").url_for(spec.init_image)
+    assert file_sha256(Path(stored.removeprefix("file://"))) == file_sha256(tmp_path / "my photo.png")
+
+
+def test_a_lora_path_under_an_unknown_home_is_an_input_error(tmp_path):
+    rows = write(tmp_path / "rows.jsonl",
+                 '{"prompt": "a", "loras": [{"name": "ink", "path": "~no-such-user-here/ink.safetensors"}]}\n')
+    message = refusal(rows)
+    assert message.startswith(f"{rows}:1:loras: ") and "no such file" in message
