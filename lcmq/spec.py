@@ -221,7 +221,7 @@ def _fail(message: str):
     raise FieldProblem(message)
 
 
-def _check_prompt(value: Any, from_text: bool) -> str:
+def _check_required_text(value: Any, from_text: bool) -> str:
     return _check_text(value, _fail, required=True)
 
 
@@ -251,7 +251,7 @@ def _check_strength_field(value: Any, from_text: bool) -> float:
 
 
 _FIELD_CHECKS = {
-    "prompt": _check_prompt,
+    "prompt": _check_required_text,
     "negative_prompt": _check_optional_text,
     "seed": _check_seed,
     "steps": _check_steps,
@@ -259,7 +259,7 @@ _FIELD_CHECKS = {
     "width": _check_size,
     "height": _check_size,
     "strength": _check_strength_field,
-    "init_image": _check_prompt,  # non-empty text; then resolved by the validator (relative names, schemes)
+    "init_image": _check_required_text,  # then resolved by the validator (relative names, schemes)
 }
 
 
