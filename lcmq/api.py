@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class BatchStatus:
     output: str
     # A schedule run's batch: how its catalog's items compared with the run before.
     items: dict[str, int] | None = None
+    # submit found this batch already submitted (same content and parameters): nothing new was
+    # written, and a canceled batch stays canceled until `resume`.
+    resubmitted: bool = False
 
     @property
     def done(self) -> bool:
@@ -53,6 +56,8 @@ class BatchStatus:
         values = asdict(self)
         if values["items"] is None:  # plain batches print exactly what they always did
             del values["items"]
+        if not values["resubmitted"]:
+            del values["resubmitted"]
         return values
 
 
@@ -162,10 +167,10 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         content_sha256 = keys.content_sha256(specs)
     specs = expand_matrix(specs, axes, source)
     key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
-    batch_id, _ = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
-                                     chunk_size, idempotency_key=key, priority=priority,
-                                     max_chunks=settings.max_chunks_per_batch)
-    return status(batch_id)
+    batch_id, created = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
+                                           chunk_size, idempotency_key=key, priority=priority,
+                                           max_chunks=settings.max_chunks_per_batch)
+    return replace(status(batch_id), resubmitted=not created)
 
 
 def cancel(batch_id: str) -> BatchStatus:

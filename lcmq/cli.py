@@ -61,6 +61,8 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
 # --- commands ---------------------------------------------------------------------------
 
 def cmd_submit(args) -> int:
+    if args.timeout is not None and not args.wait:  # it would be ignored: say so before submitting
+        raise InputError(args.file, None, "--timeout", "only applies with --wait (how long to wait)")
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
@@ -68,6 +70,8 @@ def cmd_submit(args) -> int:
                     matrix=[parse_axis(axis, args.file) for axis in args.matrix or ()],
                     loras=None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora])
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if st.resubmitted and st.canceled:
+        _print_canceled_resubmit(st)
     if args.wait:
         st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
     if args.json or args.wait:
@@ -75,6 +79,14 @@ def cmd_submit(args) -> int:
     if args.wait:
         return EXIT_OK if st.ok else EXIT_FAILED
     return EXIT_OK
+
+
+def _print_canceled_resubmit(st: api.BatchStatus) -> None:
+    """The same file and parameters name the batch submitted before; a canceled one is not
+    rendered again by submitting it again, which would otherwise look like a fresh batch."""
+    print(f"lcmq: batch {st.batch_id} was submitted before with this file and these parameters, and "
+          f"canceled ({st.canceled} of {st.total} jobs); nothing new was submitted. To render its "
+          f"canceled jobs: lcmq resume {st.batch_id}", file=sys.stderr, flush=True)
 
 
 def _lora_flag(text: str, source: str) -> dict:
@@ -264,10 +276,10 @@ def cmd_batches(args) -> int:
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    print(f"{'batch':16}  {'created':19}  {'profile':10}  {'done':>11}  {'failed':>6}  name")
+    print(f"{'batch':16}  {'created':19}  {'profile':10}  {'done':>11}  {'failed':>6}  {'canceled':>8}  name")
     for r in rows:
         print(f"{r['batch_id']:16}  {r['created_at'][:19]:19}  {r['profile']:10}  "
-              f"{r['succeeded']:>5}/{r['total']:<5}  {r['failed']:>6}  {r['name'] or ''}")
+              f"{r['succeeded']:>5}/{r['total']:<5}  {r['failed']:>6}  {r['canceled']:>8}  {r['name'] or ''}")
     return EXIT_OK
 
 

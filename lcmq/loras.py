@@ -44,7 +44,7 @@ def resolve_path(path: str, base_dir: Path | None) -> str:
             raise LoraProblem(f"path {path!r} must be s3://bucket/key")
         return path
     local = path[len("file://"):] if path.startswith("file://") else path
-    resolved = Path(local).expanduser()
+    resolved = Path(os.path.expanduser(local))  # Path.expanduser raises for an unknown ~user
     if not resolved.is_absolute():
         resolved = (base_dir or Path.cwd()) / resolved
     return os.path.normpath(resolved)

@@ -19,7 +19,7 @@ from typing import Any
 
 from lcmq.errors import InputError
 from lcmq.loras import MAX_WEIGHT, lora_key
-from lcmq.spec import _FIELD_CHECKS, JobSpec, _Bad, _coerce_float, _fail
+from lcmq.spec import FieldProblem, JobSpec, check_field, parse_number
 
 # Job fields an axis may set, and the style-LoRA weight axis (alone, or `lora_weight.NAME`).
 FIELD_AXES = ("seed", "steps", "guidance")
@@ -78,22 +78,22 @@ def _is_lora_axis(name: str) -> bool:
 
 
 def _lora_weight(value: Any) -> float:
-    weight = _coerce_float(value, _fail, True)
+    weight = parse_number(value, from_text=True)
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
-        raise _Bad(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")
+        raise FieldProblem(f"must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} (got {weight:g})")
     return weight
 
 
 def _check_value(name: str, value: Any, source: str, where: str) -> Any:
     try:
         if name in FIELD_AXES:
-            return _FIELD_CHECKS[name](value, True)
+            return check_field(name, value, from_text=True)
         if _is_lora_axis(name):
             return _lora_weight(value)
         if not isinstance(value, str) or not value.strip():
-            raise _Bad(f"values must be non-empty text (got {value!r})")
-        return _FIELD_CHECKS["negative_prompt"](value, True)  # text: no control characters
-    except _Bad as exc:
+            raise FieldProblem(f"values must be non-empty text (got {value!r})")
+        return check_field("negative_prompt", value, from_text=True)  # text: no control characters
+    except FieldProblem as exc:
         raise InputError(source, None, where, str(exc)) from None
 
 
@@ -106,8 +106,9 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
     unused = {name for name in names if name not in FIELD_AXES and not _is_lora_axis(name)}  # text axes unused yet
     index = 0
     for row, spec in enumerate(specs):
-        if unused:
-            unused -= {name for name in unused if "{" + name + "}" in spec.prompt + spec.negative_prompt}
+        # A text axis this row's prompts do not use changes nothing in it: not part of its cells.
+        unused_here = {name for name in names if not _axis_used(name, spec)}
+        unused &= unused_here
         if MATRIX_KEY in spec.metadata:
             raise InputError(source, None, MATRIX_KEY,
                              f"row {row + 1}: the column {MATRIX_KEY!r} is reserved for the axis values with --matrix")
@@ -119,13 +120,23 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
             if identity in seen:
                 continue
             seen.add(identity)
+            axis_values = {name: value for name, value in values.items() if name not in unused_here}
             yield replace(job, index=index, row=row if spec.row is None else spec.row,
-                          metadata=spec.metadata | {MATRIX_KEY: values})
+                          metadata=spec.metadata | {MATRIX_KEY: axis_values})
             index += 1
     if unused:  # a typo ({Style} for style) would otherwise collapse silently: refuse the batch
         name = sorted(unused)[0]
         raise InputError(source, None, f"--matrix {name}",
                          f"no prompt uses {{{name}}}, and {name!r} is not a job field ({', '.join(FIELD_AXES)})")
+
+
+def _axis_used(name: str, spec: JobSpec) -> bool:
+    """Whether an axis can change a job of this row: a field or LoRA weight always; a text axis
+    when the row's prompt or negative prompt has its `{name}`."""
+    if name in FIELD_AXES or _is_lora_axis(name):
+        return True
+    placeholder = "{" + name + "}"
+    return placeholder in spec.prompt or placeholder in spec.negative_prompt
 
 
 def _apply(spec: JobSpec, values: dict[str, Any], source: str, row: int) -> JobSpec:

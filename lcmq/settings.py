@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
     lora_cache_size: int = Field(8, ge=1, le=256, description="Style LoRAs a worker process keeps loaded; "
                                  "the least recently used one is deleted before another loads.")
+    max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts and negative prompts are refused "
+                                  "at submit, with their line.")
     max_init_image_bytes: int = Field(32 << 20, ge=1024, description="img2img: larger init images fail their job.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
     log_level: str = "INFO"

@@ -19,17 +19,20 @@ from typing import Any
 from lcmq.errors import InputError, PermanentError
 from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
+from lcmq.settings import get_settings
 from lcmq.storage import file_sha256
 
 MIN_STEPS, MAX_STEPS = 1, 8
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
-MAX_SIDE = 2048
+MAX_SIDE = 2048  # a job's width and height, and an init image's sides (worker.img2img)
 SIZE_MULTIPLE = 8
 MAX_SEED = 2**63 - 1
+SEED_BITS = 32  # a seed derived from a batch's seed and a row, or from a catalog item's id
 MAX_NAME = 200  # batches.name is a String(200)
 # Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
 JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "loras", "init_image",
               "strength")
+PROMPT_FIELDS = ("prompt", "negative_prompt")  # at most `max_prompt_chars` (LCMQ_MAX_PROMPT_CHARS) each
 DEFAULT_STRENGTH = 0.5  # img2img without a strength: half the steps, the usual LCM img2img setting
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
@@ -209,31 +212,66 @@ def _check_metadata(value: Any, fail, depth: int = 0) -> None:
         fail(f"must be JSON data (got {type(value).__name__})")
 
 
-class _Bad(PermanentError):
+class FieldProblem(PermanentError):
     """A field check failed; the caller names the field and line (no closure per field and row:
     validation runs 10^5 times a second)."""
 
 
 def _fail(message: str):
-    raise _Bad(message)
+    raise FieldProblem(message)
 
 
-def _text_field(required: bool):
-    return lambda value, from_text: _check_text(value, _fail, required=required)
+def _check_required_text(value: Any, from_text: bool) -> str:
+    return _check_text(value, _fail, required=True)
+
+
+def _check_optional_text(value: Any, from_text: bool) -> str:
+    return _check_text(value, _fail, required=False)
+
+
+def _check_seed(value: Any, from_text: bool) -> int:
+    return _check_range(_coerce_int(value, _fail, from_text), 0, MAX_SEED, "", _fail)
+
+
+def _check_steps(value: Any, from_text: bool) -> int:
+    return _check_range(_coerce_int(value, _fail, from_text), MIN_STEPS, MAX_STEPS, "", _fail)
+
+
+def _check_guidance(value: Any, from_text: bool) -> float:
+    return _check_range(_coerce_float(value, _fail, from_text), MIN_GUIDANCE, MAX_GUIDANCE,
+                        "; 1.0 disables CFG, above 2 breaks LCM images", _fail)
+
+
+def _check_size(value: Any, from_text: bool) -> int:
+    return _check_side(_coerce_int(value, _fail, from_text), _fail)
+
+
+def _check_strength_field(value: Any, from_text: bool) -> float:
+    return _check_strength(_coerce_float(value, _fail, from_text))
 
 
 _FIELD_CHECKS = {
-    "prompt": _text_field(True),
-    "negative_prompt": _text_field(False),
-    "seed": lambda v, t: _check_range(_coerce_int(v, _fail, t), 0, MAX_SEED, "", _fail),
-    "steps": lambda v, t: _check_range(_coerce_int(v, _fail, t), MIN_STEPS, MAX_STEPS, "", _fail),
-    "guidance": lambda v, t: _check_range(_coerce_float(v, _fail, t), MIN_GUIDANCE, MAX_GUIDANCE,
-                                          "; 1.0 disables CFG, above 2 breaks LCM images", _fail),
-    "width": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
-    "height": lambda v, t: _check_side(_coerce_int(v, _fail, t), _fail),
-    "strength": lambda v, t: _check_strength(_coerce_float(v, _fail, t)),
-    "init_image": _text_field(True),  # then resolved by the validator (relative names, schemes)
+    "prompt": _check_required_text,
+    "negative_prompt": _check_optional_text,
+    "seed": _check_seed,
+    "steps": _check_steps,
+    "guidance": _check_guidance,
+    "width": _check_size,
+    "height": _check_size,
+    "strength": _check_strength_field,
+    "init_image": _check_required_text,  # then resolved by the validator (relative names, schemes)
 }
+
+
+def check_field(name: str, value: Any, from_text: bool = False) -> Any:
+    """One job field's value, checked (and coerced from text when `from_text`: CSV cells, the
+    command line); raises FieldProblem. The matrix checks its axis values with it."""
+    return _FIELD_CHECKS[name](value, from_text)
+
+
+def parse_number(value: Any, from_text: bool = True) -> float:
+    """A finite number (from text when `from_text`); raises FieldProblem."""
+    return _coerce_float(value, _fail, from_text)
 
 
 def _check_strength(value: float) -> float:
@@ -262,28 +300,87 @@ def resolve_init_image(ref: str, base_dir: Path | None, exists=None) -> tuple[st
             _fail(f"a file:// URL must hold an absolute path (got {_show(ref)}); or give a plain file name")
         if not exists(str(path)):
             _fail(f"no such file {path}")
-        return path.as_uri(), False
+        return _file_url(path), False
     if "://" in ref:
         _fail(f"must be an s3:// or file:// URL, or a file name (got {_show(ref)})")
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
-    path = Path(os.path.normpath(path))
+    # os.path, not Path: Path.expanduser raises for an unknown ~user, and the URL needs an
+    # absolute path even when the batch file was named relative to the working directory.
+    path = Path(os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(ref))))
     if not exists(str(path)):
         _fail(f"no such file {path}")
-    return path.as_uri(), True
+    return _file_url(path), True
+
+
+def _file_url(path: Path) -> str:
+    """file:// and the path as it is, not percent-encoded as Path.as_uri does: the uploader and
+    lcmq.storage.read_url take what follows file:// as the path (`my photo.png` stays readable)."""
+    return f"file://{path}"
+
+
 _JOB_FIELD_SET = frozenset(JOB_FIELDS)
+
+
+# --- keys that look like a misspelt field ---------------------------------------------------
+
+def _typed_name(key: str) -> str:
+    """A key as it is compared with the field names: case, `-` and spaces do not matter."""
+    return key.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _at_most_one_edit(typed: str, name: str) -> bool:
+    """Whether one insertion, deletion, substitution or swap of neighbours (Damerau-Levenshtein
+    distance 1) or none turns one name into the other."""
+    short, long = sorted((typed, name), key=len)
+    if len(long) - len(short) > 1:
+        return False
+    same = 0  # the common prefix; the one edit is where it ends
+    while same < len(short) and short[same] == long[same]:
+        same += 1
+    if len(short) < len(long):
+        return short[same:] == long[same + 1:]
+    swapped = short[same:same + 2] == long[same:same + 2][::-1] and short[same + 2:] == long[same + 2:]
+    return short[same + 1:] == long[same + 1:] or swapped
+
+
+def near_field(key: Any) -> str | None:
+    """The job field a key that is not one was probably meant to be: the same name in another
+    case or with `-` (`Prompt`, `negative-prompt`), or one edit away (`stepz`, `seeds`)."""
+    if not isinstance(key, str) or key in _JOB_FIELD_SET:
+        return None
+    typed = _typed_name(key)
+    for name in JOB_FIELDS:
+        if _at_most_one_edit(typed, name) or typed.replace("_", "") == name.replace("_", ""):
+            return name
+    return None
+
+
+def check_keys(keys: Iterable[Any], source: str, line: int | None, what: str = "key") -> None:
+    """Refuse a key (a JSONL key, a CSV column) that looks like a misspelt job field: kept as
+    metadata, it would leave the field at its default without a word. Other keys are metadata."""
+    for key in keys:
+        meant = near_field(key)
+        if meant is not None:
+            why = f"a {what} this close to a field is refused, not kept as metadata"
+            raise InputError(source, line, key, f"is not a job field; did you mean {meant!r}? ({why})")
 
 
 class RowValidator:
     """Turns raw rows into JobSpecs, filling defaults from the batch options and the profile."""
 
-    def __init__(self, options: BatchOptions, profile: Profile, source: str, base_dir: Path | None = None):
+    def __init__(self, options: BatchOptions, profile: Profile, source: str, base_dir: Path | None = None,
+                 max_prompt_chars: int | None = None):
+        import os
+
         self.source = source
         self.profile = profile
-        # Relative LoRA paths and init images name files next to the batch file.
-        self.base_dir = base_dir
+        # Relative LoRA paths and init images name files next to the batch file: made absolute
+        # now (`lcmq submit rows.jsonl` gives "."), so what is stored is the same from any folder.
+        self.base_dir = Path(os.path.abspath(base_dir)) if base_dir is not None else None
+        if max_prompt_chars is None:
+            max_prompt_chars = get_settings().max_prompt_chars
+        self.max_prompt_chars = max_prompt_chars
         self._exists: dict[str, bool] = {}  # a path shared by 10^5 rows is looked up once
+        self._is_file: dict[str, bool] = {}
         # Batch defaults are validated once, up front, so a bad flag is named as a flag.
         flags = {k: v for k, v in {
             "steps": options.steps, "guidance": options.guidance, "width": options.width,
@@ -324,7 +421,10 @@ class RowValidator:
                 continue
             try:
                 out[name] = _FIELD_CHECKS[name](value, from_text)
-            except _Bad as exc:
+                if name in PROMPT_FIELDS and len(value) > self.max_prompt_chars:
+                    _fail(f"is {len(value)} characters long; at most {self.max_prompt_chars} "
+                          "(LCMQ_MAX_PROMPT_CHARS)")
+            except FieldProblem as exc:
                 # A batch default is named as the CLI flag that sets it (--negative-prompt).
                 where = prefix + name.replace("_", "-") if prefix else name
                 raise InputError(self.source, line, where, str(exc)) from None
@@ -345,7 +445,7 @@ class RowValidator:
                     _fail(f"keys must be strings (got {type(key).__name__})")
                 _check_metadata(key, _fail)
                 _check_metadata(value, _fail)
-            except _Bad as exc:
+            except FieldProblem as exc:
                 raise InputError(self.source, line, str(key), str(exc)) from None
         return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
                        seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
@@ -359,6 +459,14 @@ class RowValidator:
         if path not in self._exists:
             self._exists[path] = os.path.exists(path)
         return self._exists[path]
+
+    def _file_exists(self, path: str) -> bool:
+        """An init image must be a file: a folder would pass `exists` and fail its upload."""
+        import os
+
+        if path not in self._is_file:
+            self._is_file[path] = os.path.isfile(path)
+        return self._is_file[path]
 
     def _check_inputs(self, raw: Mapping[str, Any], values: dict[str, Any], line: int, from_text: bool) -> None:
         """The row's style LoRAs and img2img fields, which depend on the batch file's folder and
@@ -375,8 +483,8 @@ class RowValidator:
         if "init_image" in values:
             try:
                 values["init_image"], values["upload_init"] = resolve_init_image(
-                    values["init_image"], self.base_dir, exists=self._path_exists)
-            except _Bad as exc:
+                    values["init_image"], self.base_dir, exists=self._file_exists)
+            except FieldProblem as exc:
                 fail("init_image", str(exc))
             values.setdefault("strength", DEFAULT_STRENGTH)
             # The img2img pipeline runs int(steps * strength) of the steps: at least one.
@@ -389,8 +497,16 @@ class RowValidator:
 
 # --- readers: (line number, raw row) streams --------------------------------------------
 
+def _open_input(path: Path, source: str):
+    """The batch file for reading; an unreadable one is an input error, not a traceback."""
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise InputError(source, None, None, f"cannot read the file: {exc.strerror or exc}") from None
+
+
 def _decoded_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
-    with path.open("rb") as fh:
+    with _open_input(path, source) as fh:
         for number, raw in enumerate(fh, start=1):
             try:
                 text = raw.decode("utf-8")
@@ -412,7 +528,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 
-def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, text in _decoded_lines(path, source):
         if not text.strip():
             continue
@@ -429,7 +545,23 @@ def _read_jsonl(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]
         yield number, row
 
 
-def _read_csv(path: Path, source: str, required: str = "prompt") -> Iterator[tuple[int, dict[str, Any]]]:
+def _missing_column(required: str, names: list[str]) -> str:
+    """Why a header lacks the required column, when the file says why: another case, or a
+    delimiter other than the comma (the whole header is then one column)."""
+    message = f"header has no {required!r} column"
+    for delimiter, called in ((";", "semicolon"), ("\t", "tab")):
+        if len(names) == 1 and delimiter in names[0]:
+            return f"{message}: the file looks {called}-separated; lcmq reads comma-separated CSV"
+    meant = next((name for name in names if _typed_name(name) == required), None)
+    if meant is not None:
+        return f"{message}, but a {meant!r} one: column names are case-sensitive"
+    return message
+
+
+def read_csv_rows(path: Path, source: str, required: str = "prompt",
+                  job_columns: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV file named by its header. With `job_columns` (a batch file, not a catalog)
+    a column that looks like a misspelt job field is refused at the header."""
     lines = _decoded_lines(path, source)
     # csv.reader consumes the line stream; its line_num tells where a (multi-line) record ended.
     reader = csv.reader((text for _, text in lines), strict=True)
@@ -446,7 +578,9 @@ def _read_csv(path: Path, source: str, required: str = "prompt") -> Iterator[tup
                 raise InputError(source, 1, name, "duplicate column in header")
             seen.add(name)
         if required not in seen:  # "prompt"; a catalog's rows are named by their "id" instead
-            raise InputError(source, 1, required, f"header has no {required!r} column")
+            raise InputError(source, 1, required, _missing_column(required, names))
+        if job_columns:
+            check_keys(names, source, 1, "column")
         for record in reader:
             if not record or all(not cell.strip() for cell in record):
                 continue
@@ -466,7 +600,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InputError(source, None, None, f"unknown file type {path.suffix!r}; use .txt, .jsonl or .csv")
     if not path.is_file():
         raise InputError(source, None, None, "no such file")
-    return {"txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[fmt](path, source)
+    if fmt == "csv":
+        return read_csv_rows(path, source, job_columns=True)
+    return {"txt": _read_txt, "jsonl": read_jsonl_rows}[fmt](path, source)
 
 
 def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<rows>"
@@ -483,8 +619,13 @@ def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<r
 
 def iter_specs(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
                from_text: bool = False) -> Iterator[JobSpec]:
-    """Validated specs as a stream; raises on the first bad row."""
+    """Validated specs as a stream; raises on the first bad row, or on the first key that looks
+    like a misspelt job field (each distinct key is checked once, not once a row)."""
+    checked_keys: set[Any] = set()
     for index, (line, raw) in enumerate(rows):
+        if not checked_keys.issuperset(raw):
+            check_keys([key for key in raw if key not in checked_keys], validator.source, line)
+            checked_keys.update(raw)
         yield validator.validate(index, line, raw, from_text)
 
 
@@ -506,7 +647,11 @@ def open_batch_file(path: Path, validator: RowValidator) -> tuple[Iterator[JobSp
     written), and the file is read once while the database ingests rows in parallel.
     """
     rows = read_rows(path)  # a missing file or unknown type is refused before anything else
-    content_sha256 = file_sha256(path)
+    try:
+        content_sha256 = file_sha256(path)
+    except OSError as exc:  # unreadable (permissions): the user's to fix, like a missing file
+        raise InputError(validator.source, None, None,
+                         f"cannot read the file: {exc.strerror or exc}") from None
 
     def specs() -> Iterator[JobSpec]:
         count = 0

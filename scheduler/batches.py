@@ -18,7 +18,7 @@ from dataclasses import asdict
 from lcmq.errors import BrokerError
 from lcmq.profiles import Profile
 from lcmq.repository import PendingJob, Repository
-from lcmq.spec import BatchOptions, JobSpec
+from lcmq.spec import SEED_BITS, BatchOptions, JobSpec
 from lcmq.storage import Storage
 
 from scheduler.dispatch import chunk_size_for, publish_batch
@@ -26,7 +26,6 @@ from scheduler.inputs import InputUploads
 
 log = logging.getLogger("lcmq.scheduler")
 
-SEED_BITS = 32
 KEEP_PENDING_UP_TO = 250_000
 
 

@@ -26,7 +26,7 @@ from lcmq.errors import InputError, LcmqError
 from lcmq.models import ITEM_ID_LENGTH
 from lcmq.profiles import Profile
 from lcmq.settings import Settings
-from lcmq.spec import FORMATS, BatchOptions, JobSpec, RowValidator, _read_csv, _read_jsonl
+from lcmq.spec import FORMATS, SEED_BITS, BatchOptions, JobSpec, RowValidator, read_csv_rows, read_jsonl_rows
 from lcmq.storage import read_url
 
 ID_FIELD = "id"
@@ -40,7 +40,6 @@ def format_identity(options: BatchOptions) -> str:
     if options.image_format == OUTPUT_FORMAT:
         return OUTPUT_FORMAT
     return f"{options.image_format}:{options.quality}"
-SEED_BITS = 32
 CATALOG_FORMATS = ("csv", "jsonl")
 _ID_CHARS = set(string.ascii_letters + string.digits + "._-")
 
@@ -153,7 +152,7 @@ def normalize_location(location: str) -> str:
 
 
 def _rows(path: Path, fmt: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    return _read_csv(path, source, required=ID_FIELD) if fmt == "csv" else _read_jsonl(path, source)
+    return read_csv_rows(path, source, required=ID_FIELD) if fmt == "csv" else read_jsonl_rows(path, source)
 
 
 def read_catalog(location: str, settings: Settings) -> list[tuple[int, dict[str, Any]]]:

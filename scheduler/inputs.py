@@ -13,7 +13,7 @@ import logging
 import mimetypes
 from pathlib import Path
 
-from lcmq.errors import LcmqError
+from lcmq.errors import InputError, LcmqError
 from lcmq.storage import Storage, check_key, file_sha256
 
 log = logging.getLogger("lcmq.scheduler")
@@ -32,12 +32,22 @@ class InputUploads:
         if file_url not in self._urls:
             path = Path(file_url[len("file://"):])
             suffix = path.suffix.lower() if path.suffix[1:].isalnum() else ""
-            key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{file_sha256(path)[:16]}{suffix}")
+            key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{self._content_sha256(path)[:16]}{suffix}")
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             self.storage.put_file(key, path, content_type)
             self.keys.append(key)
             self._urls[file_url] = self.storage.url(key)
         return self._urls[file_url]
+
+    @staticmethod
+    def _content_sha256(path: Path) -> str:
+        """The file checked at validation may be unreadable (permissions) or gone by now: the
+        user's to fix, said as an input error naming it, not a traceback."""
+        try:
+            return file_sha256(path)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise InputError(str(path), None, "init_image", f"cannot read the file: {why}") from None
 
     def discard(self) -> None:
         """Best effort: the batch was not written, so its inputs should not stay either."""

@@ -20,11 +20,10 @@ from typing import Any
 from lcmq.errors import PermanentError, PermanentStorageError
 from lcmq.repository import JobRecord
 from lcmq.settings import Settings
+from lcmq.spec import MAX_SIDE  # as for a job's own width and height
 from lcmq.storage import read_url
 
 log = logging.getLogger("lcmq.worker")
-
-MAX_SIDE = 2048  # as for a job's own width and height (lcmq.spec.MAX_SIDE)
 
 
 class InitImageError(PermanentError):
@@ -44,6 +43,9 @@ def _decode(data: bytes, url: str):
             return image.convert("RGB")
     except InitImageError:
         raise
+    except Image.UnidentifiedImageError as exc:  # its text names the BytesIO it read, not the file
+        raise InitImageError(f"init image {url} is not a readable image: not a format Pillow can open "
+                             "(PNG, JPEG, WebP, ...)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
 

@@ -95,6 +95,7 @@ def test_style_loras_and_img2img_render_through_a_worker(services_env, procs, cl
     jobs = _jobs(env, result["batch_id"])
     assert [j.state for j in jobs] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"], jobs
     assert "InitImageError" in jobs[2].error and "not a readable image" in jobs[2].error
+    assert f"{prefix}-{model}/junk.png" in jobs[2].error and "BytesIO" not in jobs[2].error  # names the file
     assert jobs[3].init_image.startswith(f"s3://{bucket}/{prefix}/{result['batch_id']}/inputs/")
     assert jobs[4].init_image is None and jobs[4].strength is None
     target = np.full((64, 64, 3), 128, dtype=np.float32)

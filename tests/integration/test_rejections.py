@@ -63,6 +63,18 @@ CASES = [
      "expected NAME=VALUES"),
     ("matrix-unused-axis", "prompts.txt", "a red fox in {Style}\n", ["--model", "tiny", "--matrix", "style=oil"],
      "--matrix style", "no prompt uses {style}"),
+    ("jsonl-stepz", "rows.jsonl", '{"prompt": "a"}\n{"prompt": "b", "stepz": 4}\n', ["--model", "tiny"], "2:stepz",
+     "did you mean 'steps'?"),
+    ("jsonl-Prompt", "rows.jsonl", '{"Prompt": "a red fox"}\n', ["--model", "tiny"], "1:Prompt",
+     "did you mean 'prompt'?"),
+    ("csv-seeds-column", "rows.csv", "prompt,seeds\na,1\n", ["--model", "tiny"], "1:seeds", "did you mean 'seed'?"),
+    ("csv-Prompt-header", "rows.csv", "Prompt,seed\na,1\n", ["--model", "tiny"], "1:prompt",
+     "but a 'Prompt' one"),
+    ("csv-semicolons", "rows.csv", "prompt;seed\na;1\n", ["--model", "tiny"], "1:prompt", "semicolon-separated"),
+    ("prompt-10001-chars", "prompts.txt", "a red fox\n" + "x" * 10_001 + "\n", ["--model", "tiny"], "2:prompt",
+     "at most 10000"),
+    ("timeout-without-wait", "prompts.txt", "a red fox\n", ["--model", "tiny", "--timeout", "5"], "--timeout",
+     "only applies with --wait"),
 ]
 
 
@@ -326,6 +338,9 @@ API_CASES = [
     ("api-metadata-int-key", [{"prompt": "a", 1: "x"}], {}, "1:1", "keys must be strings (got int)"),
     ("api-metadata-set", [{"prompt": "a", "tags": {"x", "y"}}], {}, "1:tags", "must be JSON data (got set)"),
     ("api-metadata-bytes", [{"prompt": "a", "raw": b"\x00"}], {}, "1:raw", "must be JSON data (got bytes)"),
+    ("api-misspelt-key", ["a red fox", {"prompt": "a blue owl", "seeds": 7}], {}, "2:seeds",
+     "is not a job field; did you mean 'seed'?"),
+    ("api-prompt-10001-chars", ["x" * 10_001], {}, "1:prompt", "is 10001 characters long; at most 10000"),
     ("api-good-rows-then-bad-last", [f"prompt {i}" for i in range(50)] + [{"prompt": "last", "width": 4096}], {},
      "51:width", "must be between 8 and 2048 (got 4096)"),
 ]

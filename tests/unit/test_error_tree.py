@@ -36,7 +36,7 @@ def _exception_classes(package) -> list[type]:
 
 def test_every_lcmq_exception_is_permanent_or_transient():
     classes = _exception_classes(lcmq)
-    assert {cls.__name__ for cls in classes} >= {"LoraProblem", "ExportError", "_Bad", "MissingObjectError"}
+    assert {cls.__name__ for cls in classes} >= {"LoraProblem", "ExportError", "FieldProblem", "MissingObjectError"}
     outside = [cls.__qualname__ for cls in classes if cls not in (LcmqError, PermanentError, TransientError)
                and not issubclass(cls, (PermanentError, TransientError))]
     assert outside == []
