@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, cast, create_engine, event, func, insert,
-                        or_, select, text, update)
+from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, cast, create_engine, event, func,
+                        insert, or_, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -258,7 +258,8 @@ class NewJobLayout:
     @property
     def columns(self) -> tuple[str, ...]:
         """The jobs table's column names, in the order of the values of `rows`."""
-        return tuple(JOB_COLUMNS[name].name for name in (*self.row_fields, *self.batch_fields, *self.defaults))
+        names = (*self.row_fields, *self.batch_fields, *self.defaults)
+        return tuple(JOB_COLUMNS[name].name for name in names)
 
     @property
     def json_positions(self) -> tuple[int, ...]:

@@ -26,16 +26,18 @@ EVERY_ROW_COLUMN = {
 
 def test_the_column_table_and_the_jobs_table_agree():
     names = [f.name for f in fields(JobRecord)]
-    assert sorted(column.name for column in JOB_COLUMNS.values()) == sorted(c.name for c in Job.__table__.columns)
+    table_columns = sorted(column.name for column in Job.__table__.columns)
+    assert sorted(column.name for column in JOB_COLUMNS.values()) == table_columns
     assert list(JOB_COLUMNS) == names
     for f in fields(JobRecord):
         column = JOB_COLUMNS[f.name]
-        assert column.nullable == ("| None" in str(f.type)), f"{f.name}: nullable {column.nullable}, typed {f.type}"
+        assert column.nullable == ("| None" in str(f.type)), f"{f.name}: nullable, typed {f.type}"
         assert f.metadata in ({}, FROM_ROW, FROM_BATCH), f.name
     # A column a new job cannot leave NULL is written at creation (from the row, the batch or a
     # default): a new NOT NULL column must say where its first value comes from.
     written = set(NEW_JOB.row_fields) | set(NEW_JOB.batch_fields) | set(NEW_JOB.defaults)
-    required = {name for name, column in JOB_COLUMNS.items() if not column.nullable and column.server_default is None}
+    required = {name for name, column in JOB_COLUMNS.items()
+                if not column.nullable and column.server_default is None}
     assert required <= written, required - written
     assert set(NEW_JOB.row_fields) == set(EVERY_ROW_COLUMN) | {"id", "index"}
 
@@ -64,8 +66,9 @@ def test_a_job_round_trips_with_every_column(repo):
     assert (job.id, job.index, job.batch_id, job.state, job.attempts) == (job_id, 0, batch_id, "queued", 0)
     batch = repo.get_batch(batch_id)
     assert job.created_at == job.dispatched_at == batch.created_at and batch.total == 1
-    assert all(getattr(job, name) is None for name in ("worker", "error", "sha256", "render_ms", "batch_size",
-                                                        "warning", "started_at", "finished_at", "lease_until"))
+    later = ("worker", "error", "sha256", "render_ms", "batch_size", "warning", "started_at", "finished_at",
+             "lease_until")
+    assert all(getattr(job, name) is None for name in later)
     # The claim reads the same table through Core: the same record, now running.
     (claimed,) = repo.claim([job_id], "w", lease_s=60)
     assert {name: getattr(claimed, name) for name in EVERY_ROW_COLUMN} == EVERY_ROW_COLUMN
