@@ -19,6 +19,7 @@ from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, cast,
                         insert, or_, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from lcmq.errors import DatabaseError, NotFoundError, RecordError, SchemaError
 from lcmq.models import Batch, CatalogItem, Job, JobState, Schedule
@@ -228,7 +229,7 @@ def engine_for(url: str) -> Engine:
 
 def _scalar_default(column: Column) -> Any:
     default = column.default
-    return default.arg if default is not None and default.is_scalar else None
+    return default.arg if isinstance(default, ScalarElementColumnDefault) else None
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,14 @@ class NewJobLayout:
         return tuple(self.row_defaults)
 
     @property
+    def fields(self) -> tuple[str, ...]:
+        """JobRecord's field names, in the order of the values of `rows`."""
+        return (*self.row_fields, *self.batch_fields, *self.defaults)
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """The jobs table's column names, in the order of the values of `rows`."""
-        names = (*self.row_fields, *self.batch_fields, *self.defaults)
-        return tuple(JOB_COLUMNS[name].name for name in names)
+        return tuple(JOB_COLUMNS[name].name for name in self.fields)
 
     @property
     def json_positions(self) -> tuple[int, ...]:
@@ -305,12 +310,12 @@ def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: d
 def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any],
                  page: int) -> int:
     """Other databases (SQLite): executemany of the same values, page by page."""
-    columns = NEW_JOB.columns
-    statement = insert(Job.__table__)
+    names = NEW_JOB.fields  # the ORM's bulk insert takes the mapped attributes' names
+    statement = insert(Job)
     rows: list[dict[str, Any]] = []
     total = 0
     for values in NEW_JOB.rows(jobs, batch_values):
-        rows.append(dict(zip(columns, values, strict=True)))
+        rows.append(dict(zip(names, values, strict=True)))
         if len(rows) >= page:
             session.execute(statement, rows)
             total, rows = total + len(rows), []

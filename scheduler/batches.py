@@ -97,7 +97,7 @@ def _staged_rows(specs: Iterable[JobSpec], batch_id: str, batch_seed: int, input
                  pending: KeptPending) -> Iterator[dict[str, Any]]:
     for spec in specs:  # validated as it is read: a bad row raises here, and nothing commits
         row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
-        if spec.upload_init:  # a local init image: workers read it from storage
+        if spec.upload_init and spec.init_image:  # a local init image: workers read it from storage
             row["init_image"] = inputs.url_for(spec.init_image)
         pending.add(PendingJob(row["id"], batch_id, spec.render_shape, 0))
         yield row
