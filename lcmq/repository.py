@@ -272,8 +272,8 @@ class NewJobLayout:
         return tuple(i for i, name in enumerate(self.row_fields) if isinstance(JOB_COLUMNS[name].type, JSON))
 
     def rows(self, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any]) -> Iterator[list[Any]]:
-        """Each job's column values: its row's (None where the row has no such key), then the
-        batch's, then the defaults. A list a job, built in one comprehension: 10^5 rows a second."""
+        """Each job's column values, a list a job: its row's (the column's default where the row
+        has no such key), then the batch's, then the defaults."""
         if set(batch_values) != set(self.batch_fields):
             raise ValueError(f"a new job's batch values are {self.batch_fields}, got {tuple(batch_values)}")
         tail = [batch_values[name] for name in self.batch_fields] + list(self.defaults.values())
