@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from operator import itemgetter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -277,9 +278,13 @@ class NewJobLayout:
         if set(batch_values) != set(self.batch_fields):
             raise ValueError(f"a new job's batch values are {self.batch_fields}, got {tuple(batch_values)}")
         tail = [batch_values[name] for name in self.batch_fields] + list(self.defaults.values())
+        every_row_value = itemgetter(*self.row_fields)  # one C call for a complete row (job_row's)
         row_defaults = tuple(self.row_defaults.items())
         for job in jobs:
-            yield [job.get(name, default) for name, default in row_defaults] + tail
+            try:
+                yield [*every_row_value(job), *tail]
+            except KeyError:  # a row that leaves columns out
+                yield [job.get(name, default) for name, default in row_defaults] + tail
 
 
 NEW_JOB = NewJobLayout.of_job_record()

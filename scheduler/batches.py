@@ -60,7 +60,8 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
     return {"id": job_id, "index": spec.index, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
             "seed": seed, "steps": spec.steps, "guidance": spec.guidance, "width": spec.width,
             "height": spec.height, "meta": spec.metadata, "loras": list(spec.loras) or None,
-            "init_image": spec.init_image, "strength": spec.strength}
+            "init_image": spec.init_image, "strength": spec.strength,
+            "key": None, "render_key": None}  # set for catalog jobs (scheduler.schedules)
 
 
 class KeptPending:
