@@ -12,17 +12,19 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import (Engine, String, bindparam, case, cast, create_engine, event, func, insert, or_, select,
-                        text, update)
+from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, case, cast, create_engine, event, func,
+                        insert, or_, select, text, update)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from lcmq.errors import DatabaseError, LcmqError, NotFoundError, QueryError, RecordError, SchemaError
 from lcmq.models import Base, Batch, CatalogItem, Job, JobState, Schedule
@@ -79,36 +81,55 @@ class PendingJob:
     attempts: int
 
 
+# Where a new job's column value comes from (the `metadata` of JobRecord's fields): the
+# producer's job row (scheduler.batches.job_row), or the batch (one value for all its jobs, given
+# by Repository._write_jobs). Every other column, and a row's column that the row leaves out,
+# starts at its scalar lcmq.models default (state queued, attempts 0) or NULL.
+FROM_ROW = {"written_from": "row"}
+FROM_BATCH = {"written_from": "batch"}
+
+
 @dataclass(frozen=True)
 class JobRecord:
-    id: str
-    batch_id: str
-    index: int
+    """A job row, and the one table of job columns: a field per column of lcmq.models.Job (the
+    field's name is the mapped attribute: "meta" is the "metadata" column). The record read back,
+    the claim's RETURNING, and the COPY row and insert of a new job all follow these fields, so a
+    new column is one line here (and its Job column and migration)."""
+
+    id: str = field(metadata=FROM_ROW)
+    batch_id: str = field(metadata=FROM_BATCH)
+    index: int = field(metadata=FROM_ROW)
     state: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    meta: dict[str, Any]
+    prompt: str = field(metadata=FROM_ROW)
+    negative_prompt: str = field(metadata=FROM_ROW)
+    seed: int = field(metadata=FROM_ROW)
+    steps: int = field(metadata=FROM_ROW)
+    guidance: float = field(metadata=FROM_ROW)
+    width: int = field(metadata=FROM_ROW)
+    height: int = field(metadata=FROM_ROW)
+    meta: dict[str, Any] = field(metadata=FROM_ROW)
     attempts: int
     worker: str | None
     error: str | None
-    key: str | None
+    key: str | None = field(metadata=FROM_ROW)  # catalog jobs get a stable per-item key at creation
     sha256: str | None
     render_ms: float | None
     batch_size: int | None
     warning: str | None
-    dispatched_at: datetime | None
-    created_at: datetime
+    # dispatched_at = created_at at creation: the batch's publish covers every job (mark_published).
+    dispatched_at: datetime | None = field(metadata=FROM_BATCH)
+    created_at: datetime = field(metadata=FROM_BATCH)
     started_at: datetime | None
     finished_at: datetime | None
-    render_key: str | None = None  # catalog jobs: the item's version (see scheduler/catalog.py)
-    loras: list[dict[str, Any]] | None = None  # style LoRAs, sorted by name (lcmq.loras)
-    init_image: str | None = None  # img2img: s3:// or file:// URL of the init image
-    strength: float | None = None  # img2img strength; None: text2img
+    # catalog jobs: the item's version (see scheduler/catalog.py)
+    render_key: str | None = field(default=None, metadata=FROM_ROW)
+    # style LoRAs, sorted by name (lcmq.loras)
+    loras: list[dict[str, Any]] | None = field(default=None, metadata=FROM_ROW)
+    # img2img: s3:// or file:// URL of the init image
+    init_image: str | None = field(default=None, metadata=FROM_ROW)
+    strength: float | None = field(default=None, metadata=FROM_ROW)  # img2img strength; None: text2img
+    lease_until: datetime | None = None  # while running: when another worker may take the job
+    handbacks: int = 0  # times handed back after a transient fault (capped by max_handbacks)
 
 
 @dataclass(frozen=True)
@@ -139,17 +160,23 @@ class ItemState:
     removed: bool
 
 
-# JobRecord's fields as table columns ("meta" is the "metadata" column), for Core statements
-# that skip the ORM's per-row objects: a claim returns its rows at the cost of plain tuples.
-_JOB_RECORD_COLUMNS = tuple(Job.__table__.c[Job.meta.property.columns[0].name if f.name == "meta" else f.name]
-                            .label(f.name) for f in fields(JobRecord))
+def _job_column(name: str) -> Column:
+    """The jobs table column of a JobRecord field (the mapped attribute's column)."""
+    return Job.__mapper__.attrs[name].columns[0]
+
+
+JOB_COLUMNS: dict[str, Column] = {f.name: _job_column(f.name) for f in fields(JobRecord)}
+# JobRecord's fields as labelled columns, for Core statements that skip the ORM's per-row
+# objects: a claim returns its rows at the cost of plain tuples.
+_JOB_RECORD_COLUMNS = tuple(column.label(name) for name, column in JOB_COLUMNS.items())
+_JOB_TIME_FIELDS = tuple(name for name, column in JOB_COLUMNS.items() if isinstance(column.type, DateTime))
 
 
 def _job_records(rows) -> list[JobRecord]:
     records = []
     for row in rows:
         values = row._asdict()
-        for name in ("dispatched_at", "created_at", "started_at", "finished_at"):
+        for name in _JOB_TIME_FIELDS:
             values[name] = _aware(values[name])
         records.append(JobRecord(**values))
     return records
@@ -207,76 +234,104 @@ def engine_for(url: str) -> Engine:
     return _ENGINES[key]
 
 
-# Columns a new job row is written with (the rest start NULL); "metadata" is Job.meta. The
-# first fifteen vary per job; the last five are the same for every job of a batch (`fixed`).
-# "key" and "render_key" are set at creation for catalog jobs only (a stable per-item object key).
-_NEW_JOB_COLUMNS = ("id", "index", "prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height",
-                    "metadata", "key", "render_key", "loras", "init_image", "strength",
-                    "batch_id", "state", "attempts", "created_at", "dispatched_at")
-_FIXED_JOB_COLUMNS = _NEW_JOB_COLUMNS[15:]
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+def _scalar_default(column: Column) -> Any:
+    default = column.default
+    return default.arg if isinstance(default, ScalarElementColumnDefault) else None
 
 
-def _copy_text(value: Any) -> str:
-    """One field in COPY's text format."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    text_value = value if isinstance(value, str) else str(value)
-    if "\\" in text_value or "\t" in text_value or "\n" in text_value or "\r" in text_value:
-        return text_value.translate(_COPY_ESCAPES)
-    return text_value
+@dataclass(frozen=True)
+class NewJobLayout:
+    """How a new job row is written, read off JobRecord's fields: the values a producer's row
+    gives (`row_defaults` holds them in order, with what a row that leaves one out gets), then
+    one value per batch, then the columns that start at a scalar model default. Columns in none
+    of these start NULL and are not written."""
+
+    row_defaults: dict[str, Any]
+    batch_fields: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    @classmethod
+    def of_job_record(cls) -> NewJobLayout:
+        job_fields = fields(JobRecord)
+        defaults = {f.name: _scalar_default(JOB_COLUMNS[f.name]) for f in job_fields if not f.metadata}
+        return cls(row_defaults={f.name: _scalar_default(JOB_COLUMNS[f.name])
+                                 for f in job_fields if f.metadata == FROM_ROW},
+                   batch_fields=tuple(f.name for f in job_fields if f.metadata == FROM_BATCH),
+                   defaults={name: value for name, value in defaults.items() if value is not None})
+
+    @property
+    def row_fields(self) -> tuple[str, ...]:
+        return tuple(self.row_defaults)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """JobRecord's field names, in the order of the values of `rows`."""
+        return (*self.row_fields, *self.batch_fields, *self.defaults)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The jobs table's column names, in the order of the values of `rows`."""
+        return tuple(JOB_COLUMNS[name].name for name in self.fields)
+
+    @property
+    def json_positions(self) -> tuple[int, ...]:
+        """Where in a row the JSON columns are (COPY takes them as text)."""
+        return tuple(i for i, name in enumerate(self.row_fields) if isinstance(JOB_COLUMNS[name].type, JSON))
+
+    def rows(self, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any]) -> Iterator[list[Any]]:
+        """Each job's column values, a list a job: its row's (the column's default where the row
+        has no such key), then the batch's, then the defaults."""
+        if set(batch_values) != set(self.batch_fields):
+            raise ValueError(f"a new job's batch values are {self.batch_fields}, got {tuple(batch_values)}")
+        tail = [batch_values[name] for name in self.batch_fields] + list(self.defaults.values())
+        every_row_value = itemgetter(*self.row_fields)  # one C call for a complete row (job_row's)
+        row_defaults = tuple(self.row_defaults.items())
+        for job in jobs:
+            try:
+                yield [*every_row_value(job), *tail]
+            except KeyError:  # a row that leaves columns out
+                yield [job.get(name, default) for name, default in row_defaults] + tail
 
 
-NULL = "\\N"  # COPY text format's NULL
+NEW_JOB = NewJobLayout.of_job_record()
 
 
-def _copy_lines(jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> Iterator[str]:
-    """COPY text lines. One f-string a row: 10^5 rows are formatted in well under a second."""
-    tail = "\t" + "\t".join(_copy_text(fixed[c]) for c in _FIXED_JOB_COLUMNS) + "\n"
-    text = _copy_text
-    dumps = json.dumps
-    for job in jobs:
-        meta, loras, strength = job["meta"], job.get("loras"), job.get("strength")
-        yield (f"{job['id']}\t{job['index']}\t{text(job['prompt'])}\t{text(job['negative_prompt'])}\t"
-               f"{job['seed']}\t{job['steps']}\t{job['guidance']!r}\t{job['width']}\t{job['height']}\t"
-               f"{text(dumps(meta)) if meta else '{}'}\t{text(job.get('key'))}\t{text(job.get('render_key'))}\t"
-               f"{text(dumps(loras)) if loras else NULL}\t{text(job.get('init_image'))}\t"
-               f"{NULL if strength is None else repr(float(strength))}{tail}")
-
-
-def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any]) -> int:
-    """Postgres: stream the rows with COPY in text format, in blocks, inside the session's
-    transaction (about 20x executemany). Postgres ingests a block while the next is built."""
+def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any]) -> int:
+    """Postgres: stream the rows with COPY (about 20x executemany) inside the session's
+    transaction; psycopg's write_row formats and escapes each value."""
     cursor = session.connection().connection.driver_connection.cursor()
-    columns = ", ".join(f'"{c}"' for c in _NEW_JOB_COLUMNS)  # quoted: "index" is a keyword
+    columns = ", ".join(f'"{c}"' for c in NEW_JOB.columns)  # quoted: "index" is a keyword
+    json_positions = NEW_JOB.json_positions
+    dumps = json.dumps
+    # The batch's values are the same in every row: a timestamp goes as its text, formatted once
+    # here rather than by write_row for each row (that was most of write_row's time).
+    batch_texts = {name: value.isoformat() if isinstance(value, datetime) else value
+                   for name, value in batch_values.items()}
     total = 0
-    block: list[str] = []
     with cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
-        for line in _copy_lines(jobs, fixed):
-            block.append(line)
-            if len(block) >= 2000:
-                copy.write("".join(block))
-                total += len(block)
-                block = []
-        if block:
-            copy.write("".join(block))
-            total += len(block)
+        for values in NEW_JOB.rows(jobs, batch_texts):
+            for position in json_positions:  # a JSON value goes as its text (None stays NULL)
+                if values[position] is not None:
+                    values[position] = dumps(values[position])
+            copy.write_row(values)
+            total += 1
     return total
 
 
-def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], fixed: dict[str, Any], page: int) -> int:
-    """Other databases (SQLite): executemany, page by page."""
+def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any],
+                 page: int) -> int:
+    """Other databases (SQLite): executemany of the same values, page by page."""
+    names = NEW_JOB.fields  # the ORM's bulk insert takes the mapped attributes' names
+    statement = insert(Job)
     rows: list[dict[str, Any]] = []
     total = 0
-    for job in jobs:
-        rows.append(job | fixed)
+    for values in NEW_JOB.rows(jobs, batch_values):
+        rows.append(dict(zip(names, values, strict=True)))
         if len(rows) >= page:
-            session.execute(insert(Job), rows)
+            session.execute(statement, rows)
             total, rows = total + len(rows), []
     if rows:
-        session.execute(insert(Job), rows)
+        session.execute(statement, rows)
         total += len(rows)
     return total
 
@@ -447,12 +502,14 @@ class Repository:
         return s.execute(statement.returning(Batch.id)).first() is not None
 
     @_translate_errors
-    def create_batch(self, batch: dict[str, Any], jobs: Iterable[dict[str, Any]],
-                     page: int = 5000) -> tuple[str, bool]:
+    def create_batch(self, batch: dict[str, Any], jobs: Iterable[dict[str, Any]], page: int = 5000,
+                     before_commit: Callable[[], None] | None = None) -> tuple[str, bool]:
         """The batch and all its jobs in one transaction: all of them exist, or none.
 
         Returns (batch id, created). With an idempotency key that is already taken, nothing is
-        written and the existing batch's id comes back with created=False.
+        written (`jobs` is not read) and the existing batch's id comes back with created=False.
+        `before_commit` runs once every job is written, in the transaction: if it raises,
+        nothing is committed.
         """
         now = utcnow()
         with self._session() as s:
@@ -460,17 +517,18 @@ class Repository:
                 existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
                 return existing, False
             self._write_jobs(s, batch["id"], jobs, now, page)
+            if before_commit is not None:
+                before_commit()
         return batch["id"], True
 
     def _write_jobs(self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime,
                      page: int = 5000) -> int:
         # dispatched_at = now: the batch's publish covers every job (see mark_published).
-        fixed = {"batch_id": batch_id, "state": JobState.queued.value, "attempts": 0, "created_at": now,
-                 "dispatched_at": now}
+        batch_values = {"batch_id": batch_id, "created_at": now, "dispatched_at": now}
         if s.bind.dialect.name == "postgresql":
-            total = _copy_jobs(s, jobs, fixed)
+            total = _copy_jobs(s, jobs, batch_values)
         else:
-            total = _insert_jobs(s, jobs, fixed, page)
+            total = _insert_jobs(s, jobs, batch_values, page)
         s.execute(update(Batch).where(Batch.id == batch_id).values(total=total))
         return total
 

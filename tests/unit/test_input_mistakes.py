@@ -218,7 +218,9 @@ def test_an_init_image_name_with_a_space_is_uploaded_from_its_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "my photo.png")
     rows = write(tmp_path / "rows.jsonl", '{"prompt": "a fox", "init_image": "my photo.png"}\n')
     (spec,) = load(rows, base_dir=tmp_path)
-    stored = InputUploads(FileStorage(tmp_path / "renders"), "b1").url_for(spec.init_image)
+    uploads = InputUploads(FileStorage(tmp_path / "renders"), "b1")
+    stored = uploads.url_for(spec.init_image)
+    uploads.upload()  # staging names the object; the write phase stores it
     assert file_sha256(Path(stored.removeprefix("file://"))) == file_sha256(tmp_path / "my photo.png")
 
 
