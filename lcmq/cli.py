@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -11,15 +12,45 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from lcmq import api
 from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
-from lcmq.matrix import parse_axis
-from lcmq.models import JobState
-from lcmq.settings import get_settings
+
+if TYPE_CHECKING:
+    from lcmq.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# lcmq.models.JobState's values, spelled out so that building the parser imports no SQLAlchemy
+# (tests/unit/test_cli_startup.py holds the two equal).
+JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+
+
+def lazy_module(name: str) -> ModuleType:
+    """The module `name`, executed on its first attribute access (importlib's LazyLoader recipe):
+    `lcmq --help` and argument errors print before SQLAlchemy, pydantic and Celery are loaded."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, name
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, module)  # `import lcmq.api` elsewhere finds it as usual
+    return module
+
+
+api = lazy_module("lcmq.api")
+
+
+def get_settings() -> Settings:
+    """This process's settings (lcmq.settings, imported when a command first needs them)."""
+    from lcmq.settings import get_settings as settings_of_this_process
+
+    return settings_of_this_process()
 
 
 class Progress:
@@ -59,6 +90,8 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
 # --- commands ---------------------------------------------------------------------------
 
 def cmd_submit(args) -> int:
+    from lcmq.matrix import parse_axis
+
     st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
                     negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
                     seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
@@ -412,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("jobs", help="what happened to each job of a batch: state, attempts, worker, image or error")
     p.add_argument("batch")
-    p.add_argument("--state", choices=[state.value for state in JobState], help="only the jobs in this state")
+    p.add_argument("--state", choices=JOB_STATES, help="only the jobs in this state")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_jobs)
 
