@@ -25,6 +25,7 @@ from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
 from lcmq.matrix import check_matrix
 from lcmq.matrix import expand as expand_matrix
+from lcmq.migrate import ensure_embedded_schema
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
@@ -59,7 +60,9 @@ class BatchStatus:
 
 def repository(settings: Settings | None = None) -> Repository:
     settings = settings or get_settings()
-    return Repository(settings.database_url_resolved)
+    url = settings.database_url_resolved
+    ensure_embedded_schema(url)  # SQLite migrates itself on first use; Postgres on `lcmq db upgrade`
+    return Repository(url)
 
 
 def storage(settings: Settings | None = None) -> Storage:

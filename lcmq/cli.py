@@ -318,10 +318,6 @@ def cmd_worker(args) -> int:
 
 def cmd_demo(args) -> int:
     """Render the sample batch on the embedded default: migrate, start a worker, submit, wait."""
-    from lcmq.migrate import upgrade
-
-    settings = get_settings()
-    upgrade(settings.database_url_resolved)
     prompts = resources.files("lcmq") / "samples" / "demo_prompts.txt"
     worker = subprocess.Popen([sys.executable, "-m", "lcmq", "worker", "--model", args.model],
                               start_new_session=True)
