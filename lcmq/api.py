@@ -211,17 +211,34 @@ def status(batch_id: str) -> BatchStatus:
     return _status_of(repo.get_batch(batch_id), repo.state_counts(batch_id))
 
 
+NO_WORKER_AFTER_S = 3.0
+
+
 def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None,
-         timeout_s: float | None = None) -> BatchStatus:
-    """Poll until every job of the batch is final (or the timeout passes); returns the last status."""
+         timeout_s: float | None = None, on_no_worker: Callable[[str], None] | None = None,
+         no_worker_after_s: float = NO_WORKER_AFTER_S) -> BatchStatus:
+    """Poll until every job of the batch is final (or the timeout passes); returns the last status.
+
+    `on_no_worker(profile)` is told when jobs have been queued, none running, for
+    `no_worker_after_s` and no live worker serves the batch's profile (looked up in the
+    background: polling goes on meanwhile). The wait goes on; a worker started later is used.
+    """
+    from lcmq.workers import NoWorkerWatch
+
     settings = get_settings()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    watch = None
+    if on_no_worker is not None:
+        profile = repository(settings).get_batch(batch_id).profile
+        watch = NoWorkerWatch(settings, profile, on_no_worker, no_worker_after_s)
     while True:
         current = status(batch_id)
         if on_progress:
             on_progress(current)
         if current.done or (deadline is not None and time.monotonic() > deadline):
             return current
+        if watch is not None:
+            watch.observe(current.queued, current.running)
         time.sleep(settings.poll_s)
 
 
