@@ -11,7 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.harness import VENV_BIN, wait_until
+from bench.harness import VENV_BIN, wait_until, worker_node
+from lcmq.settings import get_settings
+from lcmq.workers import live_workers
 
 PROMPTS = "a red fox in the snow\na blue owl at night\na green frog on a leaf\n"
 HINT = "start one with `lcmq worker --model tiny`"
@@ -101,6 +103,37 @@ def test_submit_wait_without_a_worker_says_how_to_start_one(embedded_env, tmp_pa
         procs(embedded_env, "worker", "--model", "tiny")
         assert waiting.wait(timeout=300) == 0, stderr.text
         assert "3/3 succeeded" in waiting.stdout.read()
+        assert stderr.text.count(HINT) == 1
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+
+
+# --- a farm's services: Postgres, Redis, S3 -----------------------------------------------
+
+def test_run_against_postgres_redis_and_s3_starts_a_worker_with_those_settings(isolated_env, cli, tmp_path):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    done = cli(isolated_env, "run", "prompts.txt", "--model", "tiny", timeout_s=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(r"images are in (s3://\S+)", done.stdout)
+    assert match and match.group(1).startswith(isolated_env["LCMQ_STORAGE_URL"]), done.stdout
+    batch_id = match.group(1).rstrip("/").rsplit("/", 1)[-1]
+    manifest = cli(isolated_env, "manifest", batch_id).stdout.splitlines()
+    assert len(manifest) == 3
+    _only_lcmq_lines(done.stderr)
+
+
+def test_submit_wait_on_redis_without_a_worker_says_how_to_start_one(isolated_env, tmp_path, procs):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    waiting = subprocess.Popen([str(VENV_BIN / "lcmq"), "submit", "prompts.txt", "--model", "tiny", "--wait",
+                                "--timeout", "300"], env=isolated_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = _Lines(waiting)
+        wait_until(lambda: stderr.first(HINT), 30, what="the no-worker hint")
+        worker = procs(isolated_env, "worker", "--model", "tiny").wait_ready(timeout_s=120)
+        assert live_workers(get_settings(), "tiny") == [worker_node(worker)]  # Celery's remote control
+        assert waiting.wait(timeout=300) == 0, stderr.text
         assert stderr.text.count(HINT) == 1
     finally:
         if waiting.poll() is None:
