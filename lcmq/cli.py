@@ -20,7 +20,7 @@ from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     from lcmq.settings import Settings
 
@@ -46,7 +46,10 @@ def lazy_module(name: str) -> ModuleType:
     return module
 
 
-api = lazy_module("lcmq.api")
+if TYPE_CHECKING:  # type checkers see the module itself; at run time it loads on first use
+    from lcmq import api
+else:
+    api = lazy_module("lcmq.api")
 
 
 def get_settings() -> Settings:
@@ -459,8 +462,11 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         return
     proc.send_signal(signal.SIGTERM)  # the Celery parent: a warm shutdown stops its children
     deadline = time.monotonic() + grace_s
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # a second Ctrl-C: no warm shutdown, but no worker left behind either
+        pass
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

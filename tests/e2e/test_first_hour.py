@@ -59,6 +59,14 @@ def test_run_with_a_mistake_starts_no_worker(embedded_env, cli, tmp_path):
     assert not (tmp_path / ".lcmq" / "logs").exists()
 
 
+def test_run_stops_when_its_worker_cannot_start(embedded_env, cli, tmp_path):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    (tmp_path / "lcmq.toml").write_text('[profiles.missing]\nfamily = "sd15"\nbase = "/nonexistent/model"\n')
+    done = cli(_new_folder_env(embedded_env), "run", "prompts.txt", "--model", "missing", timeout_s=300)
+    assert done.returncode == 1
+    assert "the worker exited" in done.stderr and "base path /nonexistent/model does not exist" in done.stderr
+
+
 def test_submit_in_a_new_folder_needs_no_other_command(embedded_env, cli, tmp_path):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     done = cli(_new_folder_env(embedded_env), "submit", "prompts.txt", "--model", "tiny", timeout_s=120)
