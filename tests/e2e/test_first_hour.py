@@ -117,6 +117,20 @@ def test_submit_wait_without_a_worker_says_how_to_start_one(embedded_env, tmp_pa
             waiting.kill()
 
 
+def test_status_watch_without_a_worker_says_how_to_start_one(embedded_env, cli, tmp_path):
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    batch_id = cli(embedded_env, "submit", "prompts.txt", "--model", "tiny").stdout.strip()
+    watching = subprocess.Popen([str(VENV_BIN / "lcmq"), "status", batch_id, "--watch"], env=embedded_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = _Lines(watching)
+        wait_until(lambda: stderr.first(HINT), 30, what="the no-worker hint")
+        assert watching.poll() is None, stderr.text  # still watching
+    finally:
+        watching.kill()
+        watching.wait()
+
+
 # --- a farm's services: Postgres, Redis, S3 -----------------------------------------------
 
 def test_run_against_postgres_redis_and_s3_starts_a_worker_with_those_settings(isolated_env, cli, tmp_path):
