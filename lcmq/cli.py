@@ -85,13 +85,27 @@ class Progress:
     def _draw(self, st: api.BatchStatus) -> None:
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=st.total, file=self.stream, unit="img", dynamic_ncols=True)
-        self.bar.n = st.succeeded + st.failed + st.canceled
+        final = st.succeeded + st.failed + st.canceled
+        if self.bar is None:  # `initial`: the rate counts what renders while we watch
+            self.bar = tqdm(total=st.total, initial=final, file=self.stream, unit="img", dynamic_ncols=True,
+                            postfix=self.counts(st))
+        self.bar.n = final
         self.bar.set_postfix_str(self.counts(st), refresh=False)
         self.bar.refresh()
         if st.done:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the bar where it is and end its line (the wait may stop before the batch is done)."""
+        if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _line(self, st: api.BatchStatus) -> None:
         text = f"{st.succeeded + st.failed + st.canceled}/{st.total} {self.counts(st)}"
@@ -136,9 +150,9 @@ def cmd_submit(args) -> int:
     st = api.submit(Path(args.file), **_batch_options(args))
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.wait:
-        progress = Progress()
-        st = api.wait(st.batch_id, on_progress=progress, timeout_s=args.timeout,
-                      on_no_worker=progress.tell_no_worker)
+        with Progress() as progress:
+            st = api.wait(st.batch_id, on_progress=progress, timeout_s=args.timeout,
+                          on_no_worker=progress.tell_no_worker)
     if args.json or args.wait:
         _print_status(st, args.json)
     if args.wait:
@@ -169,8 +183,8 @@ def _lora_flag(text: str, source: str) -> dict:
 
 def cmd_status(args) -> int:
     if args.watch:
-        progress = Progress()
-        st = api.wait(args.batch, on_progress=progress, on_no_worker=progress.tell_no_worker)
+        with Progress() as progress:
+            st = api.wait(args.batch, on_progress=progress, on_no_worker=progress.tell_no_worker)
     else:
         st = api.status(args.batch)
     _print_status(st, args.json)
@@ -398,7 +412,8 @@ def render_here(path: Path, options: dict, timeout_s: float | None) -> int:
         print(f"batch {st.batch_id}: {st.total} jobs on profile {model!r}, a worker is starting{where}",
               file=sys.stderr, flush=True)
         try:
-            st = api.wait(st.batch_id, on_progress=_while_alive(worker, Progress()), timeout_s=timeout_s)
+            with Progress() as progress:
+                st = api.wait(st.batch_id, on_progress=_while_alive(worker, progress), timeout_s=timeout_s)
         except WorkerExited as exc:
             print(f"lcmq: error: {exc}{where}{_tail(log_path)}", file=sys.stderr)
             return EXIT_FAILED
