@@ -14,7 +14,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Self, TextIO
 
 from lcmq.errors import InputError, LcmqError
 from lcmq.logs import setup_logging
@@ -101,7 +101,7 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
