@@ -3,7 +3,9 @@ command starts one, and a user sees lcmq's own lines only."""
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -49,6 +51,34 @@ def test_run_renders_a_prompt_file_in_a_new_folder(embedded_env, cli, tmp_path):
     # The same command again finds the finished batch and starts no worker.
     again = cli(_new_folder_env(embedded_env), "run", "prompts.txt", "--model", "tiny", timeout_s=120)
     assert again.returncode == 0 and again.stdout == done.stdout
+
+
+def test_run_interrupted_leaves_no_worker_and_goes_on_when_run_again(embedded_env, cli, tmp_path):
+    from lcmq import api
+    from lcmq.workers import registry
+
+    (tmp_path / "prompts.txt").write_text("".join(f"a lighthouse, view {i}\n" for i in range(24)))
+    env = embedded_env | {"LCMQ_CHUNK_SIZE": "4", "LCMQ_BATCH_SIZE": "2"}
+    command = [str(VENV_BIN / "lcmq"), "run", "prompts.txt", "--model", "tiny"]
+    running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = _Lines(running)
+        wait_until(lambda: stderr.first("a worker is starting"), 60, what="the batch line")
+        batch_id = re.search(r"batch (\w+):", stderr.text).group(1)
+        wait_until(lambda: api.status(batch_id).succeeded > 0, 300, interval_s=0.5, what="a first image")
+        entries = registry(get_settings()).folder.glob("*.json")
+        worker_pids = [json.loads(entry.read_text())["pid"] for entry in entries]
+        running.send_signal(signal.SIGINT)  # Ctrl-C
+        assert running.wait(timeout=120) == 130
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert "stopped" in stderr.text and "Traceback" not in stderr.text
+    assert len(worker_pids) == 1 and not Path(f"/proc/{worker_pids[0]}").exists()  # stopped with it
+    assert registry(get_settings()).live("tiny") == []
+    done = cli(env, "run", "prompts.txt", "--model", "tiny", timeout_s=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"batch {batch_id}: 24/24 succeeded" in done.stdout  # the same batch, finished
 
 
 def test_run_with_a_mistake_starts_no_worker(embedded_env, cli, tmp_path):
