@@ -383,14 +383,14 @@ def cmd_worker(args) -> int:
 
 def cmd_run(args) -> int:
     """Render a prompt file on this machine in one command: submit, a worker, progress, stop."""
-    return render_here(Path(args.file), _batch_options(args), args.timeout)
+    return _render_here(Path(args.file), _batch_options(args), args.timeout)
 
 
 def cmd_demo(args) -> int:
     """Render the sample batch (on the embedded default unless LCMQ_* say otherwise)."""
     prompts = resources.files("lcmq") / "samples" / "demo_prompts.txt"
     with resources.as_file(prompts) as path:
-        return render_here(path, {"model": args.model, "seed": 0, "name": "demo"}, args.timeout)
+        return _render_here(path, {"model": args.model, "seed": 0, "name": "demo"}, args.timeout)
 
 
 class WorkerExited(Exception):
@@ -400,7 +400,7 @@ class WorkerExited(Exception):
         super().__init__(f"the worker exited with code {returncode} before the batch was done")
 
 
-def render_here(path: Path, options: dict, timeout_s: float | None) -> int:
+def _render_here(path: Path, options: dict, timeout_s: float | None) -> int:
     """Submit the file, then run a worker of its profile as a child process until the batch is
     final (`lcmq run`, `lcmq demo`). The child has this process's settings: the embedded default,
     or the Postgres, Redis and S3 that LCMQ_* name. A file with a mistake starts no worker."""
