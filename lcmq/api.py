@@ -211,7 +211,7 @@ def status(batch_id: str) -> BatchStatus:
     return _status_of(repo.get_batch(batch_id), repo.state_counts(batch_id))
 
 
-NO_WORKER_AFTER_S = 3.0
+NO_WORKER_AFTER_S = 3.0  # jobs queued, none running, this long: wait looks for a live worker
 
 
 def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None,

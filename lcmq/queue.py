@@ -50,8 +50,8 @@ def _tls_options(url: str) -> dict:
 
 
 def _broker_url(settings: Settings) -> str:
-    """The broker URL as kombu expects it: one without a host makes kombu warn "No hostname was
-    supplied" at every connection, which the filesystem broker (it has no host) would otherwise be."""
+    """The broker URL with a host: kombu warns "No hostname was supplied" at every connection to
+    a URL without one, as the filesystem broker's `filesystem://` is."""
     url = settings.broker_url_resolved
     if settings.embedded_broker and not urlsplit(url).netloc:
         return "filesystem://localhost//"  # its folders come from the transport options, not the URL
