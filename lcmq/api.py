@@ -24,6 +24,7 @@ from lcmq.settings import Settings, get_settings
 from lcmq.queue import MAX_PRIORITY
 from lcmq.matrix import check_matrix
 from lcmq.matrix import expand as expand_matrix
+from lcmq.migrate import ensure_embedded_schema
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
@@ -78,7 +79,9 @@ class UnchangedRun:
 
 def repository(settings: Settings | None = None) -> Repository:
     settings = settings or get_settings()
-    return Repository(settings.database_url_resolved)
+    url = settings.database_url_resolved
+    ensure_embedded_schema(url)  # SQLite migrates itself on first use; Postgres on `lcmq db upgrade`
+    return Repository(url)
 
 
 def storage(settings: Settings | None = None) -> Storage:
@@ -218,17 +221,34 @@ def status(batch_id: str) -> BatchStatus:
     return _status_of(repo.get_batch(batch_id), repo.state_counts(batch_id))
 
 
+NO_WORKER_AFTER_S = 3.0  # jobs queued, none running, this long: wait looks for a live worker
+
+
 def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None,
-         timeout_s: float | None = None) -> BatchStatus:
-    """Poll until every job of the batch is final (or the timeout passes); returns the last status."""
+         timeout_s: float | None = None, on_no_worker: Callable[[str], None] | None = None,
+         no_worker_after_s: float = NO_WORKER_AFTER_S) -> BatchStatus:
+    """Poll until every job of the batch is final (or the timeout passes); returns the last status.
+
+    `on_no_worker(profile)` is told when jobs have been queued, none running, for
+    `no_worker_after_s` and no live worker serves the batch's profile (looked up in the
+    background: polling goes on meanwhile). The wait goes on; a worker started later is used.
+    """
+    from lcmq.workers import NoWorkerWatch
+
     settings = get_settings()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    watch = None
+    if on_no_worker is not None:
+        profile = repository(settings).get_batch(batch_id).profile
+        watch = NoWorkerWatch(settings, profile, on_no_worker, no_worker_after_s)
     while True:
         current = status(batch_id)
         if on_progress:
             on_progress(current)
         if current.done or (deadline is not None and time.monotonic() > deadline):
             return current
+        if watch is not None:
+            watch.observe(current.queued, current.running)
         time.sleep(settings.poll_s)
 
 

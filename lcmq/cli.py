@@ -3,45 +3,132 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Self, TextIO
 
-
-from lcmq import api
-from lcmq.errors import InputError, LcmqError, NotFoundError
+from lcmq.errors import InputError, LcmqError, NotFoundError, PermanentError
 from lcmq.logs import setup_logging
-from lcmq.matrix import parse_axis
-from lcmq.models import JobState
-from lcmq.settings import get_settings
+
+if TYPE_CHECKING:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from lcmq.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_FOUND = 3  # the batch, job or schedule named does not exist
+# lcmq.models.JobState's values, spelled out so that building the parser imports no SQLAlchemy
+# (tests/unit/test_cli_startup.py holds the two equal).
+JOB_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+
+
+def lazy_module(name: str) -> ModuleType:
+    """The module `name`, executed on its first attribute access (importlib's LazyLoader recipe):
+    `lcmq --help` and argument errors print before SQLAlchemy, pydantic and Celery are loaded."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, name
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, module)  # `import lcmq.api` elsewhere finds it as usual
+    return module
+
+
+if TYPE_CHECKING:  # type checkers see the module itself; at run time it loads on first use
+    from lcmq import api
+else:
+    api = lazy_module("lcmq.api")
+
+
+def get_settings() -> Settings:
+    """This process's settings (lcmq.settings, imported when a command first needs them)."""
+    from lcmq.settings import get_settings as settings_of_this_process
+
+    return settings_of_this_process()
 
 
 class Progress:
-    """A progress line on stderr: redrawn in place on a terminal, a line per change otherwise."""
+    """A batch's progress on stderr: a tqdm bar on a terminal; elsewhere (a pipe, a CI log) a plain
+    line when the counts change, at most one every `every_s` seconds, and always the last one."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.last = stream, width, None
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None, every_s: float = 5.0):
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self.tty = self.stream.isatty()
+        self.bar: tqdm | None = None  # made at the first status: it needs the total
+        self.last_text: str | None = None
+        self.last_line_at = float("-inf")
+
+    @staticmethod
+    def counts(st: api.BatchStatus) -> str:
+        return (f"succeeded={st.succeeded} failed={st.failed} canceled={st.canceled} "
+                f"running={st.running} queued={st.queued}")
 
     def __call__(self, st: api.BatchStatus) -> None:
+        if self.tty:
+            self._draw(st)
+        else:
+            self._line(st)
+
+    def _draw(self, st: api.BatchStatus) -> None:
+        from tqdm import tqdm
+
         final = st.succeeded + st.failed + st.canceled
-        filled = int(self.width * final / st.total) if st.total else self.width
-        text = (f"[{'#' * filled}{'.' * (self.width - filled)}] {final}/{st.total} "
-                f"succeeded={st.succeeded} failed={st.failed} canceled={st.canceled} "
-                f"running={st.running} queued={st.queued}")
-        if text == self.last:
+        if self.bar is None:  # `initial`: the rate counts what renders while we watch
+            self.bar = tqdm(total=st.total, initial=final, file=self.stream, unit="img", dynamic_ncols=True,
+                            postfix=self.counts(st))
+        self.bar.n = final
+        self.bar.set_postfix_str(self.counts(st), refresh=False)
+        self.bar.refresh()
+        if st.done:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the bar where it is and end its line (the wait may stop before the batch is done)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _line(self, st: api.BatchStatus) -> None:
+        text = f"{st.succeeded + st.failed + st.canceled}/{st.total} {self.counts(st)}"
+        now = time.monotonic()
+        if text == self.last_text or (not st.done and now - self.last_line_at < self.every_s):
             return
-        self.last = text
-        self.stream.write(("\r" + text + ("\n" if st.done else "")) if self.tty else text + "\n")
-        self.stream.flush()
+        self.last_text, self.last_line_at = text, now
+        print(text, file=self.stream, flush=True)
+
+    def note(self, message: str) -> None:
+        """A line of its own that the bar, if any, is redrawn below."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def tell_no_worker(self, profile: str) -> None:
+        """api.wait's `on_no_worker`: which command would start a worker (the wait goes on)."""
+        from lcmq.queue import queue_name
+
+        self.note(f"lcmq: no worker serves {queue_name(profile)} yet; start one with `lcmq worker --model "
+                  f"{profile}` (still waiting)")
 
 
 def _print_json(obj) -> None:
@@ -63,17 +150,14 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
 def cmd_submit(args) -> int:
     if args.timeout is not None and not args.wait:  # it would be ignored: say so before submitting
         raise InputError(args.file, None, "--timeout", "only applies with --wait (how long to wait)")
-    st = api.submit(Path(args.file), model=args.model, steps=args.steps, guidance=args.guidance,
-                    negative_prompt=args.negative_prompt or "", width=args.width, height=args.height,
-                    seed=args.seed, name=args.name, chunk_size=args.chunk_size, priority=args.priority,
-                    idempotency_key=args.idempotency_key, image_format=args.format, quality=args.quality,
-                    matrix=[parse_axis(axis, args.file) for axis in args.matrix or ()],
-                    loras=None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora])
+    st = api.submit(Path(args.file), **_batch_options(args))
     print(st.batch_id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if st.resubmitted and st.canceled:
         _print_canceled_resubmit(st)
     if args.wait:
-        st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
+        with Progress() as progress:
+            st = api.wait(st.batch_id, on_progress=progress, timeout_s=args.timeout,
+                          on_no_worker=progress.tell_no_worker)
     if args.json or args.wait:
         _print_status(st, args.json)
     if args.wait:
@@ -89,6 +173,18 @@ def _print_canceled_resubmit(st: api.BatchStatus) -> None:
           f"canceled jobs: lcmq resume {st.batch_id}", file=sys.stderr, flush=True)
 
 
+def _batch_options(args) -> dict:
+    """api.submit's keyword arguments from the batch flags (`submit` and `run` take the same)."""
+    from lcmq.matrix import parse_axis
+
+    return {"model": args.model, "steps": args.steps, "guidance": args.guidance,
+            "negative_prompt": args.negative_prompt or "", "width": args.width, "height": args.height,
+            "seed": args.seed, "name": args.name, "chunk_size": args.chunk_size, "priority": args.priority,
+            "idempotency_key": args.idempotency_key, "image_format": args.format, "quality": args.quality,
+            "matrix": [parse_axis(axis, args.file) for axis in args.matrix or ()],
+            "loras": None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora]}
+
+
 def _lora_flag(text: str, source: str) -> dict:
     from lcmq.loras import LoraProblem, parse_lora_flag
 
@@ -100,7 +196,8 @@ def _lora_flag(text: str, source: str) -> dict:
 
 def cmd_status(args) -> int:
     if args.watch:
-        st = api.wait(args.batch, on_progress=Progress())
+        with Progress() as progress:
+            st = api.wait(args.batch, on_progress=progress, on_no_worker=progress.tell_no_worker)
     else:
         st = api.status(args.batch)
     _print_status(st, args.json)
@@ -312,23 +409,93 @@ def cmd_worker(args) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args) -> int:
-    """Render the sample batch on the embedded default: migrate, start a worker, submit, wait."""
-    from lcmq.migrate import upgrade
+def cmd_run(args) -> int:
+    """Render a prompt file on this machine in one command: submit, a worker, progress, stop."""
+    return _render_here(Path(args.file), _batch_options(args), args.timeout)
 
-    settings = get_settings()
-    upgrade(settings.database_url_resolved)
+
+def cmd_demo(args) -> int:
+    """Render the sample batch (on the embedded default unless LCMQ_* say otherwise)."""
     prompts = resources.files("lcmq") / "samples" / "demo_prompts.txt"
-    worker = subprocess.Popen([sys.executable, "-m", "lcmq", "worker", "--model", args.model],
-                              start_new_session=True)
-    try:
-        with resources.as_file(prompts) as path:
-            st = api.submit(path, model=args.model, seed=0, name="demo")
-        print(f"demo batch {st.batch_id}: {st.total} prompts on profile {args.model!r}", file=sys.stderr)
-        st = api.wait(st.batch_id, on_progress=Progress(), timeout_s=args.timeout)
-    finally:
-        _stop(worker)
-    _print_status(st, as_json=False)
+    with resources.as_file(prompts) as path:
+        return _render_here(path, {"model": args.model, "seed": 0, "name": "demo"}, args.timeout)
+
+
+class WorkerExited(PermanentError):
+    """The worker `lcmq run` started is gone before the batch is done."""
+
+    def __init__(self, returncode: int):
+        super().__init__(f"the worker exited with code {returncode} before the batch was done")
+
+
+def _render_here(path: Path, options: dict, timeout_s: float | None) -> int:
+    """Submit the file, then run a worker of its profile as a child process until the batch is
+    final (`lcmq run`, `lcmq demo`). The child has this process's settings: the embedded default,
+    or the Postgres, Redis and S3 that LCMQ_* name. A file with a mistake starts no worker."""
+    st = api.submit(path, **options)
+    model = options["model"]
+    if not st.done:
+        worker, log_path = _start_worker(model)
+        where = f"; its log: {log_path}" if log_path else ""
+        print(f"batch {st.batch_id}: {st.total} jobs on profile {model!r}, a worker is starting{where}",
+              file=sys.stderr, flush=True)
+        try:
+            with Progress() as progress:
+                st = api.wait(st.batch_id, on_progress=_while_alive(worker, progress), timeout_s=timeout_s)
+        except WorkerExited as exc:
+            print(f"lcmq: error: {exc}{where}{_tail(log_path)}", file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print(f"\nlcmq: stopped; the jobs not done stay queued (run the same command again to go on, or "
+                  f"`lcmq cancel {st.batch_id}`)", file=sys.stderr)
+            raise
+        finally:
+            _stop(worker)
+    return _report_rendered(st, model, timeout_s)
+
+
+def _start_worker(model: str) -> tuple[subprocess.Popen, Path | None]:
+    """`lcmq worker --model MODEL` as a child in its own session; its output goes to a log file
+    under LCMQ_HOME (a user sees lcmq's lines, not Celery's), or here with LCMQ_LOG_LEVEL=DEBUG."""
+    settings = get_settings()
+    command = [sys.executable, "-m", "lcmq", "worker", "--model", model]
+    if settings.log_level.upper() == "DEBUG":
+        return subprocess.Popen(command, start_new_session=True), None
+    log_path = settings.home / "logs" / f"worker-{model}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:  # the child holds its own descriptor of it
+        worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    return worker, log_path
+
+
+def _while_alive(worker: subprocess.Popen, progress: Progress) -> Callable[[api.BatchStatus], None]:
+    """An `on_progress` that draws, and stops the wait when the worker is gone."""
+
+    def on_progress(st: api.BatchStatus) -> None:
+        progress(st)
+        returncode = worker.poll()
+        if returncode is not None and not st.done:
+            raise WorkerExited(returncode)
+
+    return on_progress
+
+
+def _tail(log_path: Path | None, lines: int = 15) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    last = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n" + "\n".join(f"  | {line}" for line in last)
+
+
+def _report_rendered(st: api.BatchStatus, model: str, timeout_s: float | None) -> int:
+    """What `run` and `demo` print at the end: the counts, and where the images are (once)."""
+    print(f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, {st.canceled} canceled")
+    if not st.done:
+        print(f"lcmq: gave up after {timeout_s:g} s with {st.queued + st.running} jobs not done; they stay queued "
+              f"for the next `lcmq run` of this file or `lcmq worker --model {model}`", file=sys.stderr)
+    if st.failed:
+        print(f"why they failed: lcmq jobs {st.batch_id} --state failed", file=sys.stderr)
     print(f"images are in {st.output}")
     return EXIT_OK if st.ok else EXIT_FAILED
 
@@ -338,8 +505,11 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         return
     proc.send_signal(signal.SIGTERM)  # the Celery parent: a warm shutdown stops its children
     deadline = time.monotonic() + grace_s
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # a second Ctrl-C: no warm shutdown, but no worker left behind either
+        pass
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -360,11 +530,8 @@ def _add_render_flags(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--quality", type=int, help="webp/jpeg quality, 1-100 (default 90)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lcmq", description="Batch rendering queue for LCM-LoRA diffusion.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("submit", help="validate a prompt file and enqueue it as a batch")
+def _add_batch_flags(p: argparse.ArgumentParser) -> None:
+    """A batch file and its flags (`submit` and `run`)."""
     p.add_argument("file", help=".txt (a prompt per line), .jsonl or .csv")
     _add_render_flags(p, seed_help="batch seed; a row without its own seed derives one from it")
     p.add_argument("--name")
@@ -378,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="NAME=PATH[:WEIGHT]",
                    help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
                         "local or s3://; weight -2..2, default 1); repeat for more")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcmq", description="Batch rendering queue for LCM-LoRA diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="validate a prompt file and enqueue it as a batch")
+    _add_batch_flags(p)
     p.add_argument("--wait", action="store_true", help="block until every job is final")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the batch status as one JSON line")
@@ -445,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("jobs", help="what happened to each job of a batch: state, attempts, worker, image or error")
     p.add_argument("batch")
-    p.add_argument("--state", choices=[state.value for state in JobState], help="only the jobs in this state")
+    p.add_argument("--state", choices=JOB_STATES, help="only the jobs in this state")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_jobs)
 
@@ -481,7 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="Celery node name (default <profile>-<pid>@<host>)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("demo", help="render the sample batch with an embedded worker")
+    p = sub.add_parser("run", help="render a prompt file on this machine: submit, a worker, progress, stop")
+    _add_batch_flags(p)
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (the rest stays queued)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="render the sample batch with a worker of its own")
     p.add_argument("--model", default="tiny")
     p.add_argument("--timeout", type=float, default=900)
     p.set_defaults(func=cmd_demo)

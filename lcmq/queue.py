@@ -9,6 +9,7 @@ import ssl
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -48,8 +49,17 @@ def _tls_options(url: str) -> dict:
     return {}
 
 
+def _broker_url(settings: Settings) -> str:
+    """The broker URL with a host: kombu warns "No hostname was supplied" at every connection to
+    a URL without one, as the filesystem broker's `filesystem://` is."""
+    url = settings.broker_url_resolved
+    if settings.embedded_broker and not urlsplit(url).netloc:
+        return "filesystem://localhost//"  # its folders come from the transport options, not the URL
+    return url
+
+
 def make_app(settings: Settings) -> Celery:
-    app = Celery("lcmq", broker=settings.broker_url_resolved, set_as_current=True)
+    app = Celery("lcmq", broker=_broker_url(settings), set_as_current=True)
     app.conf.update(_tls_options(settings.broker_url_resolved))
     app.conf.update(
         task_serializer="json",

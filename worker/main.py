@@ -9,6 +9,7 @@ from lcmq.errors import ProfileError
 from lcmq.logs import setup_logging
 from lcmq.profiles import get_profile, preflight
 from lcmq.settings import get_settings, reset_settings
+from lcmq.workers import announce
 
 
 def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork", batch_size: int | None = None,
@@ -48,6 +49,7 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
     (worker_ready if pool in ("solo", "threads") else worker_process_init).connect(start_loading, weak=False)
     os.environ[WORKER_PROFILE_ENV] = profile.name
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
+    announce(settings, node, profile.name)  # so that a `submit --wait` in another shell knows it is here
     app.worker_main([
         "worker", "--queues", profile.queue, "--concurrency", str(concurrency), "--pool", pool,
         "--hostname", node, "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",

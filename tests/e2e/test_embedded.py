@@ -16,6 +16,9 @@ def test_demo_renders_the_sample_batch_without_servers(embedded_env, cli, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     match = re.search(r"images are in (file://\S+)", done.stdout)
     assert match, done.stdout
+    assert done.stdout.count(match.group(1)) == 1  # said once
+    # lcmq's own lines only: Celery's banner and warnings go to the worker's log file.
+    assert not any(noise in done.stderr for noise in ("WARNING", "celery", "Warm shutdown")), done.stderr
     folder = Path(match.group(1).removeprefix("file://"))
     assert folder.parent == tmp_path / "renders"
     pngs = sorted(folder.glob("*.png"))
