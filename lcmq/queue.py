@@ -25,13 +25,20 @@ def queue_name(profile: str) -> str:
     return f"render.{profile}"
 
 
+FILESYSTEM_POLL_S = 0.05
+
+
 def _transport_options(settings: Settings) -> dict:
     if settings.embedded_broker:
         folder = settings.broker_folder
         for sub in ("queue", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                "processed_folder": str(folder / "processed"), "store_processed": False}
+                "processed_folder": str(folder / "processed"), "store_processed": False,
+                # How long a consumer sleeps when it may not take a message (one is unacked, with
+                # prefetch 1) or none is there: kombu's 1 s default made every message cost a
+                # second, however short its task. A poll lists one folder.
+                "polling_interval": FILESYSTEM_POLL_S}
     return {
         # A message unacked this long is handed to another worker: keep it above the longest task.
         "visibility_timeout": settings.visibility_timeout_s,

@@ -59,6 +59,14 @@ def process_clients() -> tuple[Repository, Storage]:
     return _CLIENTS[pid]
 
 
+def claim_step(batch: BatchRecord, micro_batch: int, chunk: int) -> int:
+    """How many of a chunk's jobs one claim covers: a micro-batch, so that a crash costs an
+    attempt only to the jobs being rendered. A canceled batch's queued jobs are canceled already
+    (the claim finds none, or a job the sweeper put back): one claim for the whole chunk, not a
+    round trip per micro-batch for nothing, so its messages drain at once."""
+    return chunk if batch.canceled_at is not None else micro_batch
+
+
 class ChunkRun:
     """One task's work over its jobs.
 
@@ -103,21 +111,22 @@ class ChunkRun:
             return {"claimed": failed, "succeeded": 0}
         context = StoreContext(self.repo, self.storage, self.worker, batch, backoff_s)
         size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
+        claim_size = claim_step(batch, size, len(job_ids))
         claimed = 0
         with Heartbeat(self._renew_leases, self.settings.lease_s / 3):
-            for start in range(0, len(job_ids), size):
+            for start in range(0, len(job_ids), claim_size):
                 self.next_start = start
                 if shutting_down():
                     self.hand_back(batch, job_ids[start:])
                     break
                 # Jobs already taken, done or canceled are skipped by the claim itself.
                 started = time.perf_counter()
-                group = self.repo.claim(job_ids[start:start + size], self.worker, self.settings.lease_s,
+                group = self.repo.claim(job_ids[start:start + claim_size], self.worker, self.settings.lease_s,
                                         self.settings.max_attempts)
                 self.store.add_time("claim_ms", started)
                 with self._lock:
                     self.rendering = {job.id: job for job in group}
-                    self.next_start = start + size
+                    self.next_start = start + claim_size
                 claimed += len(group)
                 if any(job.attempts > 1 for job in group):
                     # A retried job may be a poison one (it took a worker down before): nothing
