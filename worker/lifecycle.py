@@ -3,6 +3,7 @@ and the fault hook the fault suite uses to crash a worker on purpose."""
 
 from __future__ import annotations
 
+import _thread
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,44 @@ def request_shutdown() -> None:
 
 def shutting_down() -> bool:
     return bool(_SHUTDOWN.value)
+
+
+# --- SIGTERM in pool children ---------------------------------------------------------------
+# A SIGTERM sent to the whole process group (`timeout`, systemd's control-group stop, a
+# terminal) reaches the prefork children too. billiard's handler makes a child exit at once,
+# possibly while it holds the lock of the queue it shares with the parent: the parent's warm
+# shutdown then waits on that lock forever and only SIGKILL ends it. So a child keeps SIGTERM
+# blocked from the fork on, and one thread takes it instead: from anyone but the parent it means
+# "the worker stops" (the shared flag: the running chunk hands the rest back after its
+# micro-batch; the parent is told, and its warm shutdown ends the child in order). From the
+# parent it is billiard's own (a hard time limit, the end of a cold shutdown) and gets
+# billiard's handler, in the main thread, as before.
+
+def block_sigterm_in_children() -> None:
+    """In the prefork parent, before its pool forks."""
+    os.register_at_fork(after_in_child=_block_sigterm)
+
+
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def take_sigterm_in_a_thread(**_signal_kwargs) -> None:
+    """In a pool child, at Celery's worker_process_init; a SIGTERM held since the fork arrives now.
+    Threads inherit the blocked signal, so none but this one ever sees it."""
+    threading.Thread(target=_take_sigterms, name="lcmq-sigterm", daemon=True).start()
+
+
+def _take_sigterms() -> None:
+    parent = os.getppid()
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent:
+            _thread.interrupt_main(signal.SIGTERM)
+            continue
+        log.info("SIGTERM: the worker stops after this micro-batch", extra={"pid": os.getpid(), "sender": sender})
+        request_shutdown()
+        os.kill(parent, signal.SIGTERM)  # a second SIGTERM to a stopping parent changes nothing
 
 
 class Heartbeat:
