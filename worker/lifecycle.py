@@ -1,9 +1,10 @@
-"""Process-level worker state: the shutdown flag shared with pool children, lease heartbeats,
-and the fault hook the fault suite uses to crash a worker on purpose."""
+"""Process-level worker state: the shutdown flag shared with pool children, SIGTERM in those
+children, lease heartbeats, and the hook through which the fault suite installs its faults."""
 
 from __future__ import annotations
 
 import _thread
+import importlib
 import logging
 import multiprocessing
 import os
@@ -92,15 +93,15 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-# --- fault injection (tests/faults only) -------------------------------------------------
+# --- test hooks (tests/faults only) -------------------------------------------------------
 # Some faults cannot be caused from outside: a job that kills its worker every time it is
-# rendered (a segfault, an OOM kill). With LCMQ_FAULT_KILL_PROMPT set, a worker SIGKILLs its
-# own process when a micro-batch holds a prompt containing that text. Unset, this is a no-op.
-FAULT_KILL_PROMPT_ENV = "LCMQ_FAULT_KILL_PROMPT"
+# rendered (a segfault, an OOM kill). The fault suite names a module of its own in
+# LCMQ_TEST_HOOKS; the worker imports it and calls its install() at start, before the pool
+# forks. Unset, nothing is imported and no task path knows about faults.
+TEST_HOOKS_ENV = "LCMQ_TEST_HOOKS"
 
 
-def maybe_crash(prompts: list[str]) -> None:
-    marker = os.environ.get(FAULT_KILL_PROMPT_ENV)
-    if marker and any(marker in prompt for prompt in prompts):
-        log.error("fault injection: killing this worker process", extra={"pid": os.getpid()})
-        os.kill(os.getpid(), signal.SIGKILL)
+def install_test_hooks() -> None:
+    if module_name := os.environ.get(TEST_HOOKS_ENV):
+        importlib.import_module(module_name).install()
+        log.warning("test hooks installed", extra={"hooks": module_name})

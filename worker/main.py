@@ -35,10 +35,13 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
 
     # A worker that lacks its device, database, broker or storage stops here, before it consumes.
     check_dependencies(profile, settings)
-    from worker.lifecycle import block_sigterm_in_children, request_shutdown, take_sigterm_in_a_thread
+    from worker.lifecycle import (block_sigterm_in_children, install_test_hooks, request_shutdown,
+                                  take_sigterm_in_a_thread)
     from worker.pipeline import preload
     from worker.store import drain_on_exit
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
+
+    install_test_hooks()
 
     # SIGTERM: the running chunk finishes its micro-batch and hands the rest back; images still
     # storing in the background are stored and recorded before the process exits (pool child:

@@ -29,7 +29,7 @@ from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
 
 from worker.img2img import load_init_images
-from worker.lifecycle import Heartbeat, maybe_crash, shutting_down
+from worker.lifecycle import Heartbeat, shutting_down
 from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -187,7 +187,6 @@ class ChunkRun:
     def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
         try:
-            maybe_crash([job.prompt for job in group])
             group, init_images = self._init_images(loaded, group)
             if not group:
                 return
