@@ -60,7 +60,8 @@ def _take_sigterms() -> None:
         if sender == parent:
             _thread.interrupt_main(signal.SIGTERM)
             continue
-        log.info("SIGTERM: the worker stops after this micro-batch", extra={"pid": os.getpid(), "sender": sender})
+        log.info("SIGTERM: the worker stops after this micro-batch",
+                 extra={"pid": os.getpid(), "sender": sender})
         request_shutdown()
         os.kill(parent, signal.SIGTERM)  # a second SIGTERM to a stopping parent changes nothing
 

@@ -36,8 +36,8 @@ def test_canceled_batches_drain_quickly_and_a_later_batch_renders(broker_env, pr
 
     reset_settings()
     for n in range(CANCELED_BATCHES):
-        batch_id = api.submit(write_prompts(tmp_path / f"canceled-{n}.jsonl", JOBS_EACH), model="null").batch_id
-        api.cancel(batch_id)
+        prompts = write_prompts(tmp_path / f"canceled-{n}.jsonl", JOBS_EACH)
+        api.cancel(api.submit(prompts, model="null").batch_id)
     messages = queue_length("null")
     assert messages >= 2 * CANCELED_BATCHES  # chunks of at most 32 jobs, a few a batch at least
 

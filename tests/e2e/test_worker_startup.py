@@ -48,7 +48,7 @@ def _closed_port_url(kind: str) -> str:
 
 
 @pytest.mark.parametrize(("missing", "setting", "reason"), [
-    ("database", "LCMQ_DATABASE_URL", "cannot reach the database at postgresql+psycopg://postgres@127.0.0.1:"),
+    ("database", "LCMQ_DATABASE_URL", "cannot reach the database at postgresql+psycopg://postgres@"),
     ("broker", "LCMQ_BROKER_URL", "cannot reach the broker at redis://127.0.0.1:"),
     ("storage", "LCMQ_S3_ENDPOINT_URL", "cannot reach the storage at s3://"),
 ])
@@ -75,8 +75,9 @@ class StartingWorker:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([str(VENV_BIN / "lcmq"), "worker", "--model", "tiny", "--device", "cpu"],
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        command = [str(VENV_BIN / "lcmq"), "worker", "--model", "tiny", "--device", "cpu"]
+        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     @property
     def log(self) -> str:
@@ -111,18 +112,25 @@ class StartingWorker:
         return False
 
 
-@pytest.mark.parametrize("when", ["0.3s", "1.5s", "ready, loading the model", "model loaded"])
+# Seconds after the start, or a line of the worker's log to wait for.
+START_UP_POINTS: dict[str, float | str] = {
+    "0.3s": 0.3, "1.5s": 1.5,
+    "ready, loading the model": " ready.",  # the pool child starts loading the pipeline as it starts
+    "model loaded": "pipeline loaded",
+}
+
+
+@pytest.mark.parametrize("when", list(START_UP_POINTS))
 def test_sigterm_at_any_point_of_start_up_exits_within_seconds(embedded_env, tmp_path, when):
     from lcmq.migrate import upgrade
 
     upgrade(api.repository().url)
     worker = StartingWorker(embedded_env, tmp_path / "worker.log")
-    if when.endswith("s") and when[0].isdigit():
-        time.sleep(float(when[:-1]) - (time.monotonic() - worker.started))
-    elif when.startswith("ready"):
-        worker.wait_for(" ready.")  # the pool child starts loading the pipeline as it starts
+    point = START_UP_POINTS[when]
+    if isinstance(point, float):
+        time.sleep(max(0.0, point - (time.monotonic() - worker.started)))
     else:
-        worker.wait_for("pipeline loaded")
+        worker.wait_for(point)
     took_s = worker.terminate_group()
     assert took_s < EXIT_BOUND_S, f"still running {EXIT_BOUND_S}s after SIGTERM:\n{worker.log[-3000:]}"
     # Before Celery's handler is in place SIGTERM's default action ends the process; after, the
