@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from lcmq.errors import DatabaseError, PermanentStorageError, SchemaError, StorageError
+from lcmq.errors import ConfigError, DatabaseError, PermanentStorageError, SchemaError, StorageError
 from lcmq.profiles import NULL_FAMILY, Profile
 from lcmq.queue import check_broker
 from lcmq.repository import engine_for
@@ -30,13 +30,17 @@ def check_database(settings: Settings) -> None:
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
-    engine = engine_for(settings.database_url_resolved)
+    try:
+        engine = engine_for(settings.database_url_resolved)
+    except SQLAlchemyError as exc:  # a URL that does not parse, a driver that is not installed
+        raise ConfigError(f"LCMQ_DATABASE_URL: {exc}") from exc
     safe_url = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
             migrated = inspect(conn).has_table("alembic_version")
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot reach the database at {safe_url}: {exc.orig or exc}") from exc
+        cause = getattr(exc, "orig", None) or exc  # the driver's own message, when there is one
+        raise DatabaseError(f"cannot reach the database at {safe_url}: {cause}") from exc
     finally:
         engine.dispose()  # the prefork children must not inherit this process's pooled connection
     if not migrated:
