@@ -9,7 +9,7 @@ import ssl
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -26,13 +26,20 @@ def queue_name(profile: str) -> str:
     return f"render.{profile}"
 
 
+FILESYSTEM_POLL_S = 0.05
+
+
 def _transport_options(settings: Settings) -> dict:
     if settings.embedded_broker:
         folder = settings.broker_folder
         for sub in ("queue", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                "processed_folder": str(folder / "processed"), "store_processed": False}
+                "processed_folder": str(folder / "processed"), "store_processed": False,
+                # How long a consumer sleeps when it may not take a message (one is unacked, with
+                # prefetch 1) or none is there: kombu's 1 s default made every message cost a
+                # second, however short its task. A poll lists one folder.
+                "polling_interval": FILESYSTEM_POLL_S}
     return {
         # A message unacked this long is handed to another worker: keep it above the longest task.
         "visibility_timeout": settings.visibility_timeout_s,
@@ -117,6 +124,28 @@ def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], pr
     except BROKER_DOWN as exc:
         raise BrokerError(f"publishing to {queue}: {exc}") from exc
     return len(chunks)
+
+
+def check_broker(timeout_s: float = 10.0) -> None:
+    """Connect once (a worker does, before it consumes): BrokerError names the broker when it
+    cannot be reached, instead of Celery retrying the connection forever in the background."""
+    conn = get_app().connection_for_read()
+    try:
+        with conn:
+            conn.ensure_connection(max_retries=1, interval_start=0.5, timeout=timeout_s)
+            conn.default_channel  # noqa: B018 - Redis connects on the first channel, not before
+    except BROKER_DOWN as exc:
+        raise BrokerError(f"cannot reach the broker at {safe_url(get_settings().broker_url_resolved)}: "
+                          f"{exc}") from exc
+
+
+def safe_url(url: str) -> str:
+    """A broker URL with its password, if any, hidden, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def queue_length(profile: str) -> int:

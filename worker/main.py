@@ -32,10 +32,17 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
     from celery.signals import (worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown,
                                 worker_shutting_down)
 
-    from worker.lifecycle import request_shutdown
+    from worker.startup import check_dependencies
+
+    # A worker that lacks its device, database, broker or storage stops here, before it consumes.
+    check_dependencies(profile, settings)
+    from worker.lifecycle import (block_sigterm_in_children, install_test_hooks, request_shutdown,
+                                  take_sigterm_in_a_thread)
     from worker.pipeline import preload
     from worker.store import drain_on_exit
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
+
+    install_test_hooks()
 
     # SIGTERM: the running chunk finishes its micro-batch and hands the rest back; images still
     # storing in the background are stored and recorded before the process exits (pool child:
@@ -43,6 +50,9 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
     worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
     worker_process_shutdown.connect(drain_on_exit, weak=False)
     worker_shutdown.connect(drain_on_exit, weak=False)
+    if pool == "prefork":
+        block_sigterm_in_children()
+        worker_process_init.connect(take_sigterm_in_a_thread, weak=False)
     # Load the pipeline while the worker waits for its first task: in each pool child, never
     # in the prefork parent (CUDA cannot be used in a child forked after the parent touched it).
     start_loading = lambda **_: preload(profile, get_settings())  # noqa: E731

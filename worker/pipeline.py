@@ -41,17 +41,37 @@ class LoadedPipeline:
 DEVICES = ("cpu", "cuda", "mps")
 
 
+def _refuse_missing(requested: str, cuda_available: bool) -> None:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if requested not in DEVICES:
+        raise ModelLoadError(f"unknown device {requested!r}; use auto, {', '.join(DEVICES)}")
+    if requested == "cuda" and not cuda_available:
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available on this machine")
+    if requested == "mps" and not (mps and mps.is_available()):
+        raise ModelLoadError("device 'mps' requested but Metal (MPS) is not available on this machine")
+
+
+def check_device(requested: str) -> None:
+    """At start, before consuming: refuse a device this machine lacks (ModelLoadError).
+
+    Runs in the prefork parent, so it counts GPUs through NVML (`torch.cuda.device_count`),
+    never `cuInit`: a parent that initialised CUDA leaves the children it forks unable to use it.
+    """
+    if requested in ("auto", "cpu"):
+        return
+    import torch
+
+    _refuse_missing(requested, torch.cuda.device_count() > 0)
+
+
 def pick_device(requested: str) -> str:
     import torch
 
     mps = getattr(torch.backends, "mps", None)
     if requested != "auto":
-        if requested not in DEVICES:
-            raise ModelLoadError(f"unknown device {requested!r}; use auto, {', '.join(DEVICES)}")
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("device 'cuda' requested but CUDA is not available")
-        if requested == "mps" and not (mps and mps.is_available()):
-            raise ModelLoadError("device 'mps' requested but Metal (MPS) is not available on this machine")
+        _refuse_missing(requested, torch.cuda.is_available())
         return requested
     if torch.cuda.is_available():
         return "cuda"

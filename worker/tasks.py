@@ -28,7 +28,7 @@ from lcmq.storage import Storage, storage_from_settings
 
 from worker.img2img import load_init_images
 from worker.leases import handback_delay_s
-from worker.lifecycle import maybe_crash, shutting_down
+from worker.lifecycle import shutting_down
 from worker.memory import PeakMemory
 from worker.pipeline import pinned_pipeline, truncation_warnings
 from worker.render import micro_batches, render
@@ -51,6 +51,14 @@ def process_clients() -> tuple[Repository, Storage]:
         settings = get_settings()
         _CLIENTS[pid] = (Repository(settings.database_url_resolved), storage_from_settings(settings))
     return _CLIENTS[pid]
+
+
+def claim_step(batch: BatchRecord, micro_batch: int, chunk: int) -> int:
+    """How many of a chunk's jobs one claim covers: a micro-batch, so that a crash costs an
+    attempt only to the jobs being rendered. A canceled batch's queued jobs are canceled already
+    (the claim finds none, or a job the sweeper put back): one claim for the whole chunk, not a
+    round trip per micro-batch for nothing, so its messages drain at once."""
+    return chunk if batch.canceled_at is not None else micro_batch
 
 
 class ChunkRun:
@@ -95,18 +103,19 @@ class ChunkRun:
             return {"claimed": failed, "succeeded": 0}
         context = StoreContext(self.repo, self.storage, self.worker, batch, self.settings.max_handbacks)
         size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
+        claim_size = claim_step(batch, size, len(job_ids))
         claimed = 0
-        for start in range(0, len(job_ids), size):
+        for start in range(0, len(job_ids), claim_size):
             self.next_start = start
             if shutting_down():
                 self.hand_back(batch, job_ids[start:])
                 break
             # Jobs already taken, done or canceled are skipped by the claim itself.
             started = time.perf_counter()
-            group = self.leases.claim(self.repo, self.worker, job_ids[start:start + size], self,
+            group = self.leases.claim(self.repo, self.worker, job_ids[start:start + claim_size], self,
                                       self.settings.max_attempts)
             self.store.add_time("claim_ms", started)
-            self.next_start = start + size
+            self.next_start = start + claim_size
             claimed += len(group)
             if any(job.attempts > 1 for job in group):
                 # A retried job may be a poison one (it took a worker down before): nothing
@@ -154,7 +163,6 @@ class ChunkRun:
     def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
         try:
-            maybe_crash([job.prompt for job in group])
             group, init_images = self._init_images(loaded, group)
             if not group:
                 return

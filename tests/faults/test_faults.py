@@ -16,6 +16,7 @@ from bench.harness import (VENV_BIN, FaultProxy, Process, done, outcome, running
                            write_prompts)
 from lcmq import api
 from lcmq.repository import normalize_url
+from support.fault_hooks import kill_on_prompt_env
 
 DRAIN_S = 120
 
@@ -132,7 +133,7 @@ def test_s3_errors_and_timeouts_for_a_while(fault_env, procs, tmp_path, s3_endpo
 
 
 def test_a_poison_job_fails_after_max_attempts(fault_env, procs, tmp_path):
-    env = fault_env | {"LCMQ_FAULT_KILL_PROMPT": "POISON"}
+    env = fault_env | kill_on_prompt_env("POISON")
     _workers(procs, env)
     procs(env, "sweep", "--every", "0.5s")
     batch_id = _submit(write_prompts(tmp_path / "p.jsonl", 12, poison_at={5}))

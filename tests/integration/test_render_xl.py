@@ -115,7 +115,7 @@ def test_a_single_file_twin_renders_the_same_bytes(settings, tmp_path):
     from pathlib import Path
 
     from worker.pipeline import _resolve, load_pipeline
-    from worker.single_file import save_sd15_single_file
+    from support.single_file import save_sd15_single_file
 
     tiny = BUILTIN_PROFILES["tiny"]
     checkpoint = save_sd15_single_file(Path(_resolve(tiny.base, settings)), tmp_path / "tiny-tune.safetensors")
@@ -133,7 +133,7 @@ def test_the_single_file_layout_is_the_original_one(settings, tmp_path):
     from safetensors import safe_open
 
     from worker.pipeline import _resolve
-    from worker.single_file import save_sd15_single_file
+    from support.single_file import save_sd15_single_file
 
     path = save_sd15_single_file(Path(_resolve(BUILTIN_PROFILES["tiny"].base, settings)), tmp_path / "t.safetensors")
     with safe_open(str(path), "pt") as fh:

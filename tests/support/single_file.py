@@ -7,6 +7,7 @@ the architecture from a `config=` folder. This is the inverse of that mapping, f
 family UNet config (any depth, layers per block, attention or not per block), so lcmq can build a
 single-file twin of a generated model and check that both load to the same pipeline. It mirrors
 diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py`, which is not installed.
+Test-only: no worker path writes checkpoints, so it lives with the tests, not in the package.
 """
 
 from __future__ import annotations
