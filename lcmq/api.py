@@ -166,6 +166,7 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         # Validated while written, in one transaction: a bad row anywhere commits nothing.
         specs, content_sha256 = open_batch_file(path, validator)
     else:
+        assert not isinstance(rows, (str, Path))  # a path was handled above
         specs = validate_rows(rows_from_objects(rows), validator)
         content_sha256 = keys.content_sha256(specs)
     specs = expand_matrix(specs, axes, source)
@@ -213,7 +214,9 @@ def sweep() -> dict[str, int]:
 
 def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:
     return BatchStatus(batch_id=batch.id, total=batch.total, output=batch.output, items=batch.options.get("items"),
-                       **{state.value: counts.get(state.value, 0) for state in JobState})
+                       queued=counts.get(JobState.queued.value, 0), running=counts.get(JobState.running.value, 0),
+                       succeeded=counts.get(JobState.succeeded.value, 0), failed=counts.get(JobState.failed.value, 0),
+                       canceled=counts.get(JobState.canceled.value, 0))
 
 
 def status(batch_id: str) -> BatchStatus:
@@ -334,8 +337,8 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     next_run_at = schedule_cron.next_after(utcnow())
     location = normalize_location(catalog)
     profile = _resolve_profile(model, source)
-    options = {"steps": steps, "guidance": guidance, "width": width, "height": height,
-               "negative_prompt": negative_prompt, "seed": seed}
+    options: dict[str, Any] = {"steps": steps, "guidance": guidance, "width": width, "height": height,
+                               "negative_prompt": negative_prompt, "seed": seed}
     image_format, quality = check_output(source, image_format, quality)
     if image_format != DEFAULT_FORMAT:  # PNG schedules store what they stored before formats
         options |= {"image_format": image_format, "quality": quality}

@@ -20,7 +20,7 @@ from lcmq.errors import InputError, LcmqError, NotFoundError, PermanentError
 from lcmq.logs import setup_logging
 
 if TYPE_CHECKING:
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     from lcmq.settings import Settings
 

@@ -118,6 +118,7 @@ def _export_webdataset(rows: Iterator[dict[str, Any]], source: Storage, dest: St
     path = work / "shard.tar"
 
     def close_shard() -> None:
+        assert tar is not None  # called only with a shard open
         tar.close()
         name = SHARD_NAME.format(len(shards))
         dest.put_file(name, path, "application/x-tar")  # whole, under its final name

@@ -50,6 +50,7 @@ def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[
     output = OutputFormat.of(batch.options)
     model = model_identity(batch.profile)
     for job in repo.iter_jobs(batch_id, JobState.succeeded):
+        assert job.key is not None  # a succeeded job's image is stored under its key
         record = {
             "index": job.index, "key": job.key, "url": storage.url(job.key), "sha256": job.sha256,
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,

@@ -49,7 +49,9 @@ def head() -> str:
     """The newest revision this lcmq carries (one head: migrations form a single line)."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    newest = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert newest is not None  # the package ships its migrations
+    return newest
 
 
 def is_embedded(url: str) -> bool:

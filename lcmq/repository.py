@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, case, cast, create_engine, event, func,
                         insert, or_, select, text, update)
+from sqlalchemy import ColumnElement, CursorResult, Result, Table, delete
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
@@ -296,10 +297,28 @@ class NewJobLayout:
 NEW_JOB = NewJobLayout.of_job_record()
 
 
+def _table_of(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)  # typed as a FromClause; Core's update() wants the Table
+    return table
+
+
+JOBS_TABLE = _table_of(Job)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE touched (SQLAlchemy types execute() as a Result; for these
+    statements it is a CursorResult)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
 def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any]) -> int:
     """Postgres: stream the rows with COPY (about 20x executemany) inside the session's
     transaction; psycopg's write_row formats and escapes each value."""
-    cursor = session.connection().connection.driver_connection.cursor()
+    driver_connection = session.connection().connection.driver_connection
+    assert driver_connection is not None  # a checked-out connection always has one
+    cursor = driver_connection.cursor()
     columns = ", ".join(f'"{c}"' for c in NEW_JOB.columns)  # quoted: "index" is a keyword
     json_positions = NEW_JOB.json_positions
     dumps = json.dumps
@@ -367,7 +386,7 @@ def database_error_kind(exc: BaseException) -> type[LcmqError] | None:
     """
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return DatabaseError
-    driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    driver: BaseException = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
     if isinstance(driver, sqlite3.Error):
         return _sqlite_error_kind(driver)
     if _is_psycopg_error(driver):
@@ -486,11 +505,13 @@ class Repository:
 
     @staticmethod
     def _dialect_insert(s: Session, table):
-        if s.bind.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        return dialect_insert(table)
+        if s.get_bind().dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+            return postgresql_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
 
     def _insert_batch(self, s: Session, batch: dict[str, Any]) -> bool:
         """Insert the batch row; False when its idempotency key already names another batch."""
@@ -515,6 +536,7 @@ class Repository:
         with self._session() as s:
             if not self._insert_batch(s, batch | {"created_at": now}):
                 existing = s.scalar(select(Batch.id).where(Batch.idempotency_key == batch["idempotency_key"]))
+                assert existing is not None  # the insert conflicted on this key, so its row exists
                 return existing, False
             self._write_jobs(s, batch["id"], jobs, now, page)
             if before_commit is not None:
@@ -525,7 +547,7 @@ class Repository:
                      page: int = 5000) -> int:
         # dispatched_at = now: the batch's publish covers every job (see mark_published).
         batch_values = {"batch_id": batch_id, "created_at": now, "dispatched_at": now}
-        if s.bind.dialect.name == "postgresql":
+        if s.get_bind().dialect.name == "postgresql":
             total = _copy_jobs(s, jobs, batch_values)
         else:
             total = _insert_jobs(s, jobs, batch_values, page)
@@ -621,7 +643,8 @@ class Repository:
                  .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
                  .order_by(Job.index).limit(limit))
         with self._session() as s:
-            return [(r.index, PendingJob(r.id, r.batch_id, _shape(r), r.attempts)) for r in s.execute(query)]
+            return [(r._mapping["index"], PendingJob(r.id, r.batch_id, _shape(r), r.attempts))
+                    for r in s.execute(query)]  # _mapping: a Row's `index` is also tuple.index
 
     @_translate_errors
     def mark_published(self, batch_id: str) -> None:
@@ -638,7 +661,7 @@ class Repository:
     def mark_dispatched(self, job_ids: Sequence[str]) -> None:
         now = utcnow()
         with self._session() as s:
-            if s.bind.dialect.name == "postgresql":  # one array parameter, not 10^4 bound values
+            if s.get_bind().dialect.name == "postgresql":  # one array parameter, not 10^4 bound values
                 s.execute(text("UPDATE jobs SET dispatched_at = :now WHERE id = ANY(:ids)"),
                           {"now": now, "ids": list(job_ids)})
                 return
@@ -655,17 +678,17 @@ class Repository:
         now = utcnow()
         expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
         with self._session() as s:
-            failed = s.execute(
+            failed = _rowcount(s.execute(
                 update(Job).where(expired, Job.attempts >= max_attempts)
                 .values(state=JobState.failed.value, finished_at=now, lease_until=None,
                         error=func.coalesce(Job.error + "; ", "") + "worker lost during attempt " +
                         cast(Job.attempts, String) + f" of {max_attempts}; giving up")
-                .execution_options(synchronize_session=False)).rowcount
-            requeued = s.execute(
+                .execution_options(synchronize_session=False)))
+            requeued = _rowcount(s.execute(
                 update(Job).where(expired)
                 .values(state=JobState.queued.value, lease_until=None, dispatched_at=None,
                         error="worker lost during attempt " + cast(Job.attempts, String))
-                .execution_options(synchronize_session=False)).rowcount
+                .execution_options(synchronize_session=False)))
         return requeued, failed
 
     # --- control --------------------------------------------------------------------------
@@ -676,12 +699,12 @@ class Repository:
         chunk renders the micro-batch it holds and finds the rest canceled."""
         now = utcnow()
         with self._session() as s:
-            if s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=now)).rowcount == 0:
+            if _rowcount(s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=now))) == 0:
                 raise NotFoundError(f"no batch {batch_id!r}")
-            return s.execute(
+            return _rowcount(s.execute(
                 update(Job).where(Job.batch_id == batch_id, Job.state == JobState.queued.value)
                 .values(state=JobState.canceled.value, finished_at=now)
-                .execution_options(synchronize_session=False)).rowcount
+                .execution_options(synchronize_session=False)))
 
     @_translate_errors
     def requeue(self, batch_id: str, states: Sequence[JobState], reset_attempts: bool = False) -> int:
@@ -692,13 +715,13 @@ class Repository:
             values |= {"attempts": 0, "handbacks": 0, "error": None}
         now = utcnow()
         wanted = [st.value for st in states if st != JobState.running]
-        condition = Job.state.in_(wanted)
+        condition: ColumnElement[bool] = Job.state.in_(wanted)
         if JobState.running in states:  # running only when its lease expired: never steal a live job
             condition = condition | ((Job.state == JobState.running.value) & (Job.lease_until < now))
         with self._session() as s:
             s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=None))
-            requeued = s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
-                                 .execution_options(synchronize_session=False)).rowcount
+            requeued = _rowcount(s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
+                                 .execution_options(synchronize_session=False)))
             if requeued:  # its manifest.jsonl is due again once these jobs are final
                 s.execute(update(Batch).where(Batch.id == batch_id).values(manifest_at=None))
             return requeued
@@ -733,15 +756,15 @@ class Repository:
     def update_schedule(self, name: str, **values: Any) -> None:
         """Pause, resume, or move next_run_at (tests make a schedule due this way)."""
         with self._session() as s:
-            if s.execute(update(Schedule).where(Schedule.name == name).values(**values)).rowcount == 0:
+            if _rowcount(s.execute(update(Schedule).where(Schedule.name == name).values(**values))) == 0:
                 raise NotFoundError(f"no schedule {name!r}")
 
     @_translate_errors
     def delete_schedule(self, name: str) -> None:
         """The schedule and its catalog state; its batches and images stay."""
         with self._session() as s:
-            s.execute(CatalogItem.__table__.delete().where(CatalogItem.schedule_name == name))
-            if s.execute(Schedule.__table__.delete().where(Schedule.name == name)).rowcount == 0:
+            s.execute(delete(CatalogItem).where(CatalogItem.schedule_name == name))
+            if _rowcount(s.execute(delete(Schedule).where(Schedule.name == name))) == 0:
                 raise NotFoundError(f"no schedule {name!r}")
 
     @_translate_errors
@@ -766,7 +789,7 @@ class Repository:
         write lock serializes the transactions the same way."""
         statement = (update(Schedule).where(Schedule.name == name, Schedule.version == seen_version)
                      .values(version=seen_version + 1, **values))
-        return s.execute(statement).rowcount == 1
+        return _rowcount(s.execute(statement)) == 1
 
     @_translate_errors
     def record_catalog_run(self, name: str, seen_version: int, batch: dict[str, Any] | None,
@@ -839,7 +862,7 @@ class Repository:
         if max_attempts is not None:
             expired = expired & (Job.attempts < max_attempts)
         claimable = or_(Job.state == JobState.queued.value, expired)
-        table = Job.__table__
+        table = JOBS_TABLE
         with self.engine.begin() as conn:  # Core: plain rows back, no ORM objects
             claimed = _job_records(conn.execute(
                 update(table)
@@ -855,9 +878,9 @@ class Repository:
     @_translate_errors
     def extend_leases(self, job_ids: Sequence[str], worker: str, lease_s: float) -> int:
         with self._session() as s:
-            return s.execute(update(Job).where(self._held(job_ids, worker))
+            return _rowcount(s.execute(update(Job).where(self._held(job_ids, worker))
                              .values(lease_until=utcnow() + timedelta(seconds=lease_s))
-                             .execution_options(synchronize_session=False)).rowcount
+                             .execution_options(synchronize_session=False)))
 
     @_translate_errors
     def record_successes(self, results: Sequence[StoredImage], worker: str) -> int:
@@ -879,7 +902,7 @@ class Repository:
                     warning=bindparam("b_warning"), finished_at=now, lease_until=None, error=None)
             .execution_options(synchronize_session=False))
         with self.engine.begin() as conn:  # Core executemany: psycopg pipelines the statements
-            return conn.execute(statement, rows).rowcount
+            return _rowcount(conn.execute(statement, rows))
 
     def record_success(self, job_id: str, worker: str, key: str, sha256: str, render_ms: float,
                        batch_size: int, warning: str | None = None) -> bool:
@@ -890,10 +913,10 @@ class Repository:
     @_translate_errors
     def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:
         with self._session() as s:
-            return s.execute(
+            return _rowcount(s.execute(
                 update(Job).where(self._held(job_ids, worker))
                 .values(state=JobState.failed.value, error=error[:4000], finished_at=utcnow(), lease_until=None)
-                .execution_options(synchronize_session=False)).rowcount
+                .execution_options(synchronize_session=False)))
 
     @_translate_errors
     def release(self, job_ids: Sequence[str], worker: str, error: str | None, *,
@@ -907,7 +930,7 @@ class Repository:
         the requeued jobs (a task retry, or a new chunk) after a backoff, hence dispatched_at.
         """
         now = utcnow()
-        table = Job.__table__
+        table = JOBS_TABLE
         spent = table.c.handbacks >= max_handbacks  # this hand-back would pass the cap
         gave_up = f"{error or 'handed back'}; handed back {max_handbacks} times, giving up"
         statement = (

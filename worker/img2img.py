@@ -39,8 +39,8 @@ def _decode(data: bytes, url: str):
                 raise InitImageError(f"init image {url} is {image.size[0]}x{image.size[1]}; at most "
                                      f"{MAX_SIDE} pixels a side")
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            return upright.convert("RGB")
     except InitImageError:
         raise
     except Image.UnidentifiedImageError as exc:  # its text names the BytesIO it read, not the file
@@ -78,6 +78,7 @@ def load_init_images(jobs: Sequence[JobRecord], settings: Settings
     cache: dict[str, Any] = {}  # the same init image for several jobs of one size: read once
     for job in jobs:
         try:
+            assert job.init_image is not None  # the caller passes img2img jobs only
             key = f"{job.init_image}@{job.width}x{job.height}"
             if key not in cache:
                 cache[key] = load_init_image(job.init_image, job.width, job.height, settings)

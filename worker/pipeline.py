@@ -142,6 +142,7 @@ def _load_base(plan: LoadPlan, settings: Settings, dtype, extra: dict[str, Any])
     if plan.single_file:
         # The config folder gives the architecture and the tokenizers; local_files_only keeps
         # diffusers from fetching configs from the hub (a hub id as config may still download).
+        assert plan.config is not None  # the plan refuses a single file without its config
         config = _resolve(plan.config, settings)
         return cls.from_single_file(base, config=config, local_files_only=Path(config).is_dir(), dtype=dtype,
                                     **extra)

@@ -118,7 +118,7 @@ class StorePipeline:
         return self._wait_below(1)
 
     def _wait_below(self, limit: int) -> list[Outcome]:
-        outcomes = []
+        outcomes: list[Outcome] = []
         while True:
             with self._lock:
                 if len(self._pending) < limit:
