@@ -20,10 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import (Process, bench_world, done, outcome, running_jobs_of, wait_until,  # noqa: E402
-                           worker_node)
-from bench.harness import write_prompts  # noqa: E402
-
+from bench.harness import (
+    Process,
+    bench_world,
+    done,
+    outcome,
+    running_jobs_of,
+    wait_until,  # noqa: E402
+    worker_node,
+    write_prompts,  # noqa: E402
+)
 
 
 def main() -> int:
@@ -49,9 +55,17 @@ def main() -> int:
 
     # Generated models are cached across runs, so replacement workers start in seconds.
     models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
-    with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_TORCH_THREADS="1", LCMQ_LEASE_S="4", LCMQ_DISPATCH_GRACE_S="2",
-                     LCMQ_REDISPATCH_S="6", LCMQ_CHUNK_SIZE="4", LCMQ_BATCH_SIZE="2",
-                     LCMQ_MAX_ATTEMPTS="5") as (env, redis, _):
+    with bench_world(
+        work,
+        LCMQ_MODELS_DIR=models,
+        LCMQ_TORCH_THREADS="1",
+        LCMQ_LEASE_S="4",
+        LCMQ_DISPATCH_GRACE_S="2",
+        LCMQ_REDISPATCH_S="6",
+        LCMQ_CHUNK_SIZE="4",
+        LCMQ_BATCH_SIZE="2",
+        LCMQ_MAX_ATTEMPTS="5",
+    ) as (env, redis, _):
         try:
             from lcmq import api
 
@@ -59,10 +73,11 @@ def main() -> int:
             workers = [spawn("worker", "--model", "tiny") for _ in range(args.workers)]
             for worker in workers:
                 worker.wait_ready()
-            batch_id = api.submit(write_prompts(work / "prompts.jsonl", args.jobs), model="tiny",
-                                  name="chaos").batch_id
-            print(f"batch {batch_id}: {args.jobs} jobs, {args.workers} workers, chaos for {args.chaos_s:.0f}s",
-                  file=sys.stderr)
+            batch_id = api.submit(write_prompts(work / "prompts.jsonl", args.jobs), model="tiny", name="chaos").batch_id
+            print(
+                f"batch {batch_id}: {args.jobs} jobs, {args.workers} workers, chaos for {args.chaos_s:.0f}s",
+                file=sys.stderr,
+            )
 
             # The chaos: events spread over the window, in random order.
             events = ["kill"] * args.kills + ["term"] * args.terms + ["redis"] * args.redis_restarts
@@ -81,17 +96,21 @@ def main() -> int:
                     workers.remove(victim)
                     workers.append(spawn("worker", "--model", "tiny"))
                 done_events[event] += 1
-                print(f"  t={time.monotonic() - started:5.1f}s {event} -> {api.status(batch_id).to_dict()}",
-                      file=sys.stderr)
+                print(
+                    f"  t={time.monotonic() - started:5.1f}s {event} -> {api.status(batch_id).to_dict()}",
+                    file=sys.stderr,
+                )
             time.sleep(max(0.0, started + args.chaos_s - time.monotonic()))
 
             drain_started = time.monotonic()
             wait_until(lambda: done(batch_id), args.drain_timeout_s, interval_s=0.5, what="the batch to drain")
             drain_s = time.monotonic() - drain_started
             result = outcome(batch_id)
-            print(f"{result.line()} drain_s={drain_s:.1f} total_s={time.monotonic() - started:.1f} "
-                  f"jobs={result.total} kills={done_events['kill']} terms={done_events['term']} "
-                  f"redis_restarts={done_events['redis']}")
+            print(
+                f"{result.line()} drain_s={drain_s:.1f} total_s={time.monotonic() - started:.1f} "
+                f"jobs={result.total} kills={done_events['kill']} terms={done_events['term']} "
+                f"redis_restarts={done_events['redis']}"
+            )
             return 0 if (result.lost, result.duplicates, result.stuck, result.mismatched) == (0, 0, 0, 0) else 1
         finally:
             for process in processes:

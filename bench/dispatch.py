@@ -44,9 +44,13 @@ def chunk_timings(logs: list[str], batch_id: str) -> dict[str, float]:
 def cpu_snapshot(procs: list[Process], moto_pid: int) -> dict[str, float]:
     """CPU seconds so far of each side: on 2 cores every component competes for the same CPU,
     so the cost per job is what decides throughput, not just the waits."""
-    return {"workers": sum(cpu_seconds(pgid=p.pid) for p in procs), "moto": cpu_seconds(pid=moto_pid),
-            "postgres": cpu_seconds(comm="postgres"), "redis": cpu_seconds(comm="redis-server"),
-            "bench": cpu_seconds(pid=os.getpid())}
+    return {
+        "workers": sum(cpu_seconds(pgid=p.pid) for p in procs),
+        "moto": cpu_seconds(pid=moto_pid),
+        "postgres": cpu_seconds(comm="postgres"),
+        "redis": cpu_seconds(comm="redis-server"),
+        "bench": cpu_seconds(pid=os.getpid()),
+    }
 
 
 def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
@@ -61,8 +65,10 @@ def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jo
     from lcmq.settings import reset_settings
 
     reset_settings()
-    procs = [Process(case_env, work / f"w{workers}-{time.time_ns()}.log", "worker", "--model", "null",
-                     "--batch-size", "32") for _ in range(workers)]
+    procs = [
+        Process(case_env, work / f"w{workers}-{time.time_ns()}.log", "worker", "--model", "null", "--batch-size", "32")
+        for _ in range(workers)
+    ]
     try:
         for proc in procs:
             proc.wait_ready()
@@ -80,11 +86,19 @@ def run_case(env: dict[str, str], work: Path, storage_url: str, workers: int, jo
     busy_ms = seconds * 1000 * workers  # worker-time spent on the batch
     per_job = {k.removesuffix("_ms"): round(v / jobs, 3) for k, v in parts.items()}
     # What the chunk timings do not cover: the broker, Celery, task start-up, the submit.
-    per_job["broker_and_rest"] = round((busy_ms - parts["claim_ms"] - parts["render_ms"] - parts["wait_store_ms"])
-                                       / jobs, 3)
-    return {"storage": storage_url.split(":")[0], "workers": workers, "jobs": jobs, "seconds": round(seconds, 2),
-            "jobs_per_s": round(jobs / seconds, 1), "overhead_ms": round(busy_ms / jobs, 3), "per_job_ms": per_job,
-            "cpu_ms_per_job": cpu}
+    per_job["broker_and_rest"] = round(
+        (busy_ms - parts["claim_ms"] - parts["render_ms"] - parts["wait_store_ms"]) / jobs, 3
+    )
+    return {
+        "storage": storage_url.split(":")[0],
+        "workers": workers,
+        "jobs": jobs,
+        "seconds": round(seconds, 2),
+        "jobs_per_s": round(jobs / seconds, 1),
+        "overhead_ms": round(busy_ms / jobs, 3),
+        "per_job_ms": per_job,
+        "cpu_ms_per_job": cpu,
+    }
 
 
 def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int, moto_pid: int) -> tuple[float, dict]:
@@ -99,9 +113,14 @@ def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int, moto_pid:
     cpu_before = cpu_snapshot([], moto_pid)
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"raw/{i:06d}.png", Body=data,
-                                                  ContentType="image/png", Metadata={"sha256": "x"}),
-                      range(count)))
+        list(
+            pool.map(
+                lambda i: client.put_object(
+                    Bucket=bucket, Key=f"raw/{i:06d}.png", Body=data, ContentType="image/png", Metadata={"sha256": "x"}
+                ),
+                range(count),
+            )
+        )
     rate = count / (time.perf_counter() - started)
     return rate, cpu_per_job(cpu_before, cpu_snapshot([], moto_pid), count)
 
@@ -123,12 +142,15 @@ def main() -> int:
                 result = run_case(env, work, storage_url, workers, jobs, s3.proc.pid)
                 results.append(result)
                 print(json.dumps(result))
-        raw, raw_cpu = raw_put_rate(env["LCMQ_S3_ENDPOINT_URL"], bucket, args.s3_jobs,
-                                    threads=2 * UPLOAD_THREADS, moto_pid=s3.proc.pid)
+        raw, raw_cpu = raw_put_rate(
+            env["LCMQ_S3_ENDPOINT_URL"], bucket, args.s3_jobs, threads=2 * UPLOAD_THREADS, moto_pid=s3.proc.pid
+        )
         file2, s3_2 = results[1], results[3]
         print(json.dumps({"raw_put_per_s": round(raw, 1), "threads": 2 * UPLOAD_THREADS, "cpu_ms_per_put": raw_cpu}))
-        print(f"jobs_per_s={file2['jobs_per_s']} overhead_ms={file2['overhead_ms']} "
-              f"s3_ratio={s3_2['jobs_per_s'] / raw:.2f}")
+        print(
+            f"jobs_per_s={file2['jobs_per_s']} overhead_ms={file2['overhead_ms']} "
+            f"s3_ratio={s3_2['jobs_per_s'] / raw:.2f}"
+        )
     return 0
 
 

@@ -108,40 +108,94 @@ FLOP_SCOPE = f"{STEPS} UNet steps + VAE decode + text encoder(s), guidance {GUID
 
 # The modules targeted by diffusers' LCM-LoRA distillation scripts (train_lcm_distill_lora_*),
 # which trained latent-consistency/lcm-lora-sdv1-5 and lcm-lora-sdxl (both rank 64).
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+LCM_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 LCM_LORA_RANK = 64
 
 # Top-level module -> distribution, for everything the worker's import chain needs.
 REQUIRED_MODULES = {
-    "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
-    "accelerate": "accelerate", "safetensors": "safetensors", "PIL": "pillow", "sqlalchemy": "sqlalchemy",
-    "pydantic": "pydantic", "pydantic_core": "pydantic-core", "pydantic_settings": "pydantic-settings",
-    "dotenv": "python-dotenv", "annotated_types": "annotated-types", "typing_inspection": "typing-inspection",
-    "celery": "celery", "kombu": "kombu", "amqp": "amqp", "billiard": "billiard", "vine": "vine", "redis": "redis",
-    "tzlocal": "tzlocal", "dateutil": "python-dateutil", "click": "click",
+    "torch": "torch",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "peft": "peft",
+    "accelerate": "accelerate",
+    "safetensors": "safetensors",
+    "PIL": "pillow",
+    "sqlalchemy": "sqlalchemy",
+    "pydantic": "pydantic",
+    "pydantic_core": "pydantic-core",
+    "pydantic_settings": "pydantic-settings",
+    "dotenv": "python-dotenv",
+    "annotated_types": "annotated-types",
+    "typing_inspection": "typing-inspection",
+    "celery": "celery",
+    "kombu": "kombu",
+    "amqp": "amqp",
+    "billiard": "billiard",
+    "vine": "vine",
+    "redis": "redis",
+    "tzlocal": "tzlocal",
+    "dateutil": "python-dateutil",
+    "click": "click",
 }
 
 # SDXL base 1.0's published UNet config (unet/config.json), less the defaults.
 SDXL_UNET = dict(
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
 # The same topology, narrow and shallow, for --cpu-smoke: cross_attention_dim = the two encoders'
 # hidden sizes, projection input = 6 time ids x addition_time_embed_dim + encoder 2's projection.
 SDXL_SMOKE_UNET = SDXL_UNET | dict(
-    block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
-    cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+    block_out_channels=(32, 64, 128),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    cross_attention_dim=64,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
     sample_size=8,
 )
 SDXL_TEXT_ENCODERS = (
-    dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-         hidden_act="quick_gelu", projection_dim=768),
-    dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-         hidden_act="gelu", projection_dim=1280),
+    dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    ),
+    dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_attention_heads=20,
+        num_hidden_layers=32,
+        hidden_act="gelu",
+        projection_dim=1280,
+    ),
 )
 SDXL_SMOKE_TEXT_ENCODERS = (
     dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32),
@@ -171,8 +225,9 @@ def gpu_configs() -> list[Config]:
     sd15_unet, sd15_vae, sd15_text, _ = ARCHITECTURES["sd15-arch"]
     return [
         Config("sd15-512", "sd15", "sd15", 512, sd15_unet, sd15_vae, (sd15_text,), LCM_LORA_RANK, 5.9),
-        Config("sdxl-1024", "sdxl", "sdxl", 1024, SDXL_UNET, (128, 256, 512, 512), SDXL_TEXT_ENCODERS,
-               LCM_LORA_RANK, 37.8),
+        Config(
+            "sdxl-1024", "sdxl", "sdxl", 1024, SDXL_UNET, (128, 256, 512, 512), SDXL_TEXT_ENCODERS, LCM_LORA_RANK, 37.8
+        ),
     ]
 
 
@@ -182,8 +237,9 @@ def smoke_configs() -> list[Config]:
     tiny_unet, tiny_vae, tiny_text, tiny_rank = ARCHITECTURES["tiny-sd15"]
     return [
         Config("sd15-64-smoke", "sd15", "sd15", 64, tiny_unet, tiny_vae, (tiny_text,), tiny_rank, None),
-        Config("sdxl-64-smoke", "sdxl", "sdxl", 64, SDXL_SMOKE_UNET, (32, 32, 64, 64), SDXL_SMOKE_TEXT_ENCODERS,
-               4, None),
+        Config(
+            "sdxl-64-smoke", "sdxl", "sdxl", 64, SDXL_SMOKE_UNET, (32, 32, 64, 64), SDXL_SMOKE_TEXT_ENCODERS, 4, None
+        ),
     ]
 
 
@@ -211,15 +267,23 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "diffusers": _version("diffusers"), "transformers": _version("transformers"), "peft": _version("peft"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info |= {"card": torch.cuda.get_device_name(0), "capability": f"{props.major}.{props.minor}",
-                 "sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
-                 "cudnn": torch.backends.cudnn.version()}
+        info |= {
+            "card": torch.cuda.get_device_name(0),
+            "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "cudnn": torch.backends.cudnn.version(),
+        }
     else:
         info |= {"card": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
     return info
@@ -275,8 +339,13 @@ def matmul_tflops(device: str, quick: bool) -> dict[str, Any]:
             times_s.append(time.perf_counter() - started)
     median_s = statistics.median(times_s)
     tflops = 2 * n**3 * per_trial / median_s / 1e12
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "trials": trials, "tflops": tflops,
-            "spread": (max(times_s) - min(times_s)) / median_s}
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "trials": trials,
+        "tflops": tflops,
+        "spread": (max(times_s) - min(times_s)) / median_s,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +365,9 @@ def _on_device(build: Callable[[], Any], device: str, dtype, seed: int):
 def _text_encoder(kwargs: dict[str, Any], vocab_size: int, with_projection: bool, device: str, dtype, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                            max_position_embeddings=77, **kwargs)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77, **kwargs
+    )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return _on_device(lambda: cls(config), device, dtype, seed)
 
@@ -310,38 +380,68 @@ def _vae(config: Config, device: str, dtype, fp16_vae: bool):
         # SDXL base's VAE overflows in fp16, so its config asks the pipeline to decode in fp32.
         extra = {"scaling_factor": 0.13025, "force_upcast": not fp16_vae}
     n = len(config.vae_channels)
-    return _on_device(lambda: AutoencoderKL(
-        block_out_channels=config.vae_channels, in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=2, norm_num_groups=32, sample_size=config.size_px, **extra), device, dtype, seed=1)
+    return _on_device(
+        lambda: AutoencoderKL(
+            block_out_channels=config.vae_channels,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            layers_per_block=2,
+            norm_num_groups=32,
+            sample_size=config.size_px,
+            **extra,
+        ),
+        device,
+        dtype,
+        seed=1,
+    )
 
 
 def build_pipeline(config: Config, device: str, dtype, fp16_vae: bool):
     """The family's diffusers pipeline with its original scheduler, as from_pretrained gives it."""
-    from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     from worker.generated import byte_level_tokenizer
 
-    unet = _on_device(lambda: UNet2DConditionModel(in_channels=4, out_channels=4, **config.unet),
-                      device, dtype, seed=0)
+    unet = _on_device(lambda: UNet2DConditionModel(in_channels=4, out_channels=4, **config.unet), device, dtype, seed=0)
     vae = _vae(config, device, dtype, fp16_vae)
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1)
+    betas = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
     tokenizer = byte_level_tokenizer()
     if config.family == "sd15":
         text_encoder = _text_encoder(config.text_encoders[0], len(tokenizer), False, device, dtype, seed=2)
         return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=PNDMScheduler(skip_prk_steps=True, **betas), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(skip_prk_steps=True, **betas),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     tokenizer_2 = byte_level_tokenizer()
     text_encoder = _text_encoder(config.text_encoders[0], len(tokenizer), False, device, dtype, seed=2)
     text_encoder_2 = _text_encoder(config.text_encoders[1], len(tokenizer_2), True, device, dtype, seed=4)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas),
-        add_watermarker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas),
+        add_watermarker=False,
+    )
 
 
 def random_lcm_lora(unet, rank: int, device: str, dtype) -> dict[str, Any]:
@@ -363,7 +463,7 @@ def random_lcm_lora(unet, rank: int, device: str, dtype) -> dict[str, Any]:
             a_shape, b_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
         else:
             continue
-        a = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / math.prod(a_shape[1:])**0.5
+        a = torch.randn(a_shape, generator=gen, device=device, dtype=dtype) / math.prod(a_shape[1:]) ** 0.5
         b = torch.randn(b_shape, generator=gen, device=device, dtype=dtype) * 1e-3
         state[f"unet.{name}.lora_A.weight"], state[f"unet.{name}.lora_B.weight"] = a, b
     return state
@@ -388,8 +488,11 @@ def prepare(pipe, config: Config, device: str, dtype) -> dict[str, Any]:
     if device != "cpu":
         pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
-    return {"lora_modules": lora_modules, "lora_params_m": round(lora_params / 1e6, 1),
-            "unet_params_m": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1)}
+    return {
+        "lora_modules": lora_modules,
+        "lora_params_m": round(lora_params / 1e6, 1),
+        "unet_params_m": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
+    }
 
 
 def count_tflop_per_image(pipe, config: Config) -> tuple[float, bool]:
@@ -403,8 +506,14 @@ def count_tflop_per_image(pipe, config: Config) -> tuple[float, bool]:
 
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        image = pipe(prompt=[PROMPT], num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=config.size_px,
-                     height=config.size_px, output_type="pil").images[0]
+        image = pipe(
+            prompt=[PROMPT],
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            width=config.size_px,
+            height=config.size_px,
+            output_type="pil",
+        ).images[0]
     flat = all(low == high for low, high in image.getextrema())
     return counter.get_total_flops() / 1e12, flat
 
@@ -417,11 +526,32 @@ def job_record(index: int, size_px: int):
     """A queued job as the repository's claim returns it (the shape of tests/helpers.py's builder)."""
     from lcmq.repository import JobRecord
 
-    return JobRecord(id=f"job{index}", batch_id="bench", index=index, state="running", prompt=PROMPT,
-                     negative_prompt="", seed=index, steps=STEPS, guidance=GUIDANCE, width=size_px, height=size_px,
-                     meta={}, attempts=1, worker="bench", error=None, key=None, sha256=None, render_ms=None,
-                     batch_size=None, warning=None, dispatched_at=None, created_at=datetime.now(UTC),
-                     started_at=None, finished_at=None)
+    return JobRecord(
+        id=f"job{index}",
+        batch_id="bench",
+        index=index,
+        state="running",
+        prompt=PROMPT,
+        negative_prompt="",
+        seed=index,
+        steps=STEPS,
+        guidance=GUIDANCE,
+        width=size_px,
+        height=size_px,
+        meta={},
+        attempts=1,
+        worker="bench",
+        error=None,
+        key=None,
+        sha256=None,
+        render_ms=None,
+        batch_size=None,
+        warning=None,
+        dispatched_at=None,
+        created_at=datetime.now(UTC),
+        started_at=None,
+        finished_at=None,
+    )
 
 
 class MemoryRepository:
@@ -430,9 +560,21 @@ class MemoryRepository:
     def __init__(self, profile: str):
         from lcmq.repository import BatchRecord
 
-        self.batch = BatchRecord(id="bench", name=None, profile=profile, total=0, seed=0, output="", options={},
-                                 created_at=datetime.now(UTC), idempotency_key=None, priority=0, canceled_at=None,
-                                 published_at=None, manifest_at=None)
+        self.batch = BatchRecord(
+            id="bench",
+            name=None,
+            profile=profile,
+            total=0,
+            seed=0,
+            output="",
+            options={},
+            created_at=datetime.now(UTC),
+            idempotency_key=None,
+            priority=0,
+            canceled_at=None,
+            published_at=None,
+            manifest_at=None,
+        )
         self.queued: dict[str, Any] = {}
         self.recorded = 0
         self.failures: list[str] = []
@@ -503,8 +645,15 @@ def bare_step(pipe, config: Config, batch: int) -> Callable[[], dict[str, float]
     def step() -> dict[str, float]:
         started = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]  # as worker.render does
-        images = pipe(prompt=[PROMPT] * batch, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                      width=config.size_px, height=config.size_px, generator=generators, output_type="pil").images
+        images = pipe(
+            prompt=[PROMPT] * batch,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            width=config.size_px,
+            height=config.size_px,
+            generator=generators,
+            output_type="pil",
+        ).images
         rendered = time.perf_counter()  # PIL images: the GPU work is done
         for image in images:
             encode_png(image, BARE_PARAMETERS)
@@ -543,8 +692,10 @@ def lcmq_step(loaded, config: Config, batch: int, chunk_jobs: int) -> Callable[[
         jobs = [job_record(next_index[0] + i, config.size_px) for i in range(chunk_jobs)]
         next_index[0] += chunk_jobs
         repo.queued = {job.id: job for job in jobs}
-        with mock.patch.object(tasks, "process_clients", return_value=(repo, storage)), \
-                mock.patch.object(tasks, "pinned_pipeline", return_value=loaded):
+        with (
+            mock.patch.object(tasks, "process_clients", return_value=(repo, storage)),
+            mock.patch.object(tasks, "pinned_pipeline", return_value=loaded),
+        ):
             run = tasks.ChunkRun(repo.batch.id, "bench-gpu")
             run.settings = run.settings.model_copy(update={"batch_size": batch})
             run.run([job.id for job in jobs])  # returns while its last micro-batches store
@@ -574,8 +725,14 @@ class Timing:
     per_iter_s: list[float] = field(default_factory=list)
 
 
-def timed(step: Callable[[], dict[str, float]], device: str, target_s: float, warmup_iters: int = WARMUP_ITERS,
-          min_iters: int = MIN_ITERS, iter_estimate_s: float | None = None) -> Timing:
+def timed(
+    step: Callable[[], dict[str, float]],
+    device: str,
+    target_s: float,
+    warmup_iters: int = WARMUP_ITERS,
+    min_iters: int = MIN_ITERS,
+    iter_estimate_s: float | None = None,
+) -> Timing:
     """Warm up, size N from the last warmup iteration (or the estimate) to fill ~target_s, time N."""
     last_s = iter_estimate_s or 1.0
     for _ in range(warmup_iters):
@@ -602,8 +759,17 @@ def timed(step: Callable[[], dict[str, float]], device: str, target_s: float, wa
     return Timing(iters, time.perf_counter() - started, parts_ms, per_iter_s)
 
 
-def measure_batch(pipe, loaded, config: Config, batch: int, chunk_size: int, device: str, target_s: float,
-                  tflop_per_image: float, matmul: float) -> dict[str, Any]:
+def measure_batch(
+    pipe,
+    loaded,
+    config: Config,
+    batch: int,
+    chunk_size: int,
+    device: str,
+    target_s: float,
+    tflop_per_image: float,
+    matmul: float,
+) -> dict[str, Any]:
     """3a then 3b for one batch size."""
     import torch
 
@@ -619,20 +785,33 @@ def measure_batch(pipe, loaded, config: Config, batch: int, chunk_size: int, dev
         warm = lcmq_step(loaded, config, batch, batch)
         warm()
         warm.finish()
-        lcmq = timed(lcmq_step(loaded, config, batch, chunk_jobs), device, target_s, warmup_iters=0,
-                     min_iters=1, iter_estimate_s=chunk_jobs / bare_png_img_s)
+        lcmq = timed(
+            lcmq_step(loaded, config, batch, chunk_jobs),
+            device,
+            target_s,
+            warmup_iters=0,
+            min_iters=1,
+            iter_estimate_s=chunk_jobs / bare_png_img_s,
+        )
     images_lcmq = chunk_jobs * lcmq.iters
     img_s = images_bare / (bare.parts_ms["pipe_ms"] / 1000)
     lcmq_img_s = images_lcmq / lcmq.elapsed_s
     return {
-        "config": config.name, "batch": batch, "img_s": img_s,
-        "tflop_share": img_s * tflop_per_image / matmul, "lcmq_ratio": lcmq_img_s / bare_png_img_s,
-        "bare_png_img_s": bare_png_img_s, "lcmq_img_s": lcmq_img_s, "lcmq_vs_pipe": lcmq_img_s / img_s,
+        "config": config.name,
+        "batch": batch,
+        "img_s": img_s,
+        "tflop_share": img_s * tflop_per_image / matmul,
+        "lcmq_ratio": lcmq_img_s / bare_png_img_s,
+        "bare_png_img_s": bare_png_img_s,
+        "lcmq_img_s": lcmq_img_s,
+        "lcmq_vs_pipe": lcmq_img_s / img_s,
         "pipe_ms": bare.parts_ms["pipe_ms"] / bare.iters,
         "png_ms_per_img": bare.parts_ms["png_ms"] / images_bare,
         **{f"lcmq_{part.removesuffix('_ms')}_ms_per_img": ms / images_lcmq for part, ms in lcmq.parts_ms.items()},
         "iter_ms_median": 1000 * statistics.median(bare.per_iter_s),
-        "iters": bare.iters, "lcmq_tasks": lcmq.iters, "lcmq_chunk_jobs": chunk_jobs,
+        "iters": bare.iters,
+        "lcmq_tasks": lcmq.iters,
+        "lcmq_chunk_jobs": chunk_jobs,
         "mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
     }
 
@@ -669,8 +848,9 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_config(config: Config, args, device: str, dtype, matmul: float, target_s: float,
-                 record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def bench_config(
+    config: Config, args, device: str, dtype, matmul: float, target_s: float, record: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
     """Steps 2 and 3 for one config; a batch size that runs out of memory is recorded, not fatal.
 
     `record` gets the run so far after every batch size (the JSON file survives a timeout).
@@ -693,16 +873,28 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
     loaded = LoadedPipeline(BUILTIN_PROFILES[config.profile], pipe, device, dtype, load_s)
     # The SDXL pipeline decodes in fp32 when an fp16 VAE's config says force_upcast.
     upcast = config.family == "sdxl" and dtype == torch.float16 and pipe.vae.config.force_upcast
-    info = {"config": config.name, "size_px": config.size_px, "load_s": load_s, **built,
-            "lora_rank": config.lora_rank, "vae_decode": "float32" if upcast else str(dtype).removeprefix("torch."),
-            "compiled": args.compile, "tflop_per_image": tflop_per_image, "counted_tflop_per_image": counted,
-            "images_flat": flat}
+    info = {
+        "config": config.name,
+        "size_px": config.size_px,
+        "load_s": load_s,
+        **built,
+        "lora_rank": config.lora_rank,
+        "vae_decode": "float32" if upcast else str(dtype).removeprefix("torch."),
+        "compiled": args.compile,
+        "tflop_per_image": tflop_per_image,
+        "counted_tflop_per_image": counted,
+        "images_flat": flat,
+    }
     print(f"# {line(info)}", flush=True)
-    print(f"#   tflop_per_image={_fmt(tflop_per_image)} covers {FLOP_SCOPE}"
-          f"{'' if config.tflop_per_image else ' (counted: smoke model)'}", flush=True)
+    print(
+        f"#   tflop_per_image={_fmt(tflop_per_image)} covers {FLOP_SCOPE}"
+        f"{'' if config.tflop_per_image else ' (counted: smoke model)'}",
+        flush=True,
+    )
     if flat:
-        print("#   warning: the images are flat (fp16 overflow in random weights?): PNG times are understated",
-              flush=True)
+        print(
+            "#   warning: the images are flat (fp16 overflow in random weights?): PNG times are understated", flush=True
+        )
     info["tflop_scope"] = FLOP_SCOPE
 
     # 3. Every batch size, each with both loops.
@@ -710,14 +902,17 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
     run = {"info": info, "results": results}
     for batch in args.batch_sizes:
         try:
-            result = measure_batch(pipe, loaded, config, batch, args.chunk_size, device, target_s, tflop_per_image,
-                                   matmul)
+            result = measure_batch(
+                pipe, loaded, config, batch, args.chunk_size, device, target_s, tflop_per_image, matmul
+            )
         except torch.cuda.OutOfMemoryError as exc:
             result = {"config": config.name, "batch": batch, "error": f"OutOfMemoryError: {str(exc)[:200]}"}
         free(device)
         results.append(result)
-        print(line({k: v for k, v in result.items() if k != "error"} | (
-            {"error": "OOM"} if "error" in result else {})), flush=True)
+        print(
+            line({k: v for k, v in result.items() if k != "error"} | ({"error": "OOM"} if "error" in result else {})),
+            flush=True,
+        )
         record(run)
     del pipe, loaded
     free(device)
@@ -726,19 +921,33 @@ def bench_config(config: Config, args, device: str, dtype, matmul: float, target
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"time ~{QUICK_TARGET_S:g} s per loop instead of "
-                        f"~{TARGET_S:g} s")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"time ~{QUICK_TARGET_S:g} s per loop instead of ~{TARGET_S:g} s"
+    )
     parser.add_argument("--out", type=Path, help="also write every result as JSON here")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet (max-autotune-no-cudagraphs); minutes of autotuning per shape")
-    parser.add_argument("--fp16-vae", action="store_true",
-                        help="SDXL VAE decodes in fp16 (sdxl-vae-fp16-fix) instead of SDXL base's fp32 upcast")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (max-autotune-no-cudagraphs); minutes of autotuning per shape",
+    )
+    parser.add_argument(
+        "--fp16-vae",
+        action="store_true",
+        help="SDXL VAE decodes in fp16 (sdxl-vae-fp16-fix) instead of SDXL base's fp32 upcast",
+    )
     parser.add_argument("--config", action="append", help="run only this config (repeatable)")
     parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="jobs per lcmq render task (default: lcmq's chunk_size setting; 4 with --cpu-smoke)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="the whole code path on CPU: tiny models of both architectures, 64x64, float32")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="jobs per lcmq render task (default: lcmq's chunk_size setting; 4 with --cpu-smoke)",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="the whole code path on CPU: tiny models of both architectures, 64x64, float32",
+    )
     args = parser.parse_args(argv)
     if args.batch_sizes is None:
         args.batch_sizes = (1, 2) if args.cpu_smoke else BATCH_SIZES
@@ -751,14 +960,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # 0. Fail fast: no GPU, or a dependency the machine lacks (all of them named at once).
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print(f"bench/gpu.py: no CUDA device available (torch {torch.__version__}, built for CUDA "
-              f"{torch.version.cuda or 'none'}): run it on a machine with an NVIDIA GPU, or pass --cpu-smoke "
-              "to check the code path on CPU", file=sys.stderr)
+        print(
+            f"bench/gpu.py: no CUDA device available (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}): run it on a machine with an NVIDIA GPU, or pass --cpu-smoke "
+            "to check the code path on CPU",
+            file=sys.stderr,
+        )
         return EXIT_NO_CUDA
     missing = missing_modules()
     if missing:
-        print(f"bench/gpu.py: missing Python packages: {' '.join(missing)} (bring their wheels; see this "
-              "file's docstring)", file=sys.stderr)
+        print(
+            f"bench/gpu.py: missing Python packages: {' '.join(missing)} (bring their wheels; see this "
+            "file's docstring)",
+            file=sys.stderr,
+        )
         return EXIT_MISSING_MODULES
 
     # The worker modules build lcmq's settings and Celery app on import: keep their embedded
@@ -795,26 +1010,35 @@ def run_bench(args) -> int:
     if args.config:
         unknown = set(args.config) - {c.name for c in configs}
         if unknown:
-            print(f"bench/gpu.py: unknown config(s) {', '.join(sorted(unknown))}; known: "
-                  f"{', '.join(c.name for c in configs)}", file=sys.stderr)
+            print(
+                f"bench/gpu.py: unknown config(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(c.name for c in configs)}",
+                file=sys.stderr,
+            )
             return 1
         configs = [c for c in configs if c.name in args.config]
 
     env = environment(device)
     print(f"# {line(env)}", flush=True)
-    print(f"# dtype={str(dtype).removeprefix('torch.')} steps={STEPS} guidance={GUIDANCE:g} "
-          f"batch_sizes={','.join(map(str, args.batch_sizes))} target_s={target_s:g} warmup_iters={WARMUP_ITERS} "
-          f"lcmq_chunk_size={args.chunk_size} tf32=on sdpa=default channels_last={device != 'cpu'} "
-          f"compile={args.compile}", flush=True)
+    print(
+        f"# dtype={str(dtype).removeprefix('torch.')} steps={STEPS} guidance={GUIDANCE:g} "
+        f"batch_sizes={','.join(map(str, args.batch_sizes))} target_s={target_s:g} warmup_iters={WARMUP_ITERS} "
+        f"lcmq_chunk_size={args.chunk_size} tf32=on sdpa=default channels_last={device != 'cpu'} "
+        f"compile={args.compile}",
+        flush=True,
+    )
 
     # 1. The dense matmul ceiling.
     matmul = matmul_tflops(device, args.quick)
     print(f"# {line({'matmul_' + k: v for k, v in matmul.items()})}", flush=True)
 
     # 2-3. Each config: build, then every batch size with both loops.
-    report: dict[str, Any] = {"environment": env, "args": {k: str(v) if isinstance(v, Path) else v
-                                                          for k, v in vars(args).items()},
-                              "matmul": matmul, "configs": []}
+    report: dict[str, Any] = {
+        "environment": env,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "matmul": matmul,
+        "configs": [],
+    }
 
     def record(run: dict[str, Any]) -> None:
         if not any(seen is run for seen in report["configs"]):
@@ -824,9 +1048,11 @@ def run_bench(args) -> int:
     runs = [bench_config(config, args, device, dtype, matmul["tflops"], target_s, record) for config in configs]
 
     # 4. Summary: best img/s per architecture, the ceiling, then the best through the lcmq loop.
-    summary = {config.summary_key("img_s"): best(run, "img_s") for config, run in zip(configs, runs)}
+    summary = {config.summary_key("img_s"): best(run, "img_s") for config, run in zip(configs, runs, strict=False)}
     summary["matmul_tflops"] = matmul["tflops"]
-    summary |= {config.summary_key("lcmq_img_s"): best(run, "lcmq_img_s") for config, run in zip(configs, runs)}
+    summary |= {
+        config.summary_key("lcmq_img_s"): best(run, "lcmq_img_s") for config, run in zip(configs, runs, strict=True)
+    }
     report["summary"] = summary
     write_json(args.out, report)
     print(line(summary), flush=True)

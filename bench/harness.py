@@ -54,11 +54,14 @@ def cpu_seconds(*, pgid: int | None = None, pid: int | None = None, comm: str | 
             raw = Path(f"/proc/{entry}/stat").read_text()
         except OSError:  # exited while we looked
             continue
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2:].split()
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
         # fields[2] is pgrp; fields[11], fields[12] are utime and stime (proc(5), less pid and comm).
-        if ((pgid is not None and int(fields[2]) == pgid) or (pid is not None and int(entry) == pid)
-                or (comm is not None and name == comm)):
+        if (
+            (pgid is not None and int(fields[2]) == pgid)
+            or (pid is not None and int(entry) == pid)
+            or (comm is not None and name == comm)
+        ):
             total += int(fields[11]) + int(fields[12])
     return total / _CLOCK_TICKS
 
@@ -81,11 +84,29 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-             "--logfile", str(self.folder / "redis.log"),
-             *(["--requirepass", self.password] if self.password else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                str(self.folder / "redis.log"),
+                *(["--requirepass", self.password] if self.password else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(self._pingable, 10, what=f"redis-server on {self.port}")
         return self
 
@@ -177,8 +198,9 @@ class Process:
         self.log_path = log_path
         self.args = args
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen([str(VENV_BIN / "lcmq"), *args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "lcmq"), *args], env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -196,6 +218,7 @@ class Process:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.args} exited with {self.proc.returncode}:\n{self.log[-3000:]}")
             return " ready." in self.log
+
         wait_until(ready, timeout_s, what=f"worker ready ({self.log_path})")
         return self
 
@@ -242,8 +265,10 @@ class Outcome:
     max_attempts: int
 
     def line(self) -> str:
-        return (f"lost={self.lost} duplicates={self.duplicates} stuck={self.stuck} mismatched={self.mismatched} "
-                f"succeeded={self.succeeded} failed={self.failed} max_attempts={self.max_attempts}")
+        return (
+            f"lost={self.lost} duplicates={self.duplicates} stuck={self.stuck} mismatched={self.mismatched} "
+            f"succeeded={self.succeeded} failed={self.failed} max_attempts={self.max_attempts}"
+        )
 
 
 def outcome(batch_id: str) -> Outcome:
@@ -257,17 +282,23 @@ def outcome(batch_id: str) -> Outcome:
     succeeded = [j for j in jobs if j.state == JobState.succeeded.value]
     pointed = [j.key for j in succeeded]
     duplicates = len(objects - set(pointed)) + (len(pointed) - len(set(pointed)))
-    mismatched = sum(1 for j in succeeded if j.key not in objects or
-                     hashlib.sha256(store.get(j.key)).hexdigest() != j.sha256)
+    mismatched = sum(
+        1 for j in succeeded if j.key not in objects or hashlib.sha256(store.get(j.key)).hexdigest() != j.sha256
+    )
     manifest = {(m["key"], m["sha256"]) for m in api.manifest(batch_id)}
     mismatched += len(manifest ^ {(j.key, j.sha256) for j in succeeded})
     final = {JobState.succeeded.value, JobState.failed.value, JobState.canceled.value}
-    return Outcome(total=len(jobs), succeeded=len(succeeded),
-                   failed=sum(j.state == JobState.failed.value for j in jobs),
-                   canceled=sum(j.state == JobState.canceled.value for j in jobs),
-                   lost=sum(j.state not in final for j in jobs),
-                   duplicates=duplicates, stuck=sum(j.state == JobState.running.value for j in jobs),
-                   mismatched=mismatched, max_attempts=max((j.attempts for j in jobs), default=0))
+    return Outcome(
+        total=len(jobs),
+        succeeded=len(succeeded),
+        failed=sum(j.state == JobState.failed.value for j in jobs),
+        canceled=sum(j.state == JobState.canceled.value for j in jobs),
+        lost=sum(j.state not in final for j in jobs),
+        duplicates=duplicates,
+        stuck=sum(j.state == JobState.running.value for j in jobs),
+        mismatched=mismatched,
+        max_attempts=max((j.attempts for j in jobs), default=0),
+    )
 
 
 def running_jobs_of(batch_id: str, node: str) -> int:
@@ -283,8 +314,9 @@ def done(batch_id: str) -> bool:
 
 
 def write_prompts(path: Path, count: int, poison_at: set[int] | None = None, marker: str = "POISON") -> Path:
-    rows = [{"prompt": (f"{marker} " if i in (poison_at or ()) else "") + f"a small house number {i}"}
-            for i in range(count)]
+    rows = [
+        {"prompt": (f"{marker} " if i in (poison_at or ()) else "") + f"a small house number {i}"} for i in range(count)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -298,8 +330,11 @@ class MotoS3:
         self.port = free_port()
         self.bucket = bucket
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
         client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
@@ -363,10 +398,20 @@ def bench_world(work: Path, **settings: str):
     redis = RedisServer(work / "redis").start()
     s3 = MotoS3(work / "moto.log")
     db_url, drop_db = create_database(PG_ADMIN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
-        "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url, "LCMQ_STORAGE_URL": f"s3://{s3.bucket}/bench",
-        "LCMQ_S3_ENDPOINT_URL": s3.url, "LCMQ_HOME": str(work / "home"), "LCMQ_POLL_S": "0.05",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"} | settings
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")}
+        | {
+            "LCMQ_DATABASE_URL": db_url,
+            "LCMQ_BROKER_URL": redis.url,
+            "LCMQ_STORAGE_URL": f"s3://{s3.bucket}/bench",
+            "LCMQ_S3_ENDPOINT_URL": s3.url,
+            "LCMQ_HOME": str(work / "home"),
+            "LCMQ_POLL_S": "0.05",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+        | settings
+    )
     os.environ.update(env)
     try:
         upgrade(db_url)

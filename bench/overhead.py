@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import Process, bench_world, done, wait_until  # noqa: E402
 
 
-
 def prompts(n: int, round_no: int) -> list[str]:
     return [f"a product photo of item {i}, studio light, round {round_no}" for i in range(n)]
 
@@ -41,11 +40,18 @@ def bare_loop(loaded, texts: list[str], batch_size: int, steps: int, out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for start in range(0, len(texts), batch_size):
-        batch = texts[start:start + batch_size]
+        batch = texts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(start + i) for i in range(len(batch))]
         with torch.inference_mode():
-            images = loaded.pipe(prompt=batch, num_inference_steps=steps, guidance_scale=1.0, width=profile.width,
-                                 height=profile.height, generator=generators, output_type="pil").images
+            images = loaded.pipe(
+                prompt=batch,
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                width=profile.width,
+                height=profile.height,
+                generator=generators,
+                output_type="pil",
+            ).images
         for i, image in enumerate(images):
             (out / f"{start + i:06d}.png").write_bytes(encode_png(image, batch[i]))
     return len(texts) / (time.perf_counter() - started)
@@ -89,15 +95,20 @@ def main() -> int:
             lcmq_run(prompts(args.batch_size, -1), args.model, args.steps, poll_s)  # (B) warm
             bare, queued = [], []
             for round_no in range(args.rounds):
-                bare.append(bare_loop(loaded, prompts(args.images, round_no), args.batch_size, args.steps,
-                                      work / f"bare{round_no}"))
+                bare.append(
+                    bare_loop(
+                        loaded, prompts(args.images, round_no), args.batch_size, args.steps, work / f"bare{round_no}"
+                    )
+                )
                 queued.append(lcmq_run(prompts(args.images, round_no), args.model, args.steps, poll_s))
                 print(f"round {round_no}: bare_img_s={bare[-1]:.2f} lcmq_img_s={queued[-1]:.2f}", file=sys.stderr)
         finally:
             worker.kill()
             worker.close()
-        print(f"ratio={max(queued) / max(bare):.3f} lcmq_img_s={max(queued):.2f} bare_img_s={max(bare):.2f} "
-              f"model={args.model} images={args.images} batch_size={args.batch_size} rounds={args.rounds}")
+        print(
+            f"ratio={max(queued) / max(bare):.3f} lcmq_img_s={max(queued):.2f} bare_img_s={max(bare):.2f} "
+            f"model={args.model} images={args.images} batch_size={args.batch_size} rounds={args.rounds}"
+        )
     return 0
 
 

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import bench_world  # noqa: E402
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=100_000)
@@ -54,8 +53,10 @@ def main() -> int:
         messages = queue_length("tiny") - 1  # less the warm-up's
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
-        print(f"seconds={seconds:.2f} jobs_per_s={args.prompts / seconds:.0f} messages={messages} "
-              f"chunk_size={api.get_settings().chunk_size}")
+        print(
+            f"seconds={seconds:.2f} jobs_per_s={args.prompts / seconds:.0f} messages={messages} "
+            f"chunk_size={api.get_settings().chunk_size}"
+        )
     return 0
 
 

@@ -12,11 +12,9 @@ __version__ = "0.1.0"
 
 # `lcmq.submit(...)` and friends come from lcmq.api, imported on first use: `import lcmq.errors`
 # (a worker's, a script's) and `lcmq --help` then load no Celery, SQLAlchemy or pydantic.
-_API_NAMES = frozenset({"BatchStatus", "batches", "export", "jobs", "manifest", "models", "status", "submit",
-                        "wait"})
+_API_NAMES = frozenset({"BatchStatus", "batches", "export", "jobs", "manifest", "models", "status", "submit", "wait"})
 
-__all__ = ["BatchStatus", "__version__", "batches", "export", "jobs", "manifest", "models", "status", "submit",
-           "wait"]
+__all__ = ["BatchStatus", "__version__", "batches", "export", "jobs", "manifest", "models", "status", "submit", "wait"]
 
 
 def __getattr__(name: str) -> Any:

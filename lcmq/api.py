@@ -1,9 +1,9 @@
 """The Python API: what scripts import and what the CLI calls. One door to the system.
 
-    import lcmq
-    batch = lcmq.submit(["a red fox", {"prompt": "a blue owl", "seed": 7}], model="tiny")
-    lcmq.wait(batch.batch_id)
-    for line in lcmq.manifest(batch.batch_id): ...
+import lcmq
+batch = lcmq.submit(["a red fox", {"prompt": "a blue owl", "seed": 7}], model="tiny")
+lcmq.wait(batch.batch_id)
+for line in lcmq.manifest(batch.batch_id): ...
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 from lcmq import keys
 from lcmq.errors import InputError, ProfileError
 from lcmq.formats import DEFAULT_FORMAT, check_output
-from lcmq.models import JobState
-from lcmq.profiles import Profile, get_profile, load_profiles
-from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
-from lcmq.settings import Settings, get_settings
-from lcmq.queue import MAX_PRIORITY
 from lcmq.matrix import check_matrix
 from lcmq.matrix import expand as expand_matrix
 from lcmq.migrate import ensure_embedded_schema
+from lcmq.models import JobState
+from lcmq.profiles import Profile, get_profile, load_profiles
+from lcmq.queue import MAX_PRIORITY
+from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
+from lcmq.settings import Settings, get_settings
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
@@ -109,26 +109,40 @@ def _check_flags(source: str, chunk_size: Any, priority: Any, idempotency_key: A
         raise InputError(source, None, "--chunk-size", f"must be between 1 and 10000 (got {chunk_size})")
     if not _is_int(priority) or not 0 <= priority <= MAX_PRIORITY:
         raise InputError(source, None, "--priority", f"must be between 0 and {MAX_PRIORITY} (got {priority})")
-    if idempotency_key is not None and not (isinstance(idempotency_key, str) and 1 <= len(idempotency_key) <= 64
-                                            and idempotency_key.isprintable()):
+    if idempotency_key is not None and not (
+        isinstance(idempotency_key, str) and 1 <= len(idempotency_key) <= 64 and idempotency_key.isprintable()
+    ):
         raise InputError(source, None, "--idempotency-key", "must be 1-64 printable characters")
 
 
 def _lora_entries(loras: Any, source: str) -> list[dict[str, Any]]:
     """The batch's LoRA list as plain dicts (checked by the validator, as `--lora`)."""
     if isinstance(loras, (str, bytes, Mapping)) or not isinstance(loras, Iterable):
-        raise InputError(source, None, "--lora", f"must be a list of {{name, path, weight}} (got {type(loras).__name__})")
+        raise InputError(
+            source, None, "--lora", f"must be a list of {{name, path, weight}} (got {type(loras).__name__})"
+        )
     return [dict(entry) if isinstance(entry, Mapping) else entry for entry in loras]
 
 
-def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
-           steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
-           width: int | None = None, height: int | None = None, seed: int | None = None,
-           name: str | None = None, chunk_size: int | None = None, priority: int = 0,
-           idempotency_key: str | None = None, image_format: str = DEFAULT_FORMAT,
-           quality: int | None = None,
-           matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None,
-           loras: Sequence[Mapping[str, Any]] | None = None) -> BatchStatus:
+def submit(
+    rows: Iterable[str | Mapping[str, Any]] | str | Path,
+    *,
+    model: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str = "",
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = None,
+    name: str | None = None,
+    chunk_size: int | None = None,
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    image_format: str = DEFAULT_FORMAT,
+    quality: int | None = None,
+    matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None,
+    loras: Sequence[Mapping[str, Any]] | None = None,
+) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
     `rows` is a path to a .txt/.jsonl/.csv file, or prompts (strings) and JSONL-like mappings.
@@ -150,15 +164,29 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
     path = Path(rows) if isinstance(rows, (str, Path)) else None
     source = str(path) if path else "<rows>"
     if path is None and (not isinstance(rows, Iterable) or isinstance(rows, (bytes, Mapping))):
-        raise InputError(source, None, None, "rows must be a file path or an iterable of prompts and "
-                                             f"mappings (got {type(rows).__name__})")
+        raise InputError(
+            source,
+            None,
+            None,
+            f"rows must be a file path or an iterable of prompts and mappings (got {type(rows).__name__})",
+        )
     _check_flags(source, chunk_size, priority, idempotency_key)
     image_format, quality = check_output(source, image_format, quality)
     axes = check_matrix(matrix, source)
-    options = BatchOptions(model=model, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                           width=width, height=height, seed=seed, name=name, image_format=image_format,
-                           quality=quality, matrix=axes,
-                           loras=None if loras is None else tuple(_lora_entries(loras, source)))
+    options = BatchOptions(
+        model=model,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        seed=seed,
+        name=name,
+        image_format=image_format,
+        quality=quality,
+        matrix=axes,
+        loras=None if loras is None else tuple(_lora_entries(loras, source)),
+    )
     profile = _resolve_profile(model, source)
     validator = RowValidator(options, profile, source, base_dir=path.parent if path else None)
     specs: Iterable[JobSpec]
@@ -171,9 +199,17 @@ def submit(rows: Iterable[str | Mapping[str, Any]] | str | Path, *, model: str,
         content_sha256 = keys.content_sha256(specs)
     specs = expand_matrix(specs, axes, source)
     key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
-    batch_id, created = create_and_enqueue(specs, profile, options, repository(settings), storage(settings),
-                                           chunk_size, idempotency_key=key, priority=priority,
-                                           max_chunks=settings.max_chunks_per_batch)
+    batch_id, created = create_and_enqueue(
+        specs,
+        profile,
+        options,
+        repository(settings),
+        storage(settings),
+        chunk_size,
+        idempotency_key=key,
+        priority=priority,
+        max_chunks=settings.max_chunks_per_batch,
+    )
     return replace(status(batch_id), resubmitted=not created)
 
 
@@ -213,10 +249,17 @@ def sweep() -> dict[str, int]:
 
 
 def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:
-    return BatchStatus(batch_id=batch.id, total=batch.total, output=batch.output, items=batch.options.get("items"),
-                       queued=counts.get(JobState.queued.value, 0), running=counts.get(JobState.running.value, 0),
-                       succeeded=counts.get(JobState.succeeded.value, 0), failed=counts.get(JobState.failed.value, 0),
-                       canceled=counts.get(JobState.canceled.value, 0))
+    return BatchStatus(
+        batch_id=batch.id,
+        total=batch.total,
+        output=batch.output,
+        items=batch.options.get("items"),
+        queued=counts.get(JobState.queued.value, 0),
+        running=counts.get(JobState.running.value, 0),
+        succeeded=counts.get(JobState.succeeded.value, 0),
+        failed=counts.get(JobState.failed.value, 0),
+        canceled=counts.get(JobState.canceled.value, 0),
+    )
 
 
 def status(batch_id: str) -> BatchStatus:
@@ -227,9 +270,13 @@ def status(batch_id: str) -> BatchStatus:
 NO_WORKER_AFTER_S = 3.0  # jobs queued, none running, this long: wait looks for a live worker
 
 
-def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None,
-         timeout_s: float | None = None, on_no_worker: Callable[[str], None] | None = None,
-         no_worker_after_s: float = NO_WORKER_AFTER_S) -> BatchStatus:
+def wait(
+    batch_id: str,
+    on_progress: Callable[[BatchStatus], None] | None = None,
+    timeout_s: float | None = None,
+    on_no_worker: Callable[[str], None] | None = None,
+    no_worker_after_s: float = NO_WORKER_AFTER_S,
+) -> BatchStatus:
     """Poll until every job of the batch is final (or the timeout passes); returns the last status.
 
     `on_no_worker(profile)` is told when jobs have been queued, none running, for
@@ -256,9 +303,10 @@ def wait(batch_id: str, on_progress: Callable[[BatchStatus], None] | None = None
 
 
 def batches(limit: int = 20) -> list[dict[str, Any]]:
-    return [_status_of(b, counts).to_dict() | {"name": b.name, "profile": b.profile,
-                                                "created_at": b.created_at.isoformat()}
-            for b, counts in repository().recent_batches(limit)]
+    return [
+        _status_of(b, counts).to_dict() | {"name": b.name, "profile": b.profile, "created_at": b.created_at.isoformat()}
+        for b, counts in repository().recent_batches(limit)
+    ]
 
 
 def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
@@ -287,12 +335,22 @@ def jobs(batch_id: str, state: JobState | str | None = None) -> Iterator[dict[st
     wanted = JobState(state) if isinstance(state, str) else state
     store = storage()
     for job in repo.iter_jobs(batch_id, wanted):
-        yield {"index": job.index, "job_id": job.id, "state": job.state, "attempts": job.attempts,
-               "worker": job.worker, "key": job.key, "url": store.url(job.key) if job.key else None,
-               "error": job.error, "warning": job.warning, "prompt": job.prompt, "seed": job.seed,
-               "started_at": job.started_at.isoformat() if job.started_at else None,
-               "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-               "render_ms": job.render_ms}
+        yield {
+            "index": job.index,
+            "job_id": job.id,
+            "state": job.state,
+            "attempts": job.attempts,
+            "worker": job.worker,
+            "key": job.key,
+            "url": store.url(job.key) if job.key else None,
+            "error": job.error,
+            "warning": job.warning,
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "render_ms": job.render_ms,
+        }
 
 
 def models() -> list[dict[str, Any]]:
@@ -301,23 +359,48 @@ def models() -> list[dict[str, Any]]:
 
 # --- schedules: catalogs rendered on a cron schedule ------------------------------------------
 
+
 def _iso(when) -> str | None:
     return None if when is None else when.isoformat()
 
 
 def _schedule_dict(record: ScheduleRecord, repo: Repository) -> dict[str, Any]:
-    return {"name": record.name, "catalog": record.catalog, "template": record.template, "cron": record.cron,
-            "timezone": record.timezone, "model": record.profile, "options": record.options,
-            "paused": record.paused,
-            "next_run_at": _iso(record.next_run_at), "last_run_at": _iso(record.last_run_at),
-            "last_batch_id": record.last_batch_id, "items": record.last_counts, "last_error": record.last_error,
-            "catalog_items": repo.catalog_counts(record.name), "output": storage().catalog_url(record.name)}
+    return {
+        "name": record.name,
+        "catalog": record.catalog,
+        "template": record.template,
+        "cron": record.cron,
+        "timezone": record.timezone,
+        "model": record.profile,
+        "options": record.options,
+        "paused": record.paused,
+        "next_run_at": _iso(record.next_run_at),
+        "last_run_at": _iso(record.last_run_at),
+        "last_batch_id": record.last_batch_id,
+        "items": record.last_counts,
+        "last_error": record.last_error,
+        "catalog_items": repo.catalog_counts(record.name),
+        "output": storage().catalog_url(record.name),
+    }
 
 
-def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: str, steps: int | None = None,
-                 guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 negative_prompt: str = "", seed: int | None = None, image_format: str = DEFAULT_FORMAT,
-                 quality: int | None = None, timezone: str = "UTC") -> dict[str, Any]:
+def schedule_add(
+    name: str,
+    *,
+    catalog: str,
+    template: str,
+    cron: str,
+    model: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str = "",
+    seed: int | None = None,
+    image_format: str = DEFAULT_FORMAT,
+    quality: int | None = None,
+    timezone: str = "UTC",
+) -> dict[str, Any]:
     """Check everything (the catalog is read and every item checked now, and again at each run),
     then store the schedule; it first fires at the next cron time. Nothing is written on error.
     The cron fields are wall-clock times in `timezone` (an IANA name); next_run_at is in UTC."""
@@ -337,17 +420,32 @@ def schedule_add(name: str, *, catalog: str, template: str, cron: str, model: st
     next_run_at = schedule_cron.next_after(utcnow())
     location = normalize_location(catalog)
     profile = _resolve_profile(model, source)
-    options: dict[str, Any] = {"steps": steps, "guidance": guidance, "width": width, "height": height,
-                               "negative_prompt": negative_prompt, "seed": seed}
+    options: dict[str, Any] = {
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+    }
     image_format, quality = check_output(source, image_format, quality)
     if image_format != DEFAULT_FORMAT:  # PNG schedules store what they stored before formats
         options |= {"image_format": image_format, "quality": quality}
     settings = get_settings()
     load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
     repo = repository(settings)
-    if not repo.add_schedule({"name": name, "catalog": location, "template": template, "cron": cron.strip(),
-                              "timezone": schedule_cron.zone.key, "profile": profile.name, "options": options,
-                              "next_run_at": next_run_at}):
+    if not repo.add_schedule(
+        {
+            "name": name,
+            "catalog": location,
+            "template": template,
+            "cron": cron.strip(),
+            "timezone": schedule_cron.zone.key,
+            "profile": profile.name,
+            "options": options,
+            "next_run_at": next_run_at,
+        }
+    ):
         raise InputError(source, None, "name", "a schedule of this name exists (`lcmq schedule rm` it first)")
     return schedule_show(name)
 

@@ -74,8 +74,10 @@ class Progress:
 
     @staticmethod
     def counts(st: api.BatchStatus) -> str:
-        return (f"succeeded={st.succeeded} failed={st.failed} canceled={st.canceled} "
-                f"running={st.running} queued={st.queued}")
+        return (
+            f"succeeded={st.succeeded} failed={st.failed} canceled={st.canceled} "
+            f"running={st.running} queued={st.queued}"
+        )
 
     def __call__(self, st: api.BatchStatus) -> None:
         if self.tty:
@@ -88,8 +90,9 @@ class Progress:
 
         final = st.succeeded + st.failed + st.canceled
         if self.bar is None:  # `initial`: the rate counts what renders while we watch
-            self.bar = tqdm(total=st.total, initial=final, file=self.stream, unit="img", dynamic_ncols=True,
-                            postfix=self.counts(st))
+            self.bar = tqdm(
+                total=st.total, initial=final, file=self.stream, unit="img", dynamic_ncols=True, postfix=self.counts(st)
+            )
         self.bar.n = final
         self.bar.set_postfix_str(self.counts(st), refresh=False)
         self.bar.refresh()
@@ -127,8 +130,10 @@ class Progress:
         """api.wait's `on_no_worker`: which command would start a worker (the wait goes on)."""
         from lcmq.queue import queue_name
 
-        self.note(f"lcmq: no worker serves {queue_name(profile)} yet; start one with `lcmq worker --model "
-                  f"{profile}` (still waiting)")
+        self.note(
+            f"lcmq: no worker serves {queue_name(profile)} yet; start one with `lcmq worker --model "
+            f"{profile}` (still waiting)"
+        )
 
 
 def _print_json(obj) -> None:
@@ -139,13 +144,16 @@ def _print_status(st: api.BatchStatus, as_json: bool) -> None:
     if as_json:
         _print_json(st.to_dict())
     else:
-        print(f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, "
-              f"{st.canceled} canceled, {st.running} running, {st.queued} queued\noutput: {st.output}")
+        print(
+            f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, "
+            f"{st.canceled} canceled, {st.running} running, {st.queued} queued\noutput: {st.output}"
+        )
         if st.items is not None:
             print("items: " + " ".join(f"{k}={v}" for k, v in st.items.items()))
 
 
 # --- commands ---------------------------------------------------------------------------
+
 
 def cmd_submit(args) -> int:
     if args.timeout is not None and not args.wait:  # it would be ignored: say so before submitting
@@ -156,8 +164,9 @@ def cmd_submit(args) -> int:
         _print_canceled_resubmit(st)
     if args.wait:
         with Progress() as progress:
-            st = api.wait(st.batch_id, on_progress=progress, timeout_s=args.timeout,
-                          on_no_worker=progress.tell_no_worker)
+            st = api.wait(
+                st.batch_id, on_progress=progress, timeout_s=args.timeout, on_no_worker=progress.tell_no_worker
+            )
     if args.json or args.wait:
         _print_status(st, args.json)
     if args.wait:
@@ -168,21 +177,36 @@ def cmd_submit(args) -> int:
 def _print_canceled_resubmit(st: api.BatchStatus) -> None:
     """The same file and parameters name the batch submitted before; a canceled one is not
     rendered again by submitting it again, which would otherwise look like a fresh batch."""
-    print(f"lcmq: batch {st.batch_id} was submitted before with this file and these parameters, and "
-          f"canceled ({st.canceled} of {st.total} jobs); nothing new was submitted. To render its "
-          f"canceled jobs: lcmq resume {st.batch_id}", file=sys.stderr, flush=True)
+    print(
+        f"lcmq: batch {st.batch_id} was submitted before with this file and these parameters, and "
+        f"canceled ({st.canceled} of {st.total} jobs); nothing new was submitted. To render its "
+        f"canceled jobs: lcmq resume {st.batch_id}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _batch_options(args) -> dict:
     """api.submit's keyword arguments from the batch flags (`submit` and `run` take the same)."""
     from lcmq.matrix import parse_axis
 
-    return {"model": args.model, "steps": args.steps, "guidance": args.guidance,
-            "negative_prompt": args.negative_prompt or "", "width": args.width, "height": args.height,
-            "seed": args.seed, "name": args.name, "chunk_size": args.chunk_size, "priority": args.priority,
-            "idempotency_key": args.idempotency_key, "image_format": args.format, "quality": args.quality,
-            "matrix": [parse_axis(axis, args.file) for axis in args.matrix or ()],
-            "loras": None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora]}
+    return {
+        "model": args.model,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "negative_prompt": args.negative_prompt or "",
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "name": args.name,
+        "chunk_size": args.chunk_size,
+        "priority": args.priority,
+        "idempotency_key": args.idempotency_key,
+        "image_format": args.format,
+        "quality": args.quality,
+        "matrix": [parse_axis(axis, args.file) for axis in args.matrix or ()],
+        "loras": None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora],
+    }
 
 
 def _lora_flag(text: str, source: str) -> dict:
@@ -281,23 +305,38 @@ def cmd_sweep(args) -> int:
 def cmd_schedule(args) -> int:
     action = args.action
     if action == "add":
-        shown = api.schedule_add(args.name, catalog=args.catalog, template=args.template, cron=args.cron,
-                                 model=args.model, steps=args.steps, guidance=args.guidance, width=args.width,
-                                 height=args.height, negative_prompt=args.negative_prompt or "", seed=args.seed,
-                                 image_format=args.format, quality=args.quality, timezone=args.tz)
+        shown = api.schedule_add(
+            args.name,
+            catalog=args.catalog,
+            template=args.template,
+            cron=args.cron,
+            model=args.model,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            negative_prompt=args.negative_prompt or "",
+            seed=args.seed,
+            image_format=args.format,
+            quality=args.quality,
+            timezone=args.tz,
+        )
     elif action == "list":
         rows = api.schedules()
         if args.json:
             _print_json(rows)
             return EXIT_OK
-        print(f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  "
-              f"{'last batch':16}  items")
+        print(
+            f"{'schedule':20}  {'cron':15}  {'zone':16}  {'state':6}  {'next run (UTC)':19}  {'last batch':16}  items"
+        )
         for r in rows:
             items = " ".join(f"{k}={v}" for k, v in (r["items"] or {}).items())
             state = "paused" if r["paused"] else "active"
-            print(f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {state:6}  "
-                  f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
-                  + (f"  error: {r['last_error']}" if r["last_error"] else ""))
+            print(
+                f"{r['name']:20}  {r['cron']:15}  {r['timezone']:16}  {state:6}  "
+                f"{str(r['next_run_at'] or '')[:19]:19}  {r['last_batch_id'] or '-':16}  {items}"
+                + (f"  error: {r['last_error']}" if r["last_error"] else "")
+            )
         return EXIT_OK
     elif action == "rm":
         api.schedule_rm(args.name)
@@ -314,7 +353,8 @@ def cmd_schedule(args) -> int:
         return EXIT_FAILED if args.wait and not st.ok else EXIT_OK
     else:  # show, pause, resume
         shown = {"show": api.schedule_show, "pause": api.schedule_pause, "resume": api.schedule_resume}[action](
-            args.name)
+            args.name
+        )
     _print_json(shown)
     return EXIT_OK
 
@@ -358,8 +398,9 @@ def cmd_jobs(args) -> int:
             print(json.dumps(job))
             continue
         outcome = job["error"] or job["url"] or ""
-        print(f"{job['index']:>7}  {job['state']:<9}  attempts={job['attempts']}  "
-              f"{job['worker'] or '-':<24}  {outcome}")
+        print(
+            f"{job['index']:>7}  {job['state']:<9}  attempts={job['attempts']}  {job['worker'] or '-':<24}  {outcome}"
+        )
     return EXIT_OK
 
 
@@ -375,8 +416,10 @@ def cmd_batches(args) -> int:
         return EXIT_OK
     print(f"{'batch':16}  {'created':19}  {'profile':10}  {'done':>11}  {'failed':>6}  {'canceled':>8}  name")
     for r in rows:
-        print(f"{r['batch_id']:16}  {r['created_at'][:19]:19}  {r['profile']:10}  "
-              f"{r['succeeded']:>5}/{r['total']:<5}  {r['failed']:>6}  {r['canceled']:>8}  {r['name'] or ''}")
+        print(
+            f"{r['batch_id']:16}  {r['created_at'][:19]:19}  {r['profile']:10}  "
+            f"{r['succeeded']:>5}/{r['total']:<5}  {r['failed']:>6}  {r['canceled']:>8}  {r['name'] or ''}"
+        )
     return EXIT_OK
 
 
@@ -386,8 +429,10 @@ def cmd_models(args) -> int:
         _print_json(rows)
         return EXIT_OK
     for r in rows:
-        print(f"{r['name']:10} {r['family']:6} {r['width']}x{r['height']} steps={r['steps']} "
-              f"base={r['base']} lcm_lora={r['lcm_lora']}")
+        print(
+            f"{r['name']:10} {r['family']:6} {r['width']}x{r['height']} steps={r['steps']} "
+            f"base={r['base']} lcm_lora={r['lcm_lora']}"
+        )
     return EXIT_OK
 
 
@@ -404,8 +449,15 @@ def cmd_db(args) -> int:
 def cmd_worker(args) -> int:
     from worker.main import run_worker  # the CLI is the one place that reaches into worker/
 
-    run_worker(args.model, concurrency=args.concurrency, pool=args.pool, batch_size=args.batch_size,
-               device=args.device, name=args.name, max_memory_mb=args.max_memory)
+    run_worker(
+        args.model,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        batch_size=args.batch_size,
+        device=args.device,
+        name=args.name,
+        max_memory_mb=args.max_memory,
+    )
     return EXIT_OK
 
 
@@ -437,8 +489,11 @@ def _render_here(path: Path, options: dict, timeout_s: float | None) -> int:
     if not st.done:
         worker, log_path = _start_worker(model)
         where = f"; its log: {log_path}" if log_path else ""
-        print(f"batch {st.batch_id}: {st.total} jobs on profile {model!r}, a worker is starting{where}",
-              file=sys.stderr, flush=True)
+        print(
+            f"batch {st.batch_id}: {st.total} jobs on profile {model!r}, a worker is starting{where}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             with Progress() as progress:
                 st = api.wait(st.batch_id, on_progress=_while_alive(worker, progress), timeout_s=timeout_s)
@@ -446,8 +501,11 @@ def _render_here(path: Path, options: dict, timeout_s: float | None) -> int:
             print(f"lcmq: error: {exc}{where}{_tail(log_path)}", file=sys.stderr)
             return EXIT_FAILED
         except KeyboardInterrupt:
-            print(f"\nlcmq: stopped; the jobs not done stay queued (run the same command again to go on, or "
-                  f"`lcmq cancel {st.batch_id}`)", file=sys.stderr)
+            print(
+                f"\nlcmq: stopped; the jobs not done stay queued (run the same command again to go on, or "
+                f"`lcmq cancel {st.batch_id}`)",
+                file=sys.stderr,
+            )
             raise
         finally:
             _stop(worker)
@@ -464,8 +522,9 @@ def _start_worker(model: str) -> tuple[subprocess.Popen, Path | None]:
     log_path = settings.home / "logs" / f"worker-{model}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:  # the child holds its own descriptor of it
-        worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return worker, log_path
 
 
@@ -492,8 +551,11 @@ def _report_rendered(st: api.BatchStatus, model: str, timeout_s: float | None) -
     """What `run` and `demo` print at the end: the counts, and where the images are (once)."""
     print(f"batch {st.batch_id}: {st.succeeded}/{st.total} succeeded, {st.failed} failed, {st.canceled} canceled")
     if not st.done:
-        print(f"lcmq: gave up after {timeout_s:g} s with {st.queued + st.running} jobs not done; they stay queued "
-              f"for the next `lcmq run` of this file or `lcmq worker --model {model}`", file=sys.stderr)
+        print(
+            f"lcmq: gave up after {timeout_s:g} s with {st.queued + st.running} jobs not done; they stay queued "
+            f"for the next `lcmq run` of this file or `lcmq worker --model {model}`",
+            file=sys.stderr,
+        )
     if st.failed:
         print(f"why they failed: lcmq jobs {st.batch_id} --state failed", file=sys.stderr)
     print(f"images are in {st.output}")
@@ -517,6 +579,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 # --- parser -----------------------------------------------------------------------------
 
+
 def _add_render_flags(p: argparse.ArgumentParser, seed_help: str) -> None:
     """The model and job parameters a batch and a schedule both take."""
     p.add_argument("--model", required=True, help="model profile (see `lcmq models`)")
@@ -537,14 +600,25 @@ def _add_batch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name")
     p.add_argument("--chunk-size", type=int, help="jobs per queue message")
     p.add_argument("--priority", type=int, default=0, help="0-9, 9 most urgent (default 0)")
-    p.add_argument("--idempotency-key", help="default: a hash of the file, profile and parameters; "
-                   "submitting the same key again returns the existing batch")
-    p.add_argument("--matrix", action="append", metavar="NAME=VALUES",
-                   help="multiply every row: seed=0..3, steps=4,6, guidance=1,1.5, or a text field that "
-                        "fills {NAME} in the prompt (style=oil,ink); repeat for more axes")
-    p.add_argument("--lora", action="append", metavar="NAME=PATH[:WEIGHT]",
-                   help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
-                        "local or s3://; weight -2..2, default 1); repeat for more")
+    p.add_argument(
+        "--idempotency-key",
+        help="default: a hash of the file, profile and parameters; "
+        "submitting the same key again returns the existing batch",
+    )
+    p.add_argument(
+        "--matrix",
+        action="append",
+        metavar="NAME=VALUES",
+        help="multiply every row: seed=0..3, steps=4,6, guidance=1,1.5, or a text field that "
+        "fills {NAME} in the prompt (style=oil,ink); repeat for more axes",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH[:WEIGHT]",
+        help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
+        "local or s3://; weight -2..2, default 1); repeat for more",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -564,8 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    for name, func, text in (("cancel", cmd_cancel, "queued jobs never start; running ones stop soon"),
-                             ("resume", cmd_resume, "re-enqueue the jobs of a batch that are not final")):
+    for name, func, text in (
+        ("cancel", cmd_cancel, "queued jobs never start; running ones stop soon"),
+        ("resume", cmd_resume, "re-enqueue the jobs of a batch that are not final"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("batch")
         p.add_argument("--json", action="store_true")
@@ -586,25 +662,37 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("add", help="render a catalog (CSV/JSONL with an id column) on a cron schedule")
     a.add_argument("name", help="names the schedule and the folder of its images: <storage>/<name>/<id>.png")
     a.add_argument("--catalog", required=True, help="a .csv/.jsonl path or s3:// URL, read afresh at each run")
-    a.add_argument("--template", required=True, help='prompt template over the item\'s columns, e.g. '
-                   '"{name}, {color}, studio photo on white"')
-    a.add_argument("--cron", required=True, help='5 fields in --tz local time, e.g. "0 6 * * mon-fri"; or '
-                   "@hourly, @daily, ...")
-    a.add_argument("--tz", default="UTC", help="IANA time zone of the cron fields, e.g. Europe/Berlin "
-                   "(default UTC); DST-correct: 06:00 stays 06:00 local")
+    a.add_argument(
+        "--template",
+        required=True,
+        help='prompt template over the item\'s columns, e.g. "{name}, {color}, studio photo on white"',
+    )
+    a.add_argument(
+        "--cron", required=True, help='5 fields in --tz local time, e.g. "0 6 * * mon-fri"; or @hourly, @daily, ...'
+    )
+    a.add_argument(
+        "--tz",
+        default="UTC",
+        help="IANA time zone of the cron fields, e.g. Europe/Berlin "
+        "(default UTC); DST-correct: 06:00 stays 06:00 local",
+    )
     _add_render_flags(a, seed_help="base seed; an item without its own seed derives one from its id")
     a.set_defaults(func=cmd_schedule)
     a = actions.add_parser("list", help="schedules with their next and last runs")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_schedule)
-    for action, text in (("show", "a schedule and its catalog's state, as JSON"), ("pause", "stop firing"),
-                         ("resume", "fire again, from the next cron time"),
-                         ("rm", "forget the schedule (its batches and images stay)")):
+    for action, text in (
+        ("show", "a schedule and its catalog's state, as JSON"),
+        ("pause", "stop firing"),
+        ("resume", "fire again, from the next cron time"),
+        ("rm", "forget the schedule (its batches and images stay)"),
+    ):
         a = actions.add_parser(action, help=text)
         a.add_argument("name")
         a.set_defaults(func=cmd_schedule)
-    a = actions.add_parser("run", help="run now, once: a batch of the new and changed items (none, and "
-                           "'unchanged', when there are none)")
+    a = actions.add_parser(
+        "run", help="run now, once: a batch of the new and changed items (none, and 'unchanged', when there are none)"
+    )
     a.add_argument("name")
     a.add_argument("--wait", action="store_true", help="block until every job is final")
     a.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
@@ -650,9 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="processes; each pins its own pipeline")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--max-memory", type=parse_memory_mb, metavar="SIZE",
-                   help="memory budget per process (6GiB, 512MiB): the largest batch size up to --batch-size "
-                        "that fits, probed at start (LCMQ_MAX_MEMORY_MB)")
+    p.add_argument(
+        "--max-memory",
+        type=parse_memory_mb,
+        metavar="SIZE",
+        help="memory budget per process (6GiB, 512MiB): the largest batch size up to --batch-size "
+        "that fits, probed at start (LCMQ_MAX_MEMORY_MB)",
+    )
     p.add_argument("--name", help="Celery node name (default <profile>-<pid>@<host>)")
     p.set_defaults(func=cmd_worker)
 

@@ -47,8 +47,9 @@ def check_export(batch_id: str, fmt: Any, to: Any, shard_size: Any) -> None:
     if fmt not in EXPORT_FORMATS:
         raise InputError(batch_id, None, "--format", f"must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or not 1 <= shard_size <= MAX_SHARD_SIZE:
-        raise InputError(batch_id, None, "--shard-size",
-                         f"must be an integer between 1 and {MAX_SHARD_SIZE} (got {shard_size!r})")
+        raise InputError(
+            batch_id, None, "--shard-size", f"must be an integer between 1 and {MAX_SHARD_SIZE} (got {shard_size!r})"
+        )
     if not isinstance(to, (str, Path)) or not str(to).strip():
         raise InputError(batch_id, None, "--to", "must be a folder or an s3://bucket/prefix URL")
     text = str(to)
@@ -60,8 +61,9 @@ def destination(to: str | Path, settings) -> Storage:
     """A folder (made if missing) or an s3:// prefix, through lcmq's storage."""
     text = str(to)
     if text.startswith(("s3://", "file://")):
-        return storage_from_url(text, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s,
-                                settings.s3_max_attempts)
+        return storage_from_url(
+            text, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
+        )
     return FileStorage(Path(text).expanduser())
 
 
@@ -69,8 +71,10 @@ def _image(source: Storage, record: dict[str, Any]) -> bytes:
     try:
         data = source.get(record["key"])
     except MissingObjectError as exc:
-        raise ExportError(f"{record['url']}: the image of job {record['job_id']} (row {record['index']}) is "
-                          f"missing from storage; the export stopped without {SUMMARY_FILE}") from exc
+        raise ExportError(
+            f"{record['url']}: the image of job {record['job_id']} (row {record['index']}) is "
+            f"missing from storage; the export stopped without {SUMMARY_FILE}"
+        ) from exc
     if sha256_hex(data) != record["sha256"]:
         raise ExportError(f"{record['url']}: sha256 differs from the one recorded for job {record['job_id']}")
     return data
@@ -81,13 +85,28 @@ def imagefolder_row(record: dict[str, Any], file_name: str) -> dict[str, Any]:
     loader of `datasets` reads every batch as-is. The row's own metadata keys vary from row to
     row, so they travel as one JSON string."""
     model = record["model"]
-    return {"file_name": file_name, "prompt": record["prompt"], "negative_prompt": record["negative_prompt"],
-            "seed": record["seed"], "steps": record["steps"], "guidance": float(record["guidance"]),
-            "width": record["width"], "height": record["height"], "profile": record["profile"],
-            "model_family": model["family"], "model_base": model["base"], "model_lcm_lora": model["lcm_lora"],
-            "format": record["format"], "index": record["index"], "key": record["key"],
-            "sha256": record["sha256"], "job_id": record["job_id"], "render_ms": record["render_ms"],
-            "batch_size": record["batch_size"], "metadata": json.dumps(record["metadata"], sort_keys=True)}
+    return {
+        "file_name": file_name,
+        "prompt": record["prompt"],
+        "negative_prompt": record["negative_prompt"],
+        "seed": record["seed"],
+        "steps": record["steps"],
+        "guidance": float(record["guidance"]),
+        "width": record["width"],
+        "height": record["height"],
+        "profile": record["profile"],
+        "model_family": model["family"],
+        "model_base": model["base"],
+        "model_lcm_lora": model["lcm_lora"],
+        "format": record["format"],
+        "index": record["index"],
+        "key": record["key"],
+        "sha256": record["sha256"],
+        "job_id": record["job_id"],
+        "render_ms": record["render_ms"],
+        "batch_size": record["batch_size"],
+        "metadata": json.dumps(record["metadata"], sort_keys=True),
+    }
 
 
 def _export_imagefolder(rows: Iterator[dict[str, Any]], source: Storage, dest: Storage, work: Path) -> dict:
@@ -110,8 +129,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _export_webdataset(rows: Iterator[dict[str, Any]], source: Storage, dest: Storage, work: Path,
-                       shard_size: int) -> dict:
+def _export_webdataset(
+    rows: Iterator[dict[str, Any]], source: Storage, dest: Storage, work: Path, shard_size: int
+) -> dict:
     shards: list[str] = []
     count = 0
     tar: tarfile.TarFile | None = None
@@ -141,19 +161,34 @@ def _export_webdataset(rows: Iterator[dict[str, Any]], source: Storage, dest: St
     return {"images": count, "shards": shards}
 
 
-def export(repo: Repository, source: Storage, batch_id: str, fmt: str, to: str | Path, settings,
-           shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+def export(
+    repo: Repository,
+    source: Storage,
+    batch_id: str,
+    fmt: str,
+    to: str | Path,
+    settings,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
     """Export a finished batch's succeeded images; returns the summary also stored as export.json."""
     check_export(batch_id, fmt, to, shard_size)
     repo.get_batch(batch_id)  # NotFoundError for an unknown id
     if repo.manifest_version(batch_id) is None:
-        raise InputError(batch_id, None, None, "the batch has queued or running jobs; export it once it is "
-                                               f"finished (`lcmq status {batch_id} --watch`)")
+        raise InputError(
+            batch_id,
+            None,
+            None,
+            f"the batch has queued or running jobs; export it once it is finished (`lcmq status {batch_id} --watch`)",
+        )
     dest = destination(to, settings)
     existing = dest.list_keys("")
     if existing:
-        raise InputError(batch_id, None, "--to", f"{to} already holds {len(existing)} file(s) (e.g. "
-                                                 f"{existing[0]}); export into an empty folder or prefix")
+        raise InputError(
+            batch_id,
+            None,
+            "--to",
+            f"{to} already holds {len(existing)} file(s) (e.g. {existing[0]}); export into an empty folder or prefix",
+        )
     rows = records(repo, source, batch_id)
     with tempfile.TemporaryDirectory(prefix="lcmq-export-") as folder:
         if fmt == "imagefolder":

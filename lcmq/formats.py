@@ -72,6 +72,7 @@ def check_output(source: str, image_format: Any, quality: Any) -> tuple[str, int
     if chosen.default_quality is None:
         raise InputError(source, None, "--quality", f"applies to webp and jpeg only ({name} is lossless)")
     if not isinstance(quality, int) or isinstance(quality, bool) or not MIN_QUALITY <= quality <= MAX_QUALITY:
-        raise InputError(source, None, "--quality",
-                         f"must be an integer between {MIN_QUALITY} and {MAX_QUALITY} (got {quality!r})")
+        raise InputError(
+            source, None, "--quality", f"must be an integer between {MIN_QUALITY} and {MAX_QUALITY} (got {quality!r})"
+        )
     return name, quality

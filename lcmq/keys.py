@@ -60,8 +60,15 @@ _PNG = "png"
 # What a profile contributes to the idempotency key and the render key. The fields from `config`
 # on came after the first keys; each is hashed only when set.
 PROFILE_KEY_V1: tuple[KeyField, ...] = (
-    KeyField("name"), KeyField("family"), KeyField("base"), KeyField("lcm_lora"), KeyField("dtype"),
-    KeyField("width"), KeyField("height"), KeyField("steps"), KeyField("guidance"),
+    KeyField("name"),
+    KeyField("family"),
+    KeyField("base"),
+    KeyField("lcm_lora"),
+    KeyField("dtype"),
+    KeyField("width"),
+    KeyField("height"),
+    KeyField("steps"),
+    KeyField("guidance"),
     KeyField("config", absent=(None,)),
     KeyField("vae", absent=(None,)),
     KeyField("attention_slicing", absent=(False,)),
@@ -75,8 +82,14 @@ PROFILE_KEY_V1: tuple[KeyField, ...] = (
 # without --lora keep the keys they had before formats, matrices and style LoRAs. `loras=()`
 # (an explicit "no LoRA") is not absent: it differs from None (the profile's LoRAs).
 IDEMPOTENCY_KEY_V1: tuple[KeyField, ...] = (
-    KeyField("model"), KeyField("steps"), KeyField("guidance"), KeyField("negative_prompt"),
-    KeyField("width"), KeyField("height"), KeyField("seed"), KeyField("name"),
+    KeyField("model"),
+    KeyField("steps"),
+    KeyField("guidance"),
+    KeyField("negative_prompt"),
+    KeyField("width"),
+    KeyField("height"),
+    KeyField("seed"),
+    KeyField("name"),
     KeyField("image_format", absent=(_PNG,)),
     KeyField("quality", absent=(_PNG,), absent_while="image_format"),
     KeyField("matrix", absent=((), [], None)),
@@ -86,8 +99,13 @@ IDEMPOTENCY_KEY_V1: tuple[KeyField, ...] = (
 # A job's fields in its catalog item's render key: what decides its pixels, not its index, row or
 # metadata. Style LoRAs and img2img came later; absent ones leave older items' keys unchanged.
 RENDER_KEY_V1: tuple[KeyField, ...] = (
-    KeyField("prompt"), KeyField("negative_prompt"), KeyField("steps"), KeyField("guidance"),
-    KeyField("width"), KeyField("height"), KeyField("seed"),
+    KeyField("prompt"),
+    KeyField("negative_prompt"),
+    KeyField("steps"),
+    KeyField("guidance"),
+    KeyField("width"),
+    KeyField("height"),
+    KeyField("seed"),
     KeyField("loras", absent=((), [])),
     KeyField("init_image", absent=(None, "")),
     KeyField("strength", absent=(None, 0)),
@@ -96,14 +114,28 @@ RENDER_KEY_V1: tuple[KeyField, ...] = (
 # A job's fields in the content hash of rows given as objects: every field JobSpec had when it was
 # first stored, always hashed.
 CONTENT_KEY_V1: tuple[KeyField, ...] = (
-    KeyField("index"), KeyField("prompt"), KeyField("negative_prompt"), KeyField("seed"), KeyField("steps"),
-    KeyField("guidance"), KeyField("width"), KeyField("height"), KeyField("metadata"), KeyField("row"),
-    KeyField("loras"), KeyField("init_image"), KeyField("strength"), KeyField("upload_init"),
+    KeyField("index"),
+    KeyField("prompt"),
+    KeyField("negative_prompt"),
+    KeyField("seed"),
+    KeyField("steps"),
+    KeyField("guidance"),
+    KeyField("width"),
+    KeyField("height"),
+    KeyField("metadata"),
+    KeyField("row"),
+    KeyField("loras"),
+    KeyField("init_image"),
+    KeyField("strength"),
+    KeyField("upload_init"),
 )
 
 # The model a manifest record names: what a reader needs to reproduce the image's model.
 MODEL_IDENTITY_V1: tuple[KeyField, ...] = (
-    KeyField("family"), KeyField("base"), KeyField("lcm_lora"), KeyField("dtype"),
+    KeyField("family"),
+    KeyField("base"),
+    KeyField("lcm_lora"),
+    KeyField("dtype"),
 )
 
 
@@ -119,8 +151,12 @@ def content_sha256(specs: Iterable[JobSpec]) -> str:
 
 def idempotency_key(content: str, options: BatchOptions, profile: Profile, chunk_size: int) -> str:
     """The same content, options, profile and chunk size give the same key: a resubmission is found."""
-    parts = {"content": content, "options": _pick(options, IDEMPOTENCY_KEY_V1),
-             "profile": profile_identity(profile), "chunk_size": chunk_size}
+    parts = {
+        "content": content,
+        "options": _pick(options, IDEMPOTENCY_KEY_V1),
+        "profile": profile_identity(profile),
+        "chunk_size": chunk_size,
+    }
     return _sha256_json(parts, default=str)
 
 

@@ -43,7 +43,7 @@ def resolve_path(path: str, base_dir: Path | None) -> str:
         if not parsed.netloc or not parsed.path.strip("/"):
             raise LoraProblem(f"path {path!r} must be s3://bucket/key")
         return path
-    local = path[len("file://"):] if path.startswith("file://") else path
+    local = path[len("file://") :] if path.startswith("file://") else path
     resolved = Path(os.path.expanduser(local))  # Path.expanduser raises for an unknown ~user
     if not resolved.is_absolute():
         resolved = (base_dir or Path.cwd()) / resolved
@@ -77,16 +77,18 @@ def check_lora(item: Any, base_dir: Path | None = None, exists=os.path.exists) -
     return {"name": name, "path": resolved, "weight": weight}
 
 
-def check_loras(value: Any, base_dir: Path | None = None, from_text: bool = False,
-                exists=os.path.exists) -> tuple[dict[str, Any], ...]:
+def check_loras(
+    value: Any, base_dir: Path | None = None, from_text: bool = False, exists=os.path.exists
+) -> tuple[dict[str, Any], ...]:
     """A whole set: a list of entries (JSON text in a CSV cell), no name or path twice.
     Returned sorted by name: the same set written in another order is the same render shape."""
     if from_text and isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
-            raise LoraProblem('must be a JSON list like [{"name": "ink", "path": "ink.safetensors", '
-                              '"weight": 0.8}]') from None
+            raise LoraProblem(
+                'must be a JSON list like [{"name": "ink", "path": "ink.safetensors", "weight": 0.8}]'
+            ) from None
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise LoraProblem(f"must be a list of {{name, path, weight}} objects (got {type(value).__name__})")
     if len(value) > MAX_LORAS:
@@ -122,5 +124,7 @@ def lora_key(loras: Sequence[Mapping[str, Any]] | None) -> str:
     """The set as one canonical string for render shapes ("" for none): hashable, orderable."""
     if not loras:
         return ""
-    return json.dumps([[e["name"], e["path"], float(e["weight"])] for e in
-                       sorted(loras, key=lambda e: e["name"])], separators=(",", ":"))
+    return json.dumps(
+        [[e["name"], e["path"], float(e["weight"])] for e in sorted(loras, key=lambda e: e["name"])],
+        separators=(",", ":"),
+    )

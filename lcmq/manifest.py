@@ -52,13 +52,28 @@ def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[
     for job in repo.iter_jobs(batch_id, JobState.succeeded):
         assert job.key is not None  # a succeeded job's image is stored under its key
         record = {
-            "index": job.index, "key": job.key, "url": storage.url(job.key), "sha256": job.sha256,
-            "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
-            "guidance": job.guidance, "width": job.width, "height": job.height, "profile": batch.profile,
-            "model": model, "format": output.name, "quality": output.quality,
-            "worker": job.worker, "render_ms": job.render_ms, "batch_size": job.batch_size,
-            "warning": job.warning, "attempts": job.attempts,
-            "job_id": job.id, "metadata": job.meta,
+            "index": job.index,
+            "key": job.key,
+            "url": storage.url(job.key),
+            "sha256": job.sha256,
+            "prompt": job.prompt,
+            "negative_prompt": job.negative_prompt,
+            "seed": job.seed,
+            "steps": job.steps,
+            "guidance": job.guidance,
+            "width": job.width,
+            "height": job.height,
+            "profile": batch.profile,
+            "model": model,
+            "format": output.name,
+            "quality": output.quality,
+            "worker": job.worker,
+            "render_ms": job.render_ms,
+            "batch_size": job.batch_size,
+            "warning": job.warning,
+            "attempts": job.attempts,
+            "job_id": job.id,
+            "metadata": job.meta,
         }
         # Only where used, so the records of plain text2img batches stay byte for byte the same.
         if job.loras:

@@ -43,14 +43,14 @@ def parse_axis(text: str, source: str = "<matrix>") -> tuple[str, list[str]]:
         if high < low:
             raise InputError(source, None, f"--matrix {name}", f"empty range {low}..{high}")
         if high - low >= MAX_CELLS:
-            raise InputError(source, None, f"--matrix {name}",
-                             f"range {low}..{high} has more than {MAX_CELLS} values")
+            raise InputError(source, None, f"--matrix {name}", f"range {low}..{high} has more than {MAX_CELLS} values")
         return name, [str(v) for v in range(low, high + 1)]
     return name, [v.strip() for v in values.split(",")]
 
 
-def check_matrix(axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequence[Any]]] | None,
-                 source: str = "<matrix>") -> Matrix:
+def check_matrix(
+    axes: Mapping[str, Sequence[Any]] | Iterable[tuple[str, Sequence[Any]]] | None, source: str = "<matrix>"
+) -> Matrix:
     """Validated axes in their given order; a bad name or value names the axis. Values may be
     given as text (the command line): "4" is a step count, "1.5" a guidance."""
     if not axes:
@@ -110,24 +110,36 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         unused_here = {name for name in names if not _axis_used(name, spec)}
         unused &= unused_here
         if MATRIX_KEY in spec.metadata:
-            raise InputError(source, None, MATRIX_KEY,
-                             f"row {row + 1}: the column {MATRIX_KEY!r} is reserved for the axis values with --matrix")
+            raise InputError(
+                source,
+                None,
+                MATRIX_KEY,
+                f"row {row + 1}: the column {MATRIX_KEY!r} is reserved for the axis values with --matrix",
+            )
         seen: set[tuple] = set()
         for cell in itertools.product(*(values for _, values in matrix)):
-            values = dict(zip(names, cell))
+            values = dict(zip(names, cell, strict=False))
             job = _apply(spec, values, source, row)
             identity = (job.prompt, job.negative_prompt, job.seed, job.steps, job.guidance, lora_key(job.loras))
             if identity in seen:
                 continue
             seen.add(identity)
             axis_values = {name: value for name, value in values.items() if name not in unused_here}
-            yield replace(job, index=index, row=row if spec.row is None else spec.row,
-                          metadata=spec.metadata | {MATRIX_KEY: axis_values})
+            yield replace(
+                job,
+                index=index,
+                row=row if spec.row is None else spec.row,
+                metadata=spec.metadata | {MATRIX_KEY: axis_values},
+            )
             index += 1
     if unused:  # a typo ({Style} for style) would otherwise collapse silently: refuse the batch
         name = sorted(unused)[0]
-        raise InputError(source, None, f"--matrix {name}",
-                         f"no prompt uses {{{name}}}, and {name!r} is not a job field ({', '.join(FIELD_AXES)})")
+        raise InputError(
+            source,
+            None,
+            f"--matrix {name}",
+            f"no prompt uses {{{name}}}, and {name!r} is not a job field ({', '.join(FIELD_AXES)})",
+        )
 
 
 def _axis_used(name: str, spec: JobSpec) -> bool:
@@ -153,17 +165,26 @@ def _apply(spec: JobSpec, values: dict[str, Any], source: str, row: int) -> JobS
     return replace(spec, prompt=prompt, negative_prompt=negative, **fields)
 
 
-def _with_weight(loras: tuple[dict[str, Any], ...], axis: str, weight: float, source: str,
-                 row: int) -> tuple[dict[str, Any], ...]:
+def _with_weight(
+    loras: tuple[dict[str, Any], ...], axis: str, weight: float, source: str, row: int
+) -> tuple[dict[str, Any], ...]:
     """The job's LoRA set with one style's weight set by the axis."""
     target = axis.partition(".")[2]
     names = [entry["name"] for entry in loras]
     if target and target not in names:
-        raise InputError(source, None, f"--matrix {axis}",
-                         f"row {row + 1}: its LoRA set has no {target!r} (it has {', '.join(names) or 'none'})")
+        raise InputError(
+            source,
+            None,
+            f"--matrix {axis}",
+            f"row {row + 1}: its LoRA set has no {target!r} (it has {', '.join(names) or 'none'})",
+        )
     if not target and len(loras) != 1:
-        raise InputError(source, None, f"--matrix {axis}",
-                         f"row {row + 1}: lora_weight needs exactly one style LoRA in the job's set (it has "
-                         f"{len(loras)}); name one with lora_weight.NAME")
+        raise InputError(
+            source,
+            None,
+            f"--matrix {axis}",
+            f"row {row + 1}: lora_weight needs exactly one style LoRA in the job's set (it has "
+            f"{len(loras)}); name one with lora_weight.NAME",
+        )
     target = target or names[0]
     return tuple(entry | {"weight": weight} if entry["name"] == target else entry for entry in loras)

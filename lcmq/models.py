@@ -6,8 +6,21 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint, false, text)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -142,8 +155,7 @@ class CatalogItem(Base):
 
     __tablename__ = "catalog_items"
 
-    schedule_name: Mapped[str] = mapped_column(ForeignKey("schedules.name", ondelete="CASCADE"),
-                                               primary_key=True)
+    schedule_name: Mapped[str] = mapped_column(ForeignKey("schedules.name", ondelete="CASCADE"), primary_key=True)
     item_id: Mapped[str] = mapped_column(String(ITEM_ID_LENGTH), primary_key=True)
     render_key: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str | None] = mapped_column(String(32))  # the job of the image now at its path

@@ -98,18 +98,46 @@ BUILTIN_PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("sd15", "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", OFFICIAL_LCM_LORA["sd15"]),
-        Profile("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", OFFICIAL_LCM_LORA["sdxl"],
-                width=1024, height=1024, vae=SDXL_FP16_VAE),
-        Profile("ssd1b", "ssd1b", "segmind/SSD-1B", OFFICIAL_LCM_LORA["ssd1b"], width=1024, height=1024,
-                vae=SDXL_FP16_VAE),
-        Profile("tiny", "sd15", GENERATED_PREFIX + "tiny-sd15", GENERATED_PREFIX + "tiny-sd15-lcm-lora",
-                dtype="float32", width=64, height=64),
+        Profile(
+            "sdxl",
+            "sdxl",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            OFFICIAL_LCM_LORA["sdxl"],
+            width=1024,
+            height=1024,
+            vae=SDXL_FP16_VAE,
+        ),
+        Profile(
+            "ssd1b", "ssd1b", "segmind/SSD-1B", OFFICIAL_LCM_LORA["ssd1b"], width=1024, height=1024, vae=SDXL_FP16_VAE
+        ),
+        Profile(
+            "tiny",
+            "sd15",
+            GENERATED_PREFIX + "tiny-sd15",
+            GENERATED_PREFIX + "tiny-sd15-lcm-lora",
+            dtype="float32",
+            width=64,
+            height=64,
+        ),
         # The SDXL family in miniature: two text encoders, text_time conditioning, its own LCM-LoRA.
-        Profile("tiny-xl", "sdxl", GENERATED_PREFIX + "tiny-sdxl", GENERATED_PREFIX + "tiny-sdxl-lcm-lora",
-                dtype="float32", width=64, height=64),
+        Profile(
+            "tiny-xl",
+            "sdxl",
+            GENERATED_PREFIX + "tiny-sdxl",
+            GENERATED_PREFIX + "tiny-sdxl-lcm-lora",
+            dtype="float32",
+            width=64,
+            height=64,
+        ),
         # Real SD1.5 architecture (860M UNet) with random weights: measures true speed.
-        Profile("sd15-arch", "sd15", GENERATED_PREFIX + "sd15-arch", GENERATED_PREFIX + "sd15-arch-lcm-lora",
-                width=256, height=256),
+        Profile(
+            "sd15-arch",
+            "sd15",
+            GENERATED_PREFIX + "sd15-arch",
+            GENERATED_PREFIX + "sd15-arch-lcm-lora",
+            width=256,
+            height=256,
+        ),
         # No model: a fixed image per job. For measuring and testing the farm without rendering.
         Profile("null", NULL_FAMILY, "none", "none", dtype="float32", width=64, height=64),
     )
@@ -143,9 +171,16 @@ class ProfileTable(BaseModel):
 
 # What a field must hold, as a refused value's message says it.
 _EXPECTED = {
-    "family": f"one of {', '.join(FAMILIES)}", "dtype": f"one of {', '.join(DTYPES)}",
-    "width": "an integer", "height": "an integer", "steps": "an integer", "guidance": "a number",
-    "base": "a string", "lcm_lora": "a string", "config": "a string", "vae": "a string",
+    "family": f"one of {', '.join(FAMILIES)}",
+    "dtype": f"one of {', '.join(DTYPES)}",
+    "width": "an integer",
+    "height": "an integer",
+    "steps": "an integer",
+    "guidance": "a number",
+    "base": "a string",
+    "lcm_lora": "a string",
+    "config": "a string",
+    "vae": "a string",
 } | dict.fromkeys(MEMORY_OPTIONS, "true or false")
 
 
@@ -254,8 +289,9 @@ def _check_model_index(where: str, field: str, ref: str, family: str) -> None:
     if not folder.is_dir():
         return
     if not index.exists():
-        raise ProfileError(f"{where}: {field} {ref} is a folder without model_index.json "
-                           "(not a diffusers model folder)")
+        raise ProfileError(
+            f"{where}: {field} {ref} is a folder without model_index.json (not a diffusers model folder)"
+        )
     try:
         class_name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError, AttributeError) as exc:  # unreadable, not JSON, or JSON but not an object
@@ -288,9 +324,11 @@ def preflight(profile: Profile, device: str | None = None) -> None:
         # from_single_file needs the family's diffusers configs; without a local folder it would
         # try to fetch them from the hub, which a farm worker may not reach.
         if profile.config is None:
-            raise ProfileError(f"{where}: base {profile.base} is a single-file checkpoint, so the profile needs "
-                               "config = a diffusers folder of the same architecture (its model_index.json "
-                               "and component configs; weights are not read)")
+            raise ProfileError(
+                f"{where}: base {profile.base} is a single-file checkpoint, so the profile needs "
+                "config = a diffusers folder of the same architecture (its model_index.json "
+                "and component configs; weights are not read)"
+            )
         if Path(profile.base).expanduser().is_dir():
             raise ProfileError(f"{where}: base {profile.base} is a folder, not a single-file checkpoint")
     elif profile.config is not None:
@@ -299,8 +337,10 @@ def preflight(profile: Profile, device: str | None = None) -> None:
     if profile.config is not None:
         _check_model_index(where, "config", profile.config, profile.family)
     if device == "cpu" and profile.dtype == "float16":  # "auto" resolves to float32 there
-        raise ProfileError(f"{where}: dtype float16 cannot run on the CPU device; set dtype = \"float32\" "
-                           f"(or \"bfloat16\") in [profiles.{profile.name}] or run on cuda/mps")
+        raise ProfileError(
+            f'{where}: dtype float16 cannot run on the CPU device; set dtype = "float32" '
+            f'(or "bfloat16") in [profiles.{profile.name}] or run on cuda/mps'
+        )
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

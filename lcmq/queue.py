@@ -34,12 +34,16 @@ def _transport_options(settings: Settings) -> dict:
         folder = settings.broker_folder
         for sub in ("queue", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                "processed_folder": str(folder / "processed"), "store_processed": False,
-                # How long a consumer sleeps when it may not take a message (one is unacked, with
-                # prefetch 1) or none is there: kombu's 1 s default made every message cost a
-                # second, however short its task. A poll lists one folder.
-                "polling_interval": FILESYSTEM_POLL_S}
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            # How long a consumer sleeps when it may not take a message (one is unacked, with
+            # prefetch 1) or none is there: kombu's 1 s default made every message cost a
+            # second, however short its task. A poll lists one folder.
+            "polling_interval": FILESYSTEM_POLL_S,
+        }
     return {
         # A message unacked this long is handed to another worker: keep it above the longest task.
         "visibility_timeout": settings.visibility_timeout_s,
@@ -107,8 +111,9 @@ def redis_priority(priority: int) -> int:
     return MAX_PRIORITY - max(0, min(MAX_PRIORITY, priority))
 
 
-def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], priority: int = 0,
-                   countdown_s: float | None = None) -> int:
+def publish_chunks(
+    profile: str, chunks: Sequence[tuple[str, Sequence[str]]], priority: int = 0, countdown_s: float | None = None
+) -> int:
     """Send one render task per (batch id, job ids) chunk over a single broker connection
     (`countdown_s`: not before that many seconds, for a hand-back after a transient fault)."""
     app = get_app()
@@ -118,9 +123,15 @@ def publish_chunks(profile: str, chunks: Sequence[tuple[str, Sequence[str]]], pr
             # One Redis pipeline per PUBLISH_PIPELINE messages, not a round trip each. A failed
             # flush loses nothing: the caller marks the batch published only after this returns.
             for batch_id, job_ids in chunks:
-                app.send_task(RENDER_TASK, args=[batch_id, list(job_ids)], queue=queue,
-                              task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}", producer=producer,
-                              priority=redis_priority(priority), countdown=countdown_s)
+                app.send_task(
+                    RENDER_TASK,
+                    args=[batch_id, list(job_ids)],
+                    queue=queue,
+                    task_id=f"{batch_id}-{uuid.uuid4().hex[:12]}",
+                    producer=producer,
+                    priority=redis_priority(priority),
+                    countdown=countdown_s,
+                )
     except BROKER_DOWN as exc:
         raise BrokerError(f"publishing to {queue}: {exc}") from exc
     return len(chunks)
@@ -135,8 +146,7 @@ def check_broker(timeout_s: float = 10.0) -> None:
             conn.ensure_connection(max_retries=1, interval_start=0.5, timeout=timeout_s)
             conn.default_channel  # noqa: B018 - Redis connects on the first channel, not before
     except BROKER_DOWN as exc:
-        raise BrokerError(f"cannot reach the broker at {safe_url(get_settings().broker_url_resolved)}: "
-                          f"{exc}") from exc
+        raise BrokerError(f"cannot reach the broker at {safe_url(get_settings().broker_url_resolved)}: {exc}") from exc
 
 
 def safe_url(url: str) -> str:

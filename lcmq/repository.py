@@ -19,9 +19,29 @@ from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import (JSON, Column, DateTime, Engine, String, bindparam, case, cast, create_engine, event, func,
-                        insert, or_, select, text, update)
-from sqlalchemy import ColumnElement, CursorResult, Result, Table, delete
+from sqlalchemy import (
+    JSON,
+    Column,
+    ColumnElement,
+    CursorResult,
+    DateTime,
+    Engine,
+    Result,
+    String,
+    Table,
+    bindparam,
+    case,
+    cast,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
@@ -199,7 +219,7 @@ def normalize_url(url: str) -> str:
     """Let users write postgresql:// URLs; lcmq drives Postgres with psycopg 3."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -255,10 +275,11 @@ class NewJobLayout:
     def of_job_record(cls) -> NewJobLayout:
         job_fields = fields(JobRecord)
         defaults = {f.name: _scalar_default(JOB_COLUMNS[f.name]) for f in job_fields if not f.metadata}
-        return cls(row_defaults={f.name: _scalar_default(JOB_COLUMNS[f.name])
-                                 for f in job_fields if f.metadata == FROM_ROW},
-                   batch_fields=tuple(f.name for f in job_fields if f.metadata == FROM_BATCH),
-                   defaults={name: value for name, value in defaults.items() if value is not None})
+        return cls(
+            row_defaults={f.name: _scalar_default(JOB_COLUMNS[f.name]) for f in job_fields if f.metadata == FROM_ROW},
+            batch_fields=tuple(f.name for f in job_fields if f.metadata == FROM_BATCH),
+            defaults={name: value for name, value in defaults.items() if value is not None},
+        )
 
     @property
     def row_fields(self) -> tuple[str, ...]:
@@ -324,8 +345,9 @@ def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: d
     dumps = json.dumps
     # The batch's values are the same in every row: a timestamp goes as its text, formatted once
     # here rather than by write_row for each row (that was most of write_row's time).
-    batch_texts = {name: value.isoformat() if isinstance(value, datetime) else value
-                   for name, value in batch_values.items()}
+    batch_texts = {
+        name: value.isoformat() if isinstance(value, datetime) else value for name, value in batch_values.items()
+    }
     total = 0
     with cursor.copy(f"COPY jobs ({columns}) FROM STDIN") as copy:
         for values in NEW_JOB.rows(jobs, batch_texts):
@@ -337,8 +359,7 @@ def _copy_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: d
     return total
 
 
-def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any],
-                 page: int) -> int:
+def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values: dict[str, Any], page: int) -> int:
     """Other databases (SQLite): executemany of the same values, page by page."""
     names = NEW_JOB.fields  # the ORM's bulk insert takes the mapped attributes' names
     statement = insert(Job)
@@ -358,22 +379,27 @@ def _insert_jobs(session: Session, jobs: Iterable[dict[str, Any]], batch_values:
 # SQLSTATEs (PostgreSQL's appendix A) that a retry can outlive: the transaction lost a race that
 # a rerun wins, or the server is going away or short of something for a while. Anything else
 # Postgres refuses is the fault of the statement or its data, and a retry would repeat it.
-TRANSIENT_SQLSTATES = frozenset({
-    "40001",  # serialization_failure
-    "40P01",  # deadlock_detected
-    "55P03",  # lock_not_available
-    "57014",  # query_canceled: a statement timeout, pg_cancel_backend
-    "57P01", "57P02", "57P03",  # admin_shutdown, crash_shutdown, cannot_connect_now
-    "57P05",  # idle_session_timeout
-})
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+        "57014",  # query_canceled: a statement timeout, pg_cancel_backend
+        "57P01",
+        "57P02",
+        "57P03",  # admin_shutdown, crash_shutdown, cannot_connect_now
+        "57P05",  # idle_session_timeout
+    }
+)
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "58")  # connection exception, insufficient resources, system error
 REFUSED_DATA_SQLSTATE_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 UNDEFINED_TABLE = "42P01"
 # SQLite has no SQLSTATE; its primary result codes (the low byte of an extended one). Busy and
 # locked: another connection held the database past busy_timeout; full, I/O error and protocol
 # (a WAL lock race): the disk or the file system, as Postgres's classes 53 and 58.
-SQLITE_RETRYABLE = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL,
-                              sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PROTOCOL})
+SQLITE_RETRYABLE = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PROTOCOL}
+)
 
 
 def database_error_kind(exc: BaseException) -> type[LcmqError] | None:
@@ -445,6 +471,7 @@ def _translate_errors(method):
             if kind is QueryError and self.schema_is_behind():
                 kind = SchemaError
             raise self.translated_error(kind, exc, method.__name__) from exc
+
     return wrapper
 
 
@@ -488,8 +515,9 @@ class Repository:
     def translated_error(self, kind: type[LcmqError], exc: BaseException, where: str) -> LcmqError:
         driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         if kind is SchemaError:
-            return SchemaError(f"the database has no lcmq schema or an old one: run `lcmq db upgrade` "
-                               f"({self.safe_url})")
+            return SchemaError(
+                f"the database has no lcmq schema or an old one: run `lcmq db upgrade` ({self.safe_url})"
+            )
         if kind is RecordError:  # the data itself was refused: retrying the same write cannot help
             return RecordError(f"database refused the data in {where}: {driver}")
         if kind is QueryError:
@@ -523,8 +551,13 @@ class Repository:
         return s.execute(statement.returning(Batch.id)).first() is not None
 
     @_translate_errors
-    def create_batch(self, batch: dict[str, Any], jobs: Iterable[dict[str, Any]], page: int = 5000,
-                     before_commit: Callable[[], None] | None = None) -> tuple[str, bool]:
+    def create_batch(
+        self,
+        batch: dict[str, Any],
+        jobs: Iterable[dict[str, Any]],
+        page: int = 5000,
+        before_commit: Callable[[], None] | None = None,
+    ) -> tuple[str, bool]:
         """The batch and all its jobs in one transaction: all of them exist, or none.
 
         Returns (batch id, created). With an idempotency key that is already taken, nothing is
@@ -543,8 +576,9 @@ class Repository:
                 before_commit()
         return batch["id"], True
 
-    def _write_jobs(self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime,
-                     page: int = 5000) -> int:
+    def _write_jobs(
+        self, s: Session, batch_id: str, jobs: Iterable[dict[str, Any]], now: datetime, page: int = 5000
+    ) -> int:
         # dispatched_at = now: the batch's publish covers every job (see mark_published).
         batch_values = {"batch_id": batch_id, "created_at": now, "dispatched_at": now}
         if s.get_bind().dialect.name == "postgresql":
@@ -577,13 +611,17 @@ class Repository:
     @_translate_errors
     def recent_batches(self, limit: int = 20) -> list[tuple[BatchRecord, dict[str, int]]]:
         with self._session() as s:
-            batches = [_record(BatchRecord, b) for b in
-                       s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit))]
+            batches = [
+                _record(BatchRecord, b) for b in s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit))
+            ]
             if not batches:
                 return []
             counts: dict[str, dict[str, int]] = {b.id: {st.value: 0 for st in JobState} for b in batches}
-            rows = s.execute(select(Job.batch_id, Job.state, func.count())
-                             .where(Job.batch_id.in_(counts)).group_by(Job.batch_id, Job.state))
+            rows = s.execute(
+                select(Job.batch_id, Job.state, func.count())
+                .where(Job.batch_id.in_(counts))
+                .group_by(Job.batch_id, Job.state)
+            )
             for batch_id, state, n in rows:
                 counts[batch_id][state] = n
             return [(b, counts[b.id]) for b in batches]
@@ -618,11 +656,13 @@ class Repository:
     # --- dispatch (the outbox) ------------------------------------------------------------
 
     @_translate_errors
-    def pending_dispatch(self, *, batch_id: str | None = None,
-                         dispatched_before: datetime | None = None, limit: int = 10_000) -> list[PendingJob]:
+    def pending_dispatch(
+        self, *, batch_id: str | None = None, dispatched_before: datetime | None = None, limit: int = 10_000
+    ) -> list[PendingJob]:
         """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
-        query = select(Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras,
-                       Job.strength, Job.attempts).where(Job.state == JobState.queued.value)
+        query = select(
+            Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras, Job.strength, Job.attempts
+        ).where(Job.state == JobState.queued.value)
         if dispatched_before is not None:
             query = query.where(Job.dispatched_at < dispatched_before)
         else:
@@ -630,21 +670,36 @@ class Repository:
         if batch_id is not None:
             query = query.where(Job.batch_id == batch_id)
         # (JSON has no ordering in Postgres: a page's LoRA sets are grouped by chunk_pending.)
-        query = query.order_by(Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.strength,
-                               Job.index).limit(limit)
+        query = query.order_by(
+            Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.strength, Job.index
+        ).limit(limit)
         with self._session() as s:
             return [PendingJob(r.id, r.batch_id, _shape(r), r.attempts) for r in s.execute(query)]
 
     @_translate_errors
     def queued_jobs(self, batch_id: str, after_index: int = -1, limit: int = 10_000) -> list[tuple[int, PendingJob]]:
         """A page of a batch's queued jobs in row order, with their index (keyset pagination)."""
-        query = (select(Job.index, Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras,
-                        Job.strength, Job.attempts)
-                 .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
-                 .order_by(Job.index).limit(limit))
+        query = (
+            select(
+                Job.index,
+                Job.id,
+                Job.batch_id,
+                Job.width,
+                Job.height,
+                Job.steps,
+                Job.guidance,
+                Job.loras,
+                Job.strength,
+                Job.attempts,
+            )
+            .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
+            .order_by(Job.index)
+            .limit(limit)
+        )
         with self._session() as s:
-            return [(r._mapping["index"], PendingJob(r.id, r.batch_id, _shape(r), r.attempts))
-                    for r in s.execute(query)]  # _mapping: a Row's `index` is also tuple.index
+            return [
+                (r._mapping["index"], PendingJob(r.id, r.batch_id, _shape(r), r.attempts)) for r in s.execute(query)
+            ]  # _mapping: a Row's `index` is also tuple.index
 
     @_translate_errors
     def mark_published(self, batch_id: str) -> None:
@@ -654,20 +709,27 @@ class Repository:
     @_translate_errors
     def unpublished_batches(self, created_before: datetime) -> list[str]:
         with self._session() as s:
-            return list(s.scalars(select(Batch.id).where(Batch.published_at.is_(None),
-                                                         Batch.created_at < created_before)))
+            return list(
+                s.scalars(select(Batch.id).where(Batch.published_at.is_(None), Batch.created_at < created_before))
+            )
 
     @_translate_errors
     def mark_dispatched(self, job_ids: Sequence[str]) -> None:
         now = utcnow()
         with self._session() as s:
             if s.get_bind().dialect.name == "postgresql":  # one array parameter, not 10^4 bound values
-                s.execute(text("UPDATE jobs SET dispatched_at = :now WHERE id = ANY(:ids)"),
-                          {"now": now, "ids": list(job_ids)})
+                s.execute(
+                    text("UPDATE jobs SET dispatched_at = :now WHERE id = ANY(:ids)"),
+                    {"now": now, "ids": list(job_ids)},
+                )
                 return
             for start in range(0, len(job_ids), 500):
-                s.execute(update(Job).where(Job.id.in_(list(job_ids[start:start + 500])))
-                          .values(dispatched_at=now).execution_options(synchronize_session=False))
+                s.execute(
+                    update(Job)
+                    .where(Job.id.in_(list(job_ids[start : start + 500])))
+                    .values(dispatched_at=now)
+                    .execution_options(synchronize_session=False)
+                )
 
     @_translate_errors
     def recover_expired(self, max_attempts: int) -> tuple[int, int]:
@@ -678,17 +740,35 @@ class Repository:
         now = utcnow()
         expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
         with self._session() as s:
-            failed = _rowcount(s.execute(
-                update(Job).where(expired, Job.attempts >= max_attempts)
-                .values(state=JobState.failed.value, finished_at=now, lease_until=None,
-                        error=func.coalesce(Job.error + "; ", "") + "worker lost during attempt " +
-                        cast(Job.attempts, String) + f" of {max_attempts}; giving up")
-                .execution_options(synchronize_session=False)))
-            requeued = _rowcount(s.execute(
-                update(Job).where(expired)
-                .values(state=JobState.queued.value, lease_until=None, dispatched_at=None,
-                        error="worker lost during attempt " + cast(Job.attempts, String))
-                .execution_options(synchronize_session=False)))
+            failed = _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(expired, Job.attempts >= max_attempts)
+                    .values(
+                        state=JobState.failed.value,
+                        finished_at=now,
+                        lease_until=None,
+                        error=func.coalesce(Job.error + "; ", "")
+                        + "worker lost during attempt "
+                        + cast(Job.attempts, String)
+                        + f" of {max_attempts}; giving up",
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            )
+            requeued = _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(expired)
+                    .values(
+                        state=JobState.queued.value,
+                        lease_until=None,
+                        dispatched_at=None,
+                        error="worker lost during attempt " + cast(Job.attempts, String),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            )
         return requeued, failed
 
     # --- control --------------------------------------------------------------------------
@@ -701,16 +781,24 @@ class Repository:
         with self._session() as s:
             if _rowcount(s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=now))) == 0:
                 raise NotFoundError(f"no batch {batch_id!r}")
-            return _rowcount(s.execute(
-                update(Job).where(Job.batch_id == batch_id, Job.state == JobState.queued.value)
-                .values(state=JobState.canceled.value, finished_at=now)
-                .execution_options(synchronize_session=False)))
+            return _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(Job.batch_id == batch_id, Job.state == JobState.queued.value)
+                    .values(state=JobState.canceled.value, finished_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            )
 
     @_translate_errors
     def requeue(self, batch_id: str, states: Sequence[JobState], reset_attempts: bool = False) -> int:
         """Put a batch's jobs in the given states back in the queue (resume, retry)."""
-        values: dict[str, Any] = {"state": JobState.queued.value, "dispatched_at": None, "lease_until": None,
-                                  "finished_at": None}
+        values: dict[str, Any] = {
+            "state": JobState.queued.value,
+            "dispatched_at": None,
+            "lease_until": None,
+            "finished_at": None,
+        }
         if reset_attempts:
             values |= {"attempts": 0, "handbacks": 0, "error": None}
         now = utcnow()
@@ -720,8 +808,14 @@ class Repository:
             condition = condition | ((Job.state == JobState.running.value) & (Job.lease_until < now))
         with self._session() as s:
             s.execute(update(Batch).where(Batch.id == batch_id).values(canceled_at=None))
-            requeued = _rowcount(s.execute(update(Job).where(Job.batch_id == batch_id, condition).values(**values)
-                                 .execution_options(synchronize_session=False)))
+            requeued = _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(Job.batch_id == batch_id, condition)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            )
             if requeued:  # its manifest.jsonl is due again once these jobs are final
                 s.execute(update(Batch).where(Batch.id == batch_id).values(manifest_at=None))
             return requeued
@@ -748,8 +842,11 @@ class Repository:
     @_translate_errors
     def due_schedules(self, now: datetime) -> list[ScheduleRecord]:
         with self._session() as s:
-            query = (select(Schedule).where(Schedule.paused.is_(False), Schedule.next_run_at <= now)
-                     .order_by(Schedule.next_run_at))
+            query = (
+                select(Schedule)
+                .where(Schedule.paused.is_(False), Schedule.next_run_at <= now)
+                .order_by(Schedule.next_run_at)
+            )
             return [_record(ScheduleRecord, row) for row in s.scalars(query)]
 
     @_translate_errors
@@ -770,15 +867,21 @@ class Repository:
     @_translate_errors
     def catalog_state(self, name: str) -> dict[str, ItemState]:
         """Every item the catalog ever had, with its last render key and that job's state."""
-        query = (select(CatalogItem.item_id, CatalogItem.render_key, CatalogItem.removed_at, Job.state)
-                 .outerjoin(Job, Job.id == CatalogItem.job_id).where(CatalogItem.schedule_name == name))
+        query = (
+            select(CatalogItem.item_id, CatalogItem.render_key, CatalogItem.removed_at, Job.state)
+            .outerjoin(Job, Job.id == CatalogItem.job_id)
+            .where(CatalogItem.schedule_name == name)
+        )
         with self._session() as s:
             return {r.item_id: ItemState(r.render_key, r.state, r.removed_at is not None) for r in s.execute(query)}
 
     @_translate_errors
     def catalog_counts(self, name: str) -> dict[str, int]:
-        query = (select(CatalogItem.removed_at.is_(None), func.count()).where(CatalogItem.schedule_name == name)
-                 .group_by(CatalogItem.removed_at.is_(None)))
+        query = (
+            select(CatalogItem.removed_at.is_(None), func.count())
+            .where(CatalogItem.schedule_name == name)
+            .group_by(CatalogItem.removed_at.is_(None))
+        )
         with self._session() as s:
             counts = {bool(active): n for active, n in s.execute(query)}
         return {"active": counts.get(True, 0), "removed": counts.get(False, 0)}
@@ -787,15 +890,26 @@ class Repository:
         """Advance the schedule only if no run committed since `seen_version` was read. On Postgres
         the row lock makes a concurrent run wait and then find the version moved; on SQLite the
         write lock serializes the transactions the same way."""
-        statement = (update(Schedule).where(Schedule.name == name, Schedule.version == seen_version)
-                     .values(version=seen_version + 1, **values))
+        statement = (
+            update(Schedule)
+            .where(Schedule.name == name, Schedule.version == seen_version)
+            .values(version=seen_version + 1, **values)
+        )
         return _rowcount(s.execute(statement)) == 1
 
     @_translate_errors
-    def record_catalog_run(self, name: str, seen_version: int, batch: dict[str, Any] | None,
-                           jobs: list[dict[str, Any]], rendered: list[dict[str, Any]], kept: list[str],
-                           removed: list[str], counts: dict[str, int],
-                           next_run_at: datetime | None = None) -> bool:
+    def record_catalog_run(
+        self,
+        name: str,
+        seen_version: int,
+        batch: dict[str, Any] | None,
+        jobs: list[dict[str, Any]],
+        rendered: list[dict[str, Any]],
+        kept: list[str],
+        removed: list[str],
+        counts: dict[str, int],
+        next_run_at: datetime | None = None,
+    ) -> bool:
         """One catalog run in one transaction: advance the schedule (compare-and-set on its
         version), write the batch and its jobs, and the catalog's new state. False, and nothing
         written, when another run committed first: its diff is stale, so exactly one run wins.
@@ -820,24 +934,33 @@ class Repository:
                 statement = self._dialect_insert(s, CatalogItem)
                 statement = statement.on_conflict_do_update(
                     index_elements=["schedule_name", "item_id"],
-                    set_={"render_key": statement.excluded.render_key, "job_id": statement.excluded.job_id,
-                          "removed_at": None, "updated_at": now})
-                s.execute(statement, [item | {"schedule_name": name, "removed_at": None, "updated_at": now}
-                                      for item in rendered])
+                    set_={
+                        "render_key": statement.excluded.render_key,
+                        "job_id": statement.excluded.job_id,
+                        "removed_at": None,
+                        "updated_at": now,
+                    },
+                )
+                s.execute(
+                    statement,
+                    [item | {"schedule_name": name, "removed_at": None, "updated_at": now} for item in rendered],
+                )
             # Unchanged items that had been removed are back; removed ones are marked (once).
             for ids, removed_at in ((kept, None), (removed, now)):
                 flip = CatalogItem.removed_at.is_(None) if removed_at else CatalogItem.removed_at.is_not(None)
                 for start in range(0, len(ids), 500):
-                    s.execute(update(CatalogItem)
-                              .where(CatalogItem.schedule_name == name, flip,
-                                     CatalogItem.item_id.in_(ids[start:start + 500]))
-                              .values(removed_at=removed_at, updated_at=now)
-                              .execution_options(synchronize_session=False))
+                    s.execute(
+                        update(CatalogItem)
+                        .where(
+                            CatalogItem.schedule_name == name, flip, CatalogItem.item_id.in_(ids[start : start + 500])
+                        )
+                        .values(removed_at=removed_at, updated_at=now)
+                        .execution_options(synchronize_session=False)
+                    )
         return True
 
     @_translate_errors
-    def record_schedule_error(self, name: str, seen_version: int, error: str,
-                              next_run_at: datetime | None) -> bool:
+    def record_schedule_error(self, name: str, seen_version: int, error: str, next_run_at: datetime | None) -> bool:
         """A scheduled run that could not write (a bad catalog): keep why, and move on to the next
         fire time so a broken catalog is not retried every tick. Same compare-and-set as a run."""
         values: dict[str, Any] = {"last_error": error[:4000]}
@@ -849,8 +972,9 @@ class Repository:
     # --- worker side ----------------------------------------------------------------------
 
     @_translate_errors
-    def claim(self, job_ids: Sequence[str], worker: str, lease_s: float,
-              max_attempts: int | None = None) -> list[JobRecord]:
+    def claim(
+        self, job_ids: Sequence[str], worker: str, lease_s: float, max_attempts: int | None = None
+    ) -> list[JobRecord]:
         """Take the jobs that are free: queued, or running under a lease that expired.
 
         A conditional update, so two workers handed the same ids never both own a job. With
@@ -864,12 +988,20 @@ class Repository:
         claimable = or_(Job.state == JobState.queued.value, expired)
         table = JOBS_TABLE
         with self.engine.begin() as conn:  # Core: plain rows back, no ORM objects
-            claimed = _job_records(conn.execute(
-                update(table)
-                .where(table.c.id.in_(list(job_ids)), claimable)
-                .values(state=JobState.running.value, attempts=table.c.attempts + 1, worker=worker,
-                        lease_until=now + timedelta(seconds=lease_s), started_at=now)
-                .returning(*_JOB_RECORD_COLUMNS)))
+            claimed = _job_records(
+                conn.execute(
+                    update(table)
+                    .where(table.c.id.in_(list(job_ids)), claimable)
+                    .values(
+                        state=JobState.running.value,
+                        attempts=table.c.attempts + 1,
+                        worker=worker,
+                        lease_until=now + timedelta(seconds=lease_s),
+                        started_at=now,
+                    )
+                    .returning(*_JOB_RECORD_COLUMNS)
+                )
+            )
         return sorted(claimed, key=lambda j: j.index)
 
     def _held(self, job_ids: Sequence[str], worker: str):
@@ -878,9 +1010,14 @@ class Repository:
     @_translate_errors
     def extend_leases(self, job_ids: Sequence[str], worker: str, lease_s: float) -> int:
         with self._session() as s:
-            return _rowcount(s.execute(update(Job).where(self._held(job_ids, worker))
-                             .values(lease_until=utcnow() + timedelta(seconds=lease_s))
-                             .execution_options(synchronize_session=False)))
+            return _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(self._held(job_ids, worker))
+                    .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                    .execution_options(synchronize_session=False)
+                )
+            )
 
     @_translate_errors
     def record_successes(self, results: Sequence[StoredImage], worker: str) -> int:
@@ -892,35 +1029,63 @@ class Repository:
         if not results:
             return 0
         now = utcnow()
-        rows = [{"b_id": r.job_id, "b_key": r.key, "b_sha256": r.sha256, "b_render_ms": r.render_ms,
-                 "b_batch_size": r.batch_size, "b_warning": r.warning} for r in results]
+        rows = [
+            {
+                "b_id": r.job_id,
+                "b_key": r.key,
+                "b_sha256": r.sha256,
+                "b_render_ms": r.render_ms,
+                "b_batch_size": r.batch_size,
+                "b_warning": r.warning,
+            }
+            for r in results
+        ]
         statement = (
             update(Job)
             .where(Job.id == bindparam("b_id"), Job.state == JobState.running.value, Job.worker == worker)
-            .values(state=JobState.succeeded.value, key=bindparam("b_key"), sha256=bindparam("b_sha256"),
-                    render_ms=bindparam("b_render_ms"), batch_size=bindparam("b_batch_size"),
-                    warning=bindparam("b_warning"), finished_at=now, lease_until=None, error=None)
-            .execution_options(synchronize_session=False))
+            .values(
+                state=JobState.succeeded.value,
+                key=bindparam("b_key"),
+                sha256=bindparam("b_sha256"),
+                render_ms=bindparam("b_render_ms"),
+                batch_size=bindparam("b_batch_size"),
+                warning=bindparam("b_warning"),
+                finished_at=now,
+                lease_until=None,
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
         with self.engine.begin() as conn:  # Core executemany: psycopg pipelines the statements
             return _rowcount(conn.execute(statement, rows))
 
-    def record_success(self, job_id: str, worker: str, key: str, sha256: str, render_ms: float,
-                       batch_size: int, warning: str | None = None) -> bool:
+    def record_success(
+        self,
+        job_id: str,
+        worker: str,
+        key: str,
+        sha256: str,
+        render_ms: float,
+        batch_size: int,
+        warning: str | None = None,
+    ) -> bool:
         """Mark one job done if this worker still holds it; False when the lease was lost."""
-        return self.record_successes([StoredImage(job_id, key, sha256, render_ms, batch_size, warning)],
-                                     worker) == 1
+        return self.record_successes([StoredImage(job_id, key, sha256, render_ms, batch_size, warning)], worker) == 1
 
     @_translate_errors
     def record_failure(self, job_ids: Sequence[str], worker: str, error: str) -> int:
         with self._session() as s:
-            return _rowcount(s.execute(
-                update(Job).where(self._held(job_ids, worker))
-                .values(state=JobState.failed.value, error=error[:4000], finished_at=utcnow(), lease_until=None)
-                .execution_options(synchronize_session=False)))
+            return _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(self._held(job_ids, worker))
+                    .values(state=JobState.failed.value, error=error[:4000], finished_at=utcnow(), lease_until=None)
+                    .execution_options(synchronize_session=False)
+                )
+            )
 
     @_translate_errors
-    def release(self, job_ids: Sequence[str], worker: str, error: str | None, *,
-                max_handbacks: int) -> HandBack:
+    def release(self, job_ids: Sequence[str], worker: str, error: str | None, *, max_handbacks: int) -> HandBack:
         """Hand jobs back to the queue after a transient fault, or fail those handed back
         `max_handbacks` times already, with the fault as the reason: one conditional update.
 
@@ -934,29 +1099,38 @@ class Repository:
         spent = table.c.handbacks >= max_handbacks  # this hand-back would pass the cap
         gave_up = f"{error or 'handed back'}; handed back {max_handbacks} times, giving up"
         statement = (
-            update(table).where(self._held(job_ids, worker))
-            .values(state=case((spent, JobState.failed.value), else_=JobState.queued.value),
-                    error=case((spent, gave_up), else_=error),
-                    finished_at=case((spent, now), else_=None),
-                    attempts=case((spent, table.c.attempts), else_=table.c.attempts - 1),
-                    handbacks=case((spent, table.c.handbacks), else_=table.c.handbacks + 1),
-                    dispatched_at=case((spent, table.c.dispatched_at), else_=now),
-                    lease_until=None)
-            .returning(table.c.id, table.c.state, table.c.handbacks))
+            update(table)
+            .where(self._held(job_ids, worker))
+            .values(
+                state=case((spent, JobState.failed.value), else_=JobState.queued.value),
+                error=case((spent, gave_up), else_=error),
+                finished_at=case((spent, now), else_=None),
+                attempts=case((spent, table.c.attempts), else_=table.c.attempts - 1),
+                handbacks=case((spent, table.c.handbacks), else_=table.c.handbacks + 1),
+                dispatched_at=case((spent, table.c.dispatched_at), else_=now),
+                lease_until=None,
+            )
+            .returning(table.c.id, table.c.state, table.c.handbacks)
+        )
         with self.engine.begin() as conn:
             rows = conn.execute(statement).all()
         requeued = [row for row in rows if row.state == JobState.queued.value]
-        return HandBack(requeued=[row.id for row in requeued],
-                        failed=[row.id for row in rows if row.state == JobState.failed.value],
-                        handbacks=max((row.handbacks for row in requeued), default=0))
+        return HandBack(
+            requeued=[row.id for row in requeued],
+            failed=[row.id for row in rows if row.state == JobState.failed.value],
+            handbacks=max((row.handbacks for row in requeued), default=0),
+        )
 
     # --- manifests ------------------------------------------------------------------------
     # batches.manifest_at holds the latest job finish that the batch's manifest.jsonl covers, and
     # NULL while one is due: never written, or jobs were requeued (requeue resets it) since.
 
     def _manifest_version(self, s: Session, batch_id: str) -> datetime | None:
-        unfinished = s.scalar(select(Job.id).where(
-            Job.batch_id == batch_id, Job.state.in_([JobState.queued.value, JobState.running.value])).limit(1))
+        unfinished = s.scalar(
+            select(Job.id)
+            .where(Job.batch_id == batch_id, Job.state.in_([JobState.queued.value, JobState.running.value]))
+            .limit(1)
+        )
         if unfinished is not None:
             return None
         return _aware(s.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
@@ -988,9 +1162,14 @@ class Repository:
         after `finished_before` (the worker that finished it writes it; this is for when it died).
         Oldest first. The subqueries use the (batch_id, state) index."""
         unfinished = select(Job.id).where(
-            Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value]))
+            Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
+        )
         recent = select(Job.id).where(Job.batch_id == Batch.id, Job.finished_at >= finished_before)
-        query = (select(Batch.id).where(Batch.manifest_at.is_(None), ~unfinished.exists(), ~recent.exists())
-                 .order_by(Batch.created_at).limit(limit))
+        query = (
+            select(Batch.id)
+            .where(Batch.manifest_at.is_(None), ~unfinished.exists(), ~recent.exists())
+            .order_by(Batch.created_at)
+            .limit(limit)
+        )
         with self._session() as s:
             return list(s.scalars(query))

@@ -57,50 +57,91 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto).")
     s3_region: str = "us-east-1"
     s3_timeout_s: float = Field(30, gt=0, description="Connect and read timeout of one S3 request.")
-    s3_max_attempts: int = Field(3, ge=1, le=20, description="Tries of one S3 request before the task "
-                                 "retries with backoff.")
-    chunk_size: int = Field(32, ge=1, le=10_000, description="Jobs per queue message: a task of seconds, not "
-                            "milliseconds, so the broker and the claim are a small share of it.")
-    max_chunks_per_batch: int = Field(1000, ge=1, description="A larger batch gets larger chunks, so "
-                                      "publishing 10^5 jobs costs 10^3 messages, not 10^4.")
+    s3_max_attempts: int = Field(
+        3, ge=1, le=20, description="Tries of one S3 request before the task retries with backoff."
+    )
+    chunk_size: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Jobs per queue message: a task of seconds, not "
+        "milliseconds, so the broker and the claim are a small share of it.",
+    )
+    max_chunks_per_batch: int = Field(
+        1000,
+        ge=1,
+        description="A larger batch gets larger chunks, so publishing 10^5 jobs costs 10^3 messages, not 10^4.",
+    )
     batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call in a worker.")
     render_timeout_s: int = Field(1800, ge=10, description="Hard time limit of one chunk task.")
     visibility_timeout_s: int = Field(7200, ge=60, description="Redis redelivery timeout; > longest task.")
-    lease_s: float = Field(120, ge=1, description="How long a claimed job stays owned without renewal; "
-                           "workers renew every lease_s/3, so a dead worker's jobs return after this.")
-    max_attempts: int = Field(3, ge=1, le=100, description="Workers a job may take down (crash, OOM, kill) "
-                              "before it is failed.")
-    max_handbacks: int = Field(5, ge=0, le=100, description="Times a job may go back to the queue after "
-                               "a transient fault (S3 or the database away; no attempt is used) before "
-                               "it fails with the last fault as its reason.")
-    dispatch_grace_s: float = Field(30, ge=0, description="A queued job with no message this long after "
-                                    "its commit is published by the sweeper.")
-    redispatch_s: float = Field(120, ge=1, description="A queued job whose message is this old while its "
-                                "queue is empty lost its message (broker restart): the sweeper republishes.")
-    manifest_grace_s: float = Field(30, ge=0, description="A finished batch without manifest.jsonl whose "
-                                    "last job finished this long ago gets it from the sweeper (its worker died).")
+    lease_s: float = Field(
+        120,
+        ge=1,
+        description="How long a claimed job stays owned without renewal; "
+        "workers renew every lease_s/3, so a dead worker's jobs return after this.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Workers a job may take down (crash, OOM, kill) before it is failed."
+    )
+    max_handbacks: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="Times a job may go back to the queue after "
+        "a transient fault (S3 or the database away; no attempt is used) before "
+        "it fails with the last fault as its reason.",
+    )
+    dispatch_grace_s: float = Field(
+        30, ge=0, description="A queued job with no message this long after its commit is published by the sweeper."
+    )
+    redispatch_s: float = Field(
+        120,
+        ge=1,
+        description="A queued job whose message is this old while its "
+        "queue is empty lost its message (broker restart): the sweeper republishes.",
+    )
+    manifest_grace_s: float = Field(
+        30,
+        ge=0,
+        description="A finished batch without manifest.jsonl whose "
+        "last job finished this long ago gets it from the sweeper (its worker died).",
+    )
     poll_s: float = Field(0.5, gt=0, description="Status polling interval of --wait.")
-    scheduler_tick_s: float = Field(5, gt=0, le=60, description="How often `lcmq scheduler` looks for due "
-                                    "schedules (cron has minute resolution).")
+    scheduler_tick_s: float = Field(
+        5, gt=0, le=60, description="How often `lcmq scheduler` looks for due schedules (cron has minute resolution)."
+    )
     sweep_every_s: float = Field(10, gt=0, description="How often `lcmq scheduler` runs the sweeper.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps (Apple "
-                                                          "Metal), then cpu.")
-    max_memory_mb: int | None = Field(None, ge=1, description="Memory budget of one worker process in MiB: "
-                                      "at load it probes batch sizes up to batch_size and keeps the largest "
-                                      "that fits (worker/memory.py).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, then mps (Apple Metal), then cpu."
+    )
+    max_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Memory budget of one worker process in MiB: "
+        "at load it probes batch sizes up to batch_size and keeps the largest "
+        "that fits (worker/memory.py).",
+    )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
-    lora_cache_size: int = Field(8, ge=1, le=256, description="Style LoRAs a worker process keeps loaded; "
-                                 "the least recently used one is deleted before another loads.")
-    max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts and negative prompts are refused "
-                                  "at submit, with their line.")
+    lora_cache_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Style LoRAs a worker process keeps loaded; "
+        "the least recently used one is deleted before another loads.",
+    )
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="Longer prompts and negative prompts are refused at submit, with their line."
+    )
     max_init_image_bytes: int = Field(32 << 20, ge=1024, description="img2img: larger init images fail their job.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
     log_level: str = "INFO"
     log_json: bool = False
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         return (init_settings, env_settings, _TomlSource(settings_cls))
 
     @field_validator("storage_url")

@@ -30,8 +30,18 @@ MAX_SEED = 2**63 - 1
 SEED_BITS = 32  # a seed derived from a batch's seed and a row, or from a catalog item's id
 MAX_NAME = 200  # batches.name is a String(200)
 # Fields a row may set; every other key (or CSV column) is kept as the job's metadata.
-JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "loras", "init_image",
-              "strength")
+JOB_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "loras",
+    "init_image",
+    "strength",
+)
 PROMPT_FIELDS = ("prompt", "negative_prompt")  # at most `max_prompt_chars` (LCMQ_MAX_PROMPT_CHARS) each
 DEFAULT_STRENGTH = 0.5  # img2img without a strength: half the steps, the usual LCM img2img setting
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -66,8 +76,9 @@ class JobSpec:
         return render_shape(self.width, self.height, self.steps, self.guidance, self.loras, self.strength)
 
 
-def render_shape(width: int, height: int, steps: int, guidance: float, loras: Any = None,
-                 strength: float | None = None) -> tuple:
+def render_shape(
+    width: int, height: int, steps: int, guidance: float, loras: Any = None, strength: float | None = None
+) -> tuple:
     """What one pipeline call needs its jobs to share: size, steps, guidance, the style LoRA set
     (one adapter set is active per call) and, for img2img, the strength (None: text2img). The
     producer chunks by it and the worker groups micro-batches by it: both sides call this."""
@@ -96,6 +107,7 @@ class BatchOptions:
 
 
 # --- field checks -------------------------------------------------------------------------
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -238,8 +250,13 @@ def _check_steps(value: Any, from_text: bool) -> int:
 
 
 def _check_guidance(value: Any, from_text: bool) -> float:
-    return _check_range(_coerce_float(value, _fail, from_text), MIN_GUIDANCE, MAX_GUIDANCE,
-                        "; 1.0 disables CFG, above 2 breaks LCM images", _fail)
+    return _check_range(
+        _coerce_float(value, _fail, from_text),
+        MIN_GUIDANCE,
+        MAX_GUIDANCE,
+        "; 1.0 disables CFG, above 2 breaks LCM images",
+        _fail,
+    )
 
 
 def _check_size(value: Any, from_text: bool) -> int:
@@ -295,7 +312,7 @@ def resolve_init_image(ref: str, base_dir: Path | None, exists=None) -> tuple[st
             _fail(f"must be s3://bucket/key (got {_show(ref)})")
         return ref, False
     if ref.startswith("file://"):
-        path = Path(ref[len("file://"):])
+        path = Path(ref[len("file://") :])
         if not path.is_absolute():
             _fail(f"a file:// URL must hold an absolute path (got {_show(ref)}); or give a plain file name")
         if not exists(str(path)):
@@ -322,6 +339,7 @@ _JOB_FIELD_SET = frozenset(JOB_FIELDS)
 
 # --- keys that look like a misspelt field ---------------------------------------------------
 
+
 def _typed_name(key: str) -> str:
     """A key as it is compared with the field names: case, `-` and spaces do not matter."""
     return key.strip().lower().replace("-", "_").replace(" ", "_")
@@ -337,9 +355,9 @@ def _at_most_one_edit(typed: str, name: str) -> bool:
     while same < len(short) and short[same] == long[same]:
         same += 1
     if len(short) < len(long):
-        return short[same:] == long[same + 1:]
-    swapped = short[same:same + 2] == long[same:same + 2][::-1] and short[same + 2:] == long[same + 2:]
-    return short[same + 1:] == long[same + 1:] or swapped
+        return short[same:] == long[same + 1 :]
+    swapped = short[same : same + 2] == long[same : same + 2][::-1] and short[same + 2 :] == long[same + 2 :]
+    return short[same + 1 :] == long[same + 1 :] or swapped
 
 
 def near_field(key: Any) -> str | None:
@@ -367,8 +385,14 @@ def check_keys(keys: Iterable[Any], source: str, line: int | None, what: str = "
 class RowValidator:
     """Turns raw rows into JobSpecs, filling defaults from the batch options and the profile."""
 
-    def __init__(self, options: BatchOptions, profile: Profile, source: str, base_dir: Path | None = None,
-                 max_prompt_chars: int | None = None):
+    def __init__(
+        self,
+        options: BatchOptions,
+        profile: Profile,
+        source: str,
+        base_dir: Path | None = None,
+        max_prompt_chars: int | None = None,
+    ):
         import os
 
         self.source = source
@@ -382,16 +406,25 @@ class RowValidator:
         self._exists: dict[str, bool] = {}  # a path shared by 10^5 rows is looked up once
         self._is_file: dict[str, bool] = {}
         # Batch defaults are validated once, up front, so a bad flag is named as a flag.
-        flags = {k: v for k, v in {
-            "steps": options.steps, "guidance": options.guidance, "width": options.width,
-            "height": options.height, "seed": options.seed, "negative_prompt": options.negative_prompt,
-        }.items() if v is not None}
+        flags = {
+            k: v
+            for k, v in {
+                "steps": options.steps,
+                "guidance": options.guidance,
+                "width": options.width,
+                "height": options.height,
+                "seed": options.seed,
+                "negative_prompt": options.negative_prompt,
+            }.items()
+            if v is not None
+        }
         checked = self._check_fields(flags, "--", line=None, from_text=False)
         if options.name is not None:
             self._check_name(options.name)
         try:  # batch LoRAs (--lora) replace the profile's, as any flag replaces a profile default
-            loras = check_loras(options.loras if options.loras is not None else profile.loras, None,
-                                exists=self._path_exists)
+            loras = check_loras(
+                options.loras if options.loras is not None else profile.loras, None, exists=self._path_exists
+            )
         except LoraProblem as exc:
             where = "--lora" if options.loras is not None else f"profile {profile.name}: loras"
             raise InputError(self.source, None, where, str(exc)) from None
@@ -412,8 +445,7 @@ class RowValidator:
         if len(name) > MAX_NAME:
             fail(f"must be at most {MAX_NAME} characters (got {len(name)})")
 
-    def _check_fields(self, raw: Mapping[str, Any], prefix: str, line: int | None,
-                      from_text: bool) -> dict[str, Any]:
+    def _check_fields(self, raw: Mapping[str, Any], prefix: str, line: int | None, from_text: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in JOB_FIELDS:
             value = raw.get(name)
@@ -422,8 +454,7 @@ class RowValidator:
             try:
                 out[name] = _FIELD_CHECKS[name](value, from_text)
                 if name in PROMPT_FIELDS and len(value) > self.max_prompt_chars:
-                    _fail(f"is {len(value)} characters long; at most {self.max_prompt_chars} "
-                          "(LCMQ_MAX_PROMPT_CHARS)")
+                    _fail(f"is {len(value)} characters long; at most {self.max_prompt_chars} (LCMQ_MAX_PROMPT_CHARS)")
             except FieldProblem as exc:
                 # A batch default is named as the CLI flag that sets it (--negative-prompt).
                 where = prefix + name.replace("_", "-") if prefix else name
@@ -447,11 +478,21 @@ class RowValidator:
                 _check_metadata(value, _fail)
             except FieldProblem as exc:
                 raise InputError(self.source, line, str(key), str(exc)) from None
-        return JobSpec(index=index, prompt=values["prompt"], negative_prompt=values["negative_prompt"],
-                       seed=values.get("seed"), steps=values["steps"], guidance=values["guidance"],
-                       width=values["width"], height=values["height"], metadata=metadata,
-                       loras=values["loras"], init_image=values.get("init_image"),
-                       strength=values.get("strength"), upload_init=values.get("upload_init", False))
+        return JobSpec(
+            index=index,
+            prompt=values["prompt"],
+            negative_prompt=values["negative_prompt"],
+            seed=values.get("seed"),
+            steps=values["steps"],
+            guidance=values["guidance"],
+            width=values["width"],
+            height=values["height"],
+            metadata=metadata,
+            loras=values["loras"],
+            init_image=values.get("init_image"),
+            strength=values.get("strength"),
+            upload_init=values.get("upload_init", False),
+        )
 
     def _path_exists(self, path: str) -> bool:
         import os
@@ -471,6 +512,7 @@ class RowValidator:
     def _check_inputs(self, raw: Mapping[str, Any], values: dict[str, Any], line: int, from_text: bool) -> None:
         """The row's style LoRAs and img2img fields, which depend on the batch file's folder and
         on each other: a strength needs an init image, and must leave the steps at least one."""
+
         def fail(name: str, message: str):
             raise InputError(self.source, line, name, message)
 
@@ -483,19 +525,24 @@ class RowValidator:
         if "init_image" in values:
             try:
                 values["init_image"], values["upload_init"] = resolve_init_image(
-                    values["init_image"], self.base_dir, exists=self._file_exists)
+                    values["init_image"], self.base_dir, exists=self._file_exists
+                )
             except FieldProblem as exc:
                 fail("init_image", str(exc))
             values.setdefault("strength", DEFAULT_STRENGTH)
             # The img2img pipeline runs int(steps * strength) of the steps: at least one.
             if int(values["steps"] * values["strength"]) < 1:
-                fail("strength", f"{values['strength']:g} of {values['steps']} steps leaves no step to run; "
-                                 f"use at least {1 / values['steps']:g} or more steps")
+                fail(
+                    "strength",
+                    f"{values['strength']:g} of {values['steps']} steps leaves no step to run; "
+                    f"use at least {1 / values['steps']:g} or more steps",
+                )
         elif "strength" in values:
             fail("strength", "needs an init_image (strength is for img2img)")
 
 
 # --- readers: (line number, raw row) streams --------------------------------------------
+
 
 def _open_input(path: Path, source: str):
     """The batch file for reading; an unreadable one is an input error, not a traceback."""
@@ -558,8 +605,9 @@ def _missing_column(required: str, names: list[str]) -> str:
     return message
 
 
-def read_csv_rows(path: Path, source: str, required: str = "prompt",
-                  job_columns: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_csv_rows(
+    path: Path, source: str, required: str = "prompt", job_columns: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a CSV file named by its header. With `job_columns` (a batch file, not a catalog)
     a column that looks like a misspelt job field is refused at the header."""
     lines = _decoded_lines(path, source)
@@ -585,9 +633,8 @@ def read_csv_rows(path: Path, source: str, required: str = "prompt",
             if not record or all(not cell.strip() for cell in record):
                 continue
             if len(record) != len(names):
-                raise InputError(source, reader.line_num, None,
-                                 f"expected {len(names)} fields, got {len(record)}")
-            yield reader.line_num, dict(zip(names, record))
+                raise InputError(source, reader.line_num, None, f"expected {len(names)} fields, got {len(record)}")
+            yield reader.line_num, dict(zip(names, record, strict=False))
     except csv.Error as exc:
         raise InputError(source, reader.line_num, None, f"malformed CSV: {exc}") from None
 
@@ -605,8 +652,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     return {"txt": _read_txt, "jsonl": read_jsonl_rows}[fmt](path, source)
 
 
-def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<rows>"
-                      ) -> Iterator[tuple[int, dict[str, Any]]]:
+def rows_from_objects(
+    rows: Iterable[str | Mapping[str, Any]], source: str = "<rows>"
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows given in Python (API): strings are prompts, mappings are JSONL-like objects."""
     for number, row in enumerate(rows, start=1):
         if isinstance(row, str):
@@ -617,8 +665,9 @@ def rows_from_objects(rows: Iterable[str | Mapping[str, Any]], source: str = "<r
             raise InputError(source, number, None, f"a row must be a string or a mapping (got {type(row).__name__})")
 
 
-def iter_specs(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
-               from_text: bool = False) -> Iterator[JobSpec]:
+def iter_specs(
+    rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator, from_text: bool = False
+) -> Iterator[JobSpec]:
     """Validated specs as a stream; raises on the first bad row, or on the first key that looks
     like a misspelt job field (each distinct key is checked once, not once a row)."""
     checked_keys: set[Any] = set()
@@ -629,8 +678,9 @@ def iter_specs(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidat
         yield validator.validate(index, line, raw, from_text)
 
 
-def validate_rows(rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator,
-                  from_text: bool = False) -> list[JobSpec]:
+def validate_rows(
+    rows: Iterable[tuple[int, dict[str, Any]]], validator: RowValidator, from_text: bool = False
+) -> list[JobSpec]:
     """Validate every row; raises on the first bad one, before anything is written."""
     specs = list(iter_specs(rows, validator, from_text))
     if not specs:
@@ -650,8 +700,7 @@ def open_batch_file(path: Path, validator: RowValidator) -> tuple[Iterator[JobSp
     try:
         content_sha256 = file_sha256(path)
     except OSError as exc:  # unreadable (permissions): the user's to fix, like a missing file
-        raise InputError(validator.source, None, None,
-                         f"cannot read the file: {exc.strerror or exc}") from None
+        raise InputError(validator.source, None, None, f"cannot read the file: {exc.strerror or exc}") from None
 
     def specs() -> Iterator[JobSpec]:
         count = 0

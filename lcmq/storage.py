@@ -188,8 +188,11 @@ class FileStorage(Storage):
         if not base.is_dir():
             return []
         try:
-            return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                          if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+            return sorted(
+                str(p.relative_to(self.root))
+                for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(TEMP_PREFIX)
+            )
         except OSError as exc:
             raise _reading_error(base, exc) from exc
 
@@ -198,8 +201,15 @@ class FileStorage(Storage):
 
 
 class S3Storage(Storage):
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str,
-                 timeout_s: float = 30, max_attempts: int = 3):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None,
+        region: str,
+        timeout_s: float = 30,
+        max_attempts: int = 3,
+    ):
         import boto3
         from botocore.config import Config
 
@@ -207,9 +217,16 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         try:
             self.client = boto3.client(
-                "s3", endpoint_url=endpoint_url, region_name=region,
-                config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=timeout_s,
-                              read_timeout=timeout_s, max_pool_connections=16))
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                config=Config(
+                    retries={"max_attempts": max_attempts, "mode": "standard"},
+                    connect_timeout=timeout_s,
+                    read_timeout=timeout_s,
+                    max_pool_connections=16,
+                ),
+            )
         except ValueError as exc:  # botocore's "Invalid endpoint", a malformed region name
             raise ConfigError(f"s3 endpoint {endpoint_url!r}, region {region!r}: {exc}") from exc
 
@@ -238,8 +255,15 @@ class S3Storage(Storage):
         raise PermanentStorageError(message) from exc
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
-        self._call("put", self.client.put_object, Bucket=self.bucket, Key=self._object_key(key), Body=data,
-                   ContentType=content_type, Metadata=metadata)
+        self._call(
+            "put",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self._object_key(key),
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata,
+        )
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
         # upload_file goes multipart above 8 MB; the object appears only when the upload completes.
@@ -248,8 +272,14 @@ class S3Storage(Storage):
 
         object_key = self._object_key(key)
         try:
-            self._call("put", self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=object_key,
-                       ExtraArgs={"ContentType": content_type})
+            self._call(
+                "put",
+                self.client.upload_file,
+                Filename=str(path),
+                Bucket=self.bucket,
+                Key=object_key,
+                ExtraArgs={"ContentType": content_type},
+            )
         except S3UploadFailedError as exc:  # wraps the ClientError that says whether to retry
             if isinstance(exc.__context__, ClientError):
                 self._raise_client_error("put", object_key, exc.__context__)
@@ -297,15 +327,16 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
 
-def read_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1", timeout_s: float = 30,
-             max_attempts: int = 3) -> bytes:
+def read_url(
+    url: str, endpoint_url: str | None = None, region: str = "us-east-1", timeout_s: float = 30, max_attempts: int = 3
+) -> bytes:
     """The bytes of one object named by a full URL (a catalog): s3://bucket/key or file:///path.
 
     Unlike `Storage.get`, the key is the user's own (not one lcmq built), so it is not checked.
     """
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        path = Path(url[len("file://"):])
+        path = Path(url[len("file://") :])
         try:
             return path.read_bytes()
         except OSError as exc:
@@ -318,16 +349,22 @@ def read_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1
 
 def storage_from_settings(settings) -> Storage:
     """The storage a process's settings name (both sides use this one door)."""
-    return storage_from_url(settings.storage_url, settings.s3_endpoint_url, settings.s3_region,
-                            settings.s3_timeout_s, settings.s3_max_attempts)
+    return storage_from_url(
+        settings.storage_url,
+        settings.s3_endpoint_url,
+        settings.s3_region,
+        settings.s3_timeout_s,
+        settings.s3_max_attempts,
+    )
 
 
-def storage_from_url(url: str, endpoint_url: str | None = None, region: str = "us-east-1",
-                     timeout_s: float = 30, max_attempts: int = 3) -> Storage:
+def storage_from_url(
+    url: str, endpoint_url: str | None = None, region: str = "us-east-1", timeout_s: float = 30, max_attempts: int = 3
+) -> Storage:
     parsed = urlparse(url)
     if parsed.scheme == "file":
         # file:///abs/dir is absolute; file://renders is relative to the working directory.
-        raw = url[len("file://"):]
+        raw = url[len("file://") :]
         return FileStorage(Path(raw or "."))
     if parsed.scheme == "s3":
         if not parsed.netloc:

@@ -125,8 +125,7 @@ class NoWorkerWatch:
     every `after_s`, so the caller's polling never waits on the broker. Tells once, and again
     only after a worker was seen in between (a worker that came and died)."""
 
-    def __init__(self, settings: Settings, profile: str, on_no_worker: Callable[[str], None],
-                 after_s: float):
+    def __init__(self, settings: Settings, profile: str, on_no_worker: Callable[[str], None], after_s: float):
         self.settings, self.profile, self.on_no_worker, self.after_s = settings, profile, on_no_worker, after_s
         self.idle_since: float | None = None
         self.probe: _Probe | None = None

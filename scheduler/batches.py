@@ -32,7 +32,6 @@ from lcmq.profiles import Profile
 from lcmq.repository import PendingJob, Repository
 from lcmq.spec import SEED_BITS, BatchOptions, JobSpec
 from lcmq.storage import Storage
-
 from scheduler.dispatch import chunk_size_for, publish_batch
 from scheduler.inputs import InputUploads
 
@@ -58,11 +57,23 @@ def derive_seed(batch_seed: int, index: int) -> int:
 
 def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
     seed = spec.seed if spec.seed is not None else derive_seed(batch_seed, spec.index if spec.row is None else spec.row)
-    return {"id": job_id, "index": spec.index, "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
-            "seed": seed, "steps": spec.steps, "guidance": spec.guidance, "width": spec.width,
-            "height": spec.height, "meta": spec.metadata, "loras": list(spec.loras) or None,
-            "init_image": spec.init_image, "strength": spec.strength,
-            "key": None, "render_key": None}  # set for catalog jobs (scheduler.schedules)
+    return {
+        "id": job_id,
+        "index": spec.index,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": seed,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "width": spec.width,
+        "height": spec.height,
+        "meta": spec.metadata,
+        "loras": list(spec.loras) or None,
+        "init_image": spec.init_image,
+        "strength": spec.strength,
+        "key": None,
+        "render_key": None,
+    }  # set for catalog jobs (scheduler.schedules)
 
 
 class KeptPending:
@@ -95,8 +106,9 @@ class StagedBatch:
         return self.batch["id"]
 
 
-def _staged_rows(specs: Iterable[JobSpec], batch_id: str, batch_seed: int, inputs: InputUploads,
-                 pending: KeptPending) -> Iterator[dict[str, Any]]:
+def _staged_rows(
+    specs: Iterable[JobSpec], batch_id: str, batch_seed: int, inputs: InputUploads, pending: KeptPending
+) -> Iterator[dict[str, Any]]:
     for spec in specs:  # validated as it is read: a bad row raises here, and nothing commits
         row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
         if spec.upload_init and spec.init_image:  # a local init image: workers read it from storage
@@ -105,14 +117,28 @@ def _staged_rows(specs: Iterable[JobSpec], batch_id: str, batch_seed: int, input
         yield row
 
 
-def stage_batch(specs: Iterable[JobSpec], profile: Profile, options: BatchOptions, storage: Storage,
-                idempotency_key: str | None = None, priority: int = 0) -> StagedBatch:
+def stage_batch(
+    specs: Iterable[JobSpec],
+    profile: Profile,
+    options: BatchOptions,
+    storage: Storage,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+) -> StagedBatch:
     """Phase 1, check and stage: a new batch's row, and its job rows as a stream of `specs`."""
     batch_id = new_batch_id()
     batch_seed = options.seed if options.seed is not None else secrets.randbelow(2**SEED_BITS)
-    batch = {"id": batch_id, "name": options.name, "profile": profile.name, "total": 0, "seed": batch_seed,
-             "output": storage.batch_url(batch_id), "options": asdict(options),
-             "idempotency_key": idempotency_key, "priority": priority}
+    batch = {
+        "id": batch_id,
+        "name": options.name,
+        "profile": profile.name,
+        "total": 0,
+        "seed": batch_seed,
+        "output": storage.batch_url(batch_id),
+        "options": asdict(options),
+        "idempotency_key": idempotency_key,
+        "priority": priority,
+    }
     inputs, pending = InputUploads(storage, batch_id), KeptPending(KEEP_PENDING_UP_TO)
     return StagedBatch(batch, _staged_rows(specs, batch_id, batch_seed, inputs, pending), inputs, pending)
 
@@ -131,8 +157,14 @@ def write_batch(repo: Repository, staged: StagedBatch) -> tuple[str, bool]:
     return batch_id, created
 
 
-def publish_written(repo: Repository, batch_id: str, created: bool, chunk_size: int, max_chunks: int,
-                    pending: list[PendingJob] | None = None) -> int:
+def publish_written(
+    repo: Repository,
+    batch_id: str,
+    created: bool,
+    chunk_size: int,
+    max_chunks: int,
+    pending: list[PendingJob] | None = None,
+) -> int:
     """Phase 3, publish: the batch's chunks, after its commit, so a worker never receives ids it
     cannot read yet; returns jobs published. A crash here leaves the batch unpublished; the
     sweeper publishes it after its grace period."""
@@ -144,13 +176,23 @@ def publish_written(repo: Repository, batch_id: str, created: bool, chunk_size: 
             return publish_batch(repo, batch, chunk_size) if batch.published_at is None else 0
         return publish_batch(repo, batch, chunk_size_for(batch.total, chunk_size, max_chunks), pending)
     except BrokerError as exc:
-        raise BrokerError(f"batch {batch_id} is saved, but its messages could not be published ({exc}); "
-                          f"the sweeper publishes them, or run `lcmq resume {batch_id}`") from exc
+        raise BrokerError(
+            f"batch {batch_id} is saved, but its messages could not be published ({exc}); "
+            f"the sweeper publishes them, or run `lcmq resume {batch_id}`"
+        ) from exc
 
 
-def create_and_enqueue(specs: Iterable[JobSpec], profile: Profile, options: BatchOptions, repo: Repository,
-                       storage: Storage, chunk_size: int, idempotency_key: str | None = None,
-                       priority: int = 0, max_chunks: int = 1000) -> tuple[str, bool]:
+def create_and_enqueue(
+    specs: Iterable[JobSpec],
+    profile: Profile,
+    options: BatchOptions,
+    repo: Repository,
+    storage: Storage,
+    chunk_size: int,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+    max_chunks: int = 1000,
+) -> tuple[str, bool]:
     """Write a validated batch and publish its chunks; returns (batch id, created).
 
     `specs` may be a stream (a 10^6-row file is never held whole). When the idempotency key

@@ -40,6 +40,8 @@ def format_identity(options: BatchOptions) -> str:
     if options.image_format == OUTPUT_FORMAT:
         return OUTPUT_FORMAT
     return f"{options.image_format}:{options.quality}"
+
+
 CATALOG_FORMATS = ("csv", "jsonl")
 _ID_CHARS = set(string.ascii_letters + string.digits + "._-")
 
@@ -54,8 +56,10 @@ class CatalogItem:
 
 # --- the template ---------------------------------------------------------------------------
 
+
 def template_fields(template: Any, source: str) -> list[str]:
     """The item columns a template uses, in order; only plain `{column}` fields are allowed."""
+
     def fail(message: str):
         raise InputError(source, None, "--template", message)
 
@@ -70,8 +74,7 @@ def template_fields(template: Any, source: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier():
-            fail(f"field {{{name}}} must be a column name (letters, digits, _), not empty, an index or an "
-                 "attribute")
+            fail(f"field {{{name}}} must be a column name (letters, digits, _), not empty, an index or an attribute")
         if spec or conversion:
             fail(f"field {{{name}}} takes no conversion or format spec")
         if name not in fields:
@@ -90,6 +93,7 @@ def _field_text(value: Any) -> str | None:
 
 
 # --- item ids ---------------------------------------------------------------------------------
+
 
 def check_item_id(value: Any, fail) -> str:
     """An id is part of an object key (<catalog>/<id>.png): it must not leave or confuse it."""
@@ -116,6 +120,7 @@ def check_item_id(value: Any, fail) -> str:
 
 # --- seeds and render keys --------------------------------------------------------------------
 
+
 def item_seed(base_seed: int | None, item_id: str) -> int:
     """An item's seed when it gives none: from its id, so reordering the catalog changes nothing."""
     digest = hashlib.sha256(f"{base_seed or 0}:{item_id}".encode()).digest()
@@ -129,6 +134,7 @@ def render_key(spec: JobSpec, profile: Profile, output_format: str = OUTPUT_FORM
 
 
 # --- reading ----------------------------------------------------------------------------------
+
 
 def catalog_format(location: str) -> str:
     suffix = Path(urlparse(location).path if location.startswith("s3://") else location).suffix.lower()
@@ -164,8 +170,9 @@ def read_catalog(location: str, settings: Settings) -> list[tuple[int, dict[str,
             raise InputError(location, None, None, "no such file")
         return list(_rows(path, fmt, location))
     try:
-        data = read_url(location, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s,
-                        settings.s3_max_attempts)
+        data = read_url(
+            location, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
+        )
     except LcmqError as exc:
         if exc.transient:
             raise
@@ -178,14 +185,22 @@ def read_catalog(location: str, settings: Settings) -> list[tuple[int, dict[str,
 
 # --- items --------------------------------------------------------------------------------------
 
-def build_items(rows: Iterable[tuple[int, dict[str, Any]]], template: str, options: BatchOptions,
-                profile: Profile, source: str, from_text: bool) -> list[CatalogItem]:
+
+def build_items(
+    rows: Iterable[tuple[int, dict[str, Any]]],
+    template: str,
+    options: BatchOptions,
+    profile: Profile,
+    source: str,
+    from_text: bool,
+) -> list[CatalogItem]:
     """Every item checked and turned into a spec with its render key; raises on the first bad one."""
     fields = template_fields(template, source)
     validator = RowValidator(options, profile, source)
     items: list[CatalogItem] = []
     seen: dict[str, int] = {}
     for line, raw in rows:
+
         def fail(message: str, _line=line):
             raise InputError(source, _line, ID_FIELD, message)
 
@@ -215,8 +230,9 @@ def build_items(rows: Iterable[tuple[int, dict[str, Any]]], template: str, optio
     return items
 
 
-def load_items(location: str, template: str, options: BatchOptions, profile: Profile,
-               settings: Settings) -> list[CatalogItem]:
+def load_items(
+    location: str, template: str, options: BatchOptions, profile: Profile, settings: Settings
+) -> list[CatalogItem]:
     """Read a catalog and check every item (see build_items)."""
     rows = read_catalog(location, settings)
     return build_items(rows, template, options, profile, location, from_text=catalog_format(location) == "csv")

@@ -35,8 +35,13 @@ MACROS = {
     "@annually": "0 0 1 1 *",
 }
 # What each of the five fields takes, in order: named in the message when one is wrong.
-FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day-of-month", "1-31"), ("month", "1-12 or jan-dec"),
-          ("day-of-week", "0-7 (0 and 7 are Sunday) or sun-sat"))
+FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 (0 and 7 are Sunday) or sun-sat"),
+)
 HOUR_FIELD = 1
 HOURS_PER_DAY = 24
 # A fall-back day repeats one hour; skipping the repeats of a time never takes more tries than this.
@@ -57,13 +62,16 @@ def check_zone(name: str, source: str = "cron") -> ZoneInfo:
     try:
         return ZoneInfo(name.strip())
     except (ZoneInfoNotFoundError, ValueError, OSError):  # ValueError: a path, not a key ("../x")
-        raise CronError(source, "--tz", f"unknown time zone {name!r}; use an IANA name such as "
-                                        "Europe/Berlin, America/New_York or UTC") from None
+        raise CronError(
+            source,
+            "--tz",
+            f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin, America/New_York or UTC",
+        ) from None
 
 
 def _check_fields(parts: list[str], expression: str, source: str) -> None:
     """Name the field that is wrong: croniter's own message names only the whole expression."""
-    for index, (part, (name, values)) in enumerate(zip(parts, FIELDS)):
+    for index, (part, (name, values)) in enumerate(zip(parts, FIELDS, strict=False)):
         alone = ["*"] * len(FIELDS)
         alone[index] = part
         try:
@@ -101,8 +109,9 @@ class Cron:
                 if fire > when and not self._repeated_wall_time(fire):
                     return fire.astimezone(UTC)
         except CroniterBadDateError:
-            raise CronError(self.source, "--cron", f"{self.expression!r} never fires (no date matches "
-                                                   "its day and month fields)") from None
+            raise CronError(
+                self.source, "--cron", f"{self.expression!r} never fires (no date matches its day and month fields)"
+            ) from None
         raise CronError(self.source, "--cron", f"{self.expression!r} has no fire time after {when:%Y-%m-%d}")
 
 
@@ -118,8 +127,12 @@ def parse_cron(expression: str, zone: str = DEFAULT_ZONE, source: str = "cron") 
         text = MACROS[text.lower()]
     parts = text.split()
     if len(parts) != len(FIELDS):
-        raise CronError(source, "--cron", f"{expression!r} has {len(parts)} fields; want 5: minute hour "
-                                          "day-of-month month day-of-week (or @hourly, @daily, ...)")
+        raise CronError(
+            source,
+            "--cron",
+            f"{expression!r} has {len(parts)} fields; want 5: minute hour "
+            "day-of-month month day-of-week (or @hourly, @daily, ...)",
+        )
     _check_fields(parts, expression, source)
     try:
         cron = Cron(expression.strip(), " ".join(parts), check_zone(zone, source), source)

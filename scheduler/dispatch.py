@@ -32,7 +32,7 @@ def chunk_pending(jobs: Sequence[PendingJob], chunk_size: int) -> list[tuple[str
         else:
             groups.setdefault((job.batch_id, job.shape), []).append(job.id)
     for (batch_id, _), ids in groups.items():
-        chunks.extend((batch_id, ids[i:i + chunk_size]) for i in range(0, len(ids), chunk_size))
+        chunks.extend((batch_id, ids[i : i + chunk_size]) for i in range(0, len(ids), chunk_size))
     return chunks
 
 
@@ -41,8 +41,9 @@ def chunk_size_for(total: int, chunk_size: int, max_chunks: int) -> int:
     return max(chunk_size, -(-total // max_chunks))
 
 
-def publish_batch(repo: Repository, batch: BatchRecord, chunk_size: int,
-                  jobs: Sequence[PendingJob] | None = None) -> int:
+def publish_batch(
+    repo: Repository, batch: BatchRecord, chunk_size: int, jobs: Sequence[PendingJob] | None = None
+) -> int:
     """Publish every queued job of a new batch, then mark the batch published; returns jobs sent.
 
     `jobs` are the batch's jobs when the caller still holds them (a submit); otherwise they are
@@ -63,8 +64,9 @@ def publish_batch(repo: Repository, batch: BatchRecord, chunk_size: int,
     return published
 
 
-def dispatch_batch(repo: Repository, batch: BatchRecord, chunk_size: int, *,
-                   dispatched_before: datetime | None = None) -> int:
+def dispatch_batch(
+    repo: Repository, batch: BatchRecord, chunk_size: int, *, dispatched_before: datetime | None = None
+) -> int:
     """Publish a batch's requeued jobs (dispatched_at NULL, or with dispatched_before: older than
     that), page by page, and stamp them; returns jobs published. Publish first, then mark."""
     published = 0

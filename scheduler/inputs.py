@@ -46,7 +46,7 @@ class InputUploads:
     def url_for(self, file_url: str) -> str:
         """The URL the file will have once `upload` stored it; nothing is stored yet."""
         if file_url not in self._urls:
-            path = Path(file_url[len("file://"):])
+            path = Path(file_url[len("file://") :])
             suffix = path.suffix.lower() if path.suffix[1:].isalnum() else ""
             key = check_key(f"{self.batch_id}/{INPUTS_FOLDER}/{self._content_sha256(path)[:16]}{suffix}")
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -25,7 +25,6 @@ from lcmq.repository import ItemState, PendingJob, Repository, ScheduleRecord, u
 from lcmq.settings import Settings
 from lcmq.spec import BatchOptions
 from lcmq.storage import Storage
-
 from scheduler.batches import job_id, job_row, new_batch_id
 from scheduler.catalog import CatalogItem, load_items
 from scheduler.cron import parse_cron
@@ -47,8 +46,12 @@ class Plan:
     @property
     def counts(self) -> dict[str, int]:
         new = sum(1 for _, is_new in self.render if is_new)
-        return {"new": new, "changed": len(self.render) - new, "unchanged": len(self.unchanged),
-                "removed": len(self.removed)}
+        return {
+            "new": new,
+            "changed": len(self.render) - new,
+            "unchanged": len(self.unchanged),
+            "removed": len(self.removed),
+        }
 
 
 @dataclass(frozen=True)
@@ -100,20 +103,36 @@ def run_batch(storage: Storage, schedule: ScheduleRecord, options: BatchOptions,
     for index, (item, _) in enumerate(plan.render):
         spec = replace(item.spec, index=index)  # its place in this run's batch
         row = job_row(job_id(batch_id, index), spec, 0) | {
-            "key": storage.item_key(schedule.name, item.item_id, ext), "render_key": item.render_key}
+            "key": storage.item_key(schedule.name, item.item_id, ext),
+            "render_key": item.render_key,
+        }
         jobs.append(row)
         rendered.append({"item_id": item.item_id, "render_key": item.render_key, "job_id": row["id"]})
         pending.append(PendingJob(row["id"], batch_id, spec.render_shape, 0))
-    batch = {"id": batch_id, "name": schedule.name, "profile": schedule.profile, "total": 0,
-             "seed": options.seed or 0, "output": storage.catalog_url(schedule.name),
-             "options": asdict(options) | {"schedule": schedule.name, "catalog": schedule.catalog,
-                                           "template": schedule.template, "items": plan.counts},
-             "idempotency_key": None, "priority": 0}
+    batch = {
+        "id": batch_id,
+        "name": schedule.name,
+        "profile": schedule.profile,
+        "total": 0,
+        "seed": options.seed or 0,
+        "output": storage.catalog_url(schedule.name),
+        "options": asdict(options)
+        | {"schedule": schedule.name, "catalog": schedule.catalog, "template": schedule.template, "items": plan.counts},
+        "idempotency_key": None,
+        "priority": 0,
+    }
     return RunBatch(batch, jobs, rendered, pending)
 
 
-def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedule: ScheduleRecord, *,
-                 scheduled: bool, now: datetime | None = None) -> RunResult | None:
+def run_schedule(
+    repo: Repository,
+    storage: Storage,
+    settings: Settings,
+    schedule: ScheduleRecord,
+    *,
+    scheduled: bool,
+    now: datetime | None = None,
+) -> RunResult | None:
     """One run of a schedule as read at `schedule.version`; None when another run committed
     first (nothing is written then). A scheduled run also moves next_run_at to the first cron
     time after now: a schedule missed while no scheduler ran fires once, not once per tick.
@@ -130,33 +149,66 @@ def run_schedule(repo: Repository, storage: Storage, settings: Settings, schedul
     if not plan.render:
         return _record_unchanged_run(repo, schedule, plan, scheduled, next_run_at)
     written = run_batch(storage, schedule, options, plan)
-    if not repo.record_catalog_run(schedule.name, schedule.version, written.batch, written.jobs,
-                                   written.rendered, plan.unchanged, plan.removed, counts, next_run_at):
+    if not repo.record_catalog_run(
+        schedule.name,
+        schedule.version,
+        written.batch,
+        written.jobs,
+        written.rendered,
+        plan.unchanged,
+        plan.removed,
+        counts,
+        next_run_at,
+    ):
         log.info("schedule run lost the race", extra={"schedule": schedule.name, "version": schedule.version})
         return None
     batch_id = written.batch["id"]
-    log.info("schedule ran", extra={"schedule": schedule.name, "batch_id": batch_id, "scheduled": scheduled,
-                                    "next_run_at": next_run_at, **counts})
+    log.info(
+        "schedule ran",
+        extra={
+            "schedule": schedule.name,
+            "batch_id": batch_id,
+            "scheduled": scheduled,
+            "next_run_at": next_run_at,
+            **counts,
+        },
+    )
     try:
-        publish_batch(repo, repo.get_batch(batch_id), chunk_size_for(len(written.jobs), settings.chunk_size,
-                                                                     settings.max_chunks_per_batch),
-                      written.pending)
+        publish_batch(
+            repo,
+            repo.get_batch(batch_id),
+            chunk_size_for(len(written.jobs), settings.chunk_size, settings.max_chunks_per_batch),
+            written.pending,
+        )
     except BrokerError as exc:
-        raise BrokerError(f"schedule {schedule.name!r} ran as batch {batch_id}, but its messages could not be "
-                          f"published ({exc}); the sweeper publishes them, or run `lcmq resume {batch_id}`") from exc
+        raise BrokerError(
+            f"schedule {schedule.name!r} ran as batch {batch_id}, but its messages could not be "
+            f"published ({exc}); the sweeper publishes them, or run `lcmq resume {batch_id}`"
+        ) from exc
     return RunResult(batch_id, counts)
 
 
-def _record_unchanged_run(repo: Repository, schedule: ScheduleRecord, plan: Plan, scheduled: bool,
-                          next_run_at: datetime | None) -> RunResult | None:
+def _record_unchanged_run(
+    repo: Repository, schedule: ScheduleRecord, plan: Plan, scheduled: bool, next_run_at: datetime | None
+) -> RunResult | None:
     """Nothing to render: no batch, but the run counts (its counts, removed items, next fire)."""
-    if not repo.record_catalog_run(schedule.name, schedule.version, batch=None, jobs=[], rendered=[],
-                                   kept=plan.unchanged, removed=plan.removed, counts=plan.counts,
-                                   next_run_at=next_run_at):
+    if not repo.record_catalog_run(
+        schedule.name,
+        schedule.version,
+        batch=None,
+        jobs=[],
+        rendered=[],
+        kept=plan.unchanged,
+        removed=plan.removed,
+        counts=plan.counts,
+        next_run_at=next_run_at,
+    ):
         log.info("schedule run lost the race", extra={"schedule": schedule.name, "version": schedule.version})
         return None
-    log.info("schedule unchanged: nothing submitted",
-             extra={"schedule": schedule.name, "scheduled": scheduled, "next_run_at": next_run_at, **plan.counts})
+    log.info(
+        "schedule unchanged: nothing submitted",
+        extra={"schedule": schedule.name, "scheduled": scheduled, "next_run_at": next_run_at, **plan.counts},
+    )
     return RunResult(None, plan.counts)
 
 
@@ -187,8 +239,10 @@ def fire_due(repo: Repository, storage: Storage, settings: Settings, now: dateti
             # A bad catalog, an unknown profile: record why and wait for the next fire time.
             next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now)
             if repo.record_schedule_error(schedule.name, schedule.version, str(exc), next_run_at):
-                log.error("schedule run refused", extra={"schedule": schedule.name, "error": str(exc),
-                                                         "next_run_at": next_run_at})
+                log.error(
+                    "schedule run refused",
+                    extra={"schedule": schedule.name, "error": str(exc), "next_run_at": next_run_at},
+                )
             continue
         if result is not None and result.batch_id is not None:
             fired.append(result.batch_id)

@@ -13,7 +13,6 @@ from lcmq.errors import LcmqError
 from lcmq.repository import Repository
 from lcmq.settings import Settings
 from lcmq.storage import Storage
-
 from scheduler.schedules import fire_due
 from scheduler.sweeper import sweep_once
 
@@ -32,8 +31,7 @@ def _guarded(what: str, action) -> None:
 
 def run_scheduler(repo: Repository, storage: Storage, settings: Settings, stop: threading.Event) -> None:
     """Tick until `stop` is set (SIGTERM/SIGINT); a tick in progress finishes first."""
-    log.info("scheduler ready.", extra={"tick_s": settings.scheduler_tick_s,
-                                        "sweep_every_s": settings.sweep_every_s})
+    log.info("scheduler ready.", extra={"tick_s": settings.scheduler_tick_s, "sweep_every_s": settings.sweep_every_s})
     next_sweep = time.monotonic()
     while not stop.is_set():
         _guarded("firing schedules", lambda: fire_due(repo, storage, settings))

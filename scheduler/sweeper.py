@@ -24,7 +24,6 @@ from lcmq.queue import queue_length
 from lcmq.repository import Repository, utcnow
 from lcmq.settings import Settings
 from lcmq.storage import storage_from_settings
-
 from scheduler.dispatch import dispatch_batch, publish_batch
 
 log = logging.getLogger("lcmq.sweeper")
@@ -43,8 +42,13 @@ class SweepReport:
     manifests: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return {"requeued": self.requeued, "failed": self.failed, "dispatched": self.dispatched,
-                "redispatched": self.redispatched, "manifests": self.manifests}
+        return {
+            "requeued": self.requeued,
+            "failed": self.failed,
+            "dispatched": self.dispatched,
+            "redispatched": self.redispatched,
+            "manifests": self.manifests,
+        }
 
 
 def _batches_of(repo: Repository, **filters) -> list[str]:
@@ -84,8 +88,9 @@ def sweep_once(repo: Repository, settings: Settings) -> SweepReport:
 
 
 def write_due_manifests(repo: Repository, settings: Settings, now) -> int:
-    due = repo.finished_batches_needing_manifest(now - timedelta(seconds=settings.manifest_grace_s),
-                                                 limit=MANIFESTS_PER_SWEEP)
+    due = repo.finished_batches_needing_manifest(
+        now - timedelta(seconds=settings.manifest_grace_s), limit=MANIFESTS_PER_SWEEP
+    )
     if not due:
         return 0
     storage = storage_from_settings(settings)  # only now: an S3 client costs ~0.1 s

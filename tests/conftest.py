@@ -30,6 +30,7 @@ def service_missing(what: str, exc: Exception):
 
 # --- services ---------------------------------------------------------------------------
 
+
 def _create_database():
     try:
         return create_database(PG_ADMIN_URL)
@@ -107,6 +108,7 @@ def models_dir(tmp_path_factory):
 
 # --- settings ---------------------------------------------------------------------------
 
+
 def _apply_env(monkeypatch, env: dict[str, str]) -> dict[str, str]:
     for key in [k for k in os.environ if k.startswith("LCMQ_")]:
         monkeypatch.delenv(key, raising=False)
@@ -124,9 +126,14 @@ def _apply_env(monkeypatch, env: dict[str, str]) -> dict[str, str]:
 def embedded_env(tmp_path, monkeypatch, models_dir):
     """The embedded default (SQLite, filesystem broker, local folder) under a temp dir."""
     monkeypatch.chdir(tmp_path)
-    env = {"LCMQ_HOME": str(tmp_path / ".lcmq"), "LCMQ_STORAGE_URL": f"file://{tmp_path / 'renders'}",
-           "LCMQ_MODELS_DIR": str(models_dir), "LCMQ_CONFIG": str(tmp_path / "lcmq.toml"),
-           "LCMQ_POLL_S": "0.2", "LCMQ_TORCH_THREADS": "1"}
+    env = {
+        "LCMQ_HOME": str(tmp_path / ".lcmq"),
+        "LCMQ_STORAGE_URL": f"file://{tmp_path / 'renders'}",
+        "LCMQ_MODELS_DIR": str(models_dir),
+        "LCMQ_CONFIG": str(tmp_path / "lcmq.toml"),
+        "LCMQ_POLL_S": "0.2",
+        "LCMQ_TORCH_THREADS": "1",
+    }
     yield _apply_env(monkeypatch, env)
     _reset_after(monkeypatch)
 
@@ -135,11 +142,20 @@ def embedded_env(tmp_path, monkeypatch, models_dir):
 def services_env(tmp_path, monkeypatch, models_dir, migrated_pg_url, redis_url, s3_endpoint):
     """Postgres + Redis + moto S3, each test with its own storage prefix."""
     monkeypatch.chdir(tmp_path)
-    env = {"LCMQ_HOME": str(tmp_path / ".lcmq"), "LCMQ_DATABASE_URL": migrated_pg_url,
-           "LCMQ_BROKER_URL": redis_url, "LCMQ_STORAGE_URL": f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}",
-           "LCMQ_S3_ENDPOINT_URL": s3_endpoint, "LCMQ_MODELS_DIR": str(models_dir),
-           "LCMQ_CONFIG": str(tmp_path / "lcmq.toml"), "LCMQ_POLL_S": "0.2", "LCMQ_TORCH_THREADS": "1",
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "LCMQ_HOME": str(tmp_path / ".lcmq"),
+        "LCMQ_DATABASE_URL": migrated_pg_url,
+        "LCMQ_BROKER_URL": redis_url,
+        "LCMQ_STORAGE_URL": f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}",
+        "LCMQ_S3_ENDPOINT_URL": s3_endpoint,
+        "LCMQ_MODELS_DIR": str(models_dir),
+        "LCMQ_CONFIG": str(tmp_path / "lcmq.toml"),
+        "LCMQ_POLL_S": "0.2",
+        "LCMQ_TORCH_THREADS": "1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     yield _apply_env(monkeypatch, env)
     _reset_after(monkeypatch)
 
@@ -177,6 +193,7 @@ def _reset_after(monkeypatch):
 
 
 # --- processes --------------------------------------------------------------------------
+
 
 @pytest.fixture
 def procs(tmp_path):
@@ -223,9 +240,15 @@ def isolated_env(services_env, redis_server, own_pg_url, monkeypatch):
     A sweeper or worker sees every batch of its database and every message of its broker, so
     tests that run them get both to themselves. The test process uses the same settings.
     """
-    env = dict(services_env) | QUICK_RECOVERY | {
-        "LCMQ_BROKER_URL": redis_server.url, "LCMQ_DATABASE_URL": own_pg_url,
-        "LCMQ_STORAGE_URL": f"s3://{BUCKET}/i-{uuid.uuid4().hex[:8]}"}
+    env = (
+        dict(services_env)
+        | QUICK_RECOVERY
+        | {
+            "LCMQ_BROKER_URL": redis_server.url,
+            "LCMQ_DATABASE_URL": own_pg_url,
+            "LCMQ_STORAGE_URL": f"s3://{BUCKET}/i-{uuid.uuid4().hex[:8]}",
+        }
+    )
     for key, value in env.items():
         if key.startswith("LCMQ_"):
             monkeypatch.setenv(key, value)
@@ -238,8 +261,7 @@ def isolated_env(services_env, redis_server, own_pg_url, monkeypatch):
 
 
 def run_cli(env: dict[str, str], *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "lcmq"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run([str(VENV_BIN / "lcmq"), *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 @pytest.fixture
@@ -251,4 +273,3 @@ def pytest_collection_modifyitems(items):
     # Fast layers first: a broken unit shows before minutes of e2e.
     order = {"unit": 0, "integration": 1, "e2e": 2}
     items.sort(key=lambda item: next((v for k, v in order.items() if f"/{k}/" in str(item.fspath)), 3))
-

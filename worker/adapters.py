@@ -81,8 +81,9 @@ def _from_s3(url: str, cache: Path, settings: Settings) -> LocalLora:
 
     parsed = urlparse(url)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    store = S3Storage(bucket, "", settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s,
-                      settings.s3_max_attempts)
+    store = S3Storage(
+        bucket, "", settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
+    )
     try:
         head = store._call("head", store.client.head_object, Bucket=bucket, Key=key)
     except PermanentError as exc:  # 404, 403: the job cannot succeed on a retry
@@ -122,7 +123,7 @@ class AdapterCache:
         self.lcm_mode = self._lcm_mode()
 
     def _lcm_mode(self) -> str:
-        """"fused" (in the weights, peft layers still there), "adapter" (loaded, not fused) or "none"."""
+        """ "fused" (in the weights, peft layers still there), "adapter" (loaded, not fused) or "none"."""
         adapters = {name for names in self.pipe.get_list_adapters().values() for name in names}
         if LCM_ADAPTER not in adapters:
             return "none"
@@ -154,18 +155,22 @@ class AdapterCache:
 
     def _load(self, lora: LocalLora, source: str) -> None:
         try:
-            self.pipe.load_lora_weights(lora.folder, weight_name=lora.weight_name, adapter_name=lora.adapter,
-                                        low_cpu_mem_usage=True)
+            self.pipe.load_lora_weights(
+                lora.folder, weight_name=lora.weight_name, adapter_name=lora.adapter, low_cpu_mem_usage=True
+            )
         except Exception as exc:  # noqa: BLE001 - any loader failure is this LoRA's fault
             self._forget(lora.adapter)
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise LoraLoadError(f"LoRA {source} cannot be loaded into this model: {type(exc).__name__}: "
-                                f"{first_line[:300]}") from exc
+            raise LoraLoadError(
+                f"LoRA {source} cannot be loaded into this model: {type(exc).__name__}: {first_line[:300]}"
+            ) from exc
         if lora.adapter not in self._adapters_now():
             # diffusers only warns when no key matches a layer of the model: refuse it loudly here.
             self._forget(lora.adapter)
-            raise LoraLoadError(f"LoRA {source} has no weights for any layer of this model "
-                                "(keys from another architecture, or not a LoRA)")
+            raise LoraLoadError(
+                f"LoRA {source} has no weights for any layer of this model "
+                "(keys from another architecture, or not a LoRA)"
+            )
         self.loaded[lora.adapter] = source
         log.info("lora loaded", extra={"adapter": lora.adapter, "path": source, "loaded": len(self.loaded)})
 

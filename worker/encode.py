@@ -35,8 +35,10 @@ def parameters_text(job: Any, profile: str) -> str:
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
-    lines.append(f"Steps: {job.steps}, Sampler: LCM, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
-                 f"Size: {job.width}x{job.height}, Model: {profile}")
+    lines.append(
+        f"Steps: {job.steps}, Sampler: LCM, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
+        f"Size: {job.width}x{job.height}, Model: {profile}"
+    )
     return "\n".join(lines)
 
 
@@ -64,7 +66,7 @@ def parameters_exif(parameters: str, limit: int | None = None) -> bytes:
     head, _, tail = parameters.rpartition("\n")
     tail_units = ("…\n" + tail).encode("utf-16-be")
     room = limit - len(_exif(b"")) - len(tail_units)
-    units = head.encode("utf-16-be")[:max(0, room) // 2 * 2]
+    units = head.encode("utf-16-be")[: max(0, room) // 2 * 2]
     if len(units) >= 2 and 0xD8 <= units[-2] <= 0xDB:  # never end on half a surrogate pair
         units = units[:-2]
     return _exif(units + tail_units)
@@ -77,7 +79,7 @@ def read_parameters(data: bytes) -> str | None:
         return image.info["parameters"]
     comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
     if isinstance(comment, bytes) and comment.startswith(USER_COMMENT_UNICODE):
-        return comment[len(USER_COMMENT_UNICODE):].decode("utf-16-be")
+        return comment[len(USER_COMMENT_UNICODE) :].decode("utf-16-be")
     return None
 
 
@@ -90,11 +92,24 @@ def encode_image(image: Image.Image, parameters: str, output: OutputFormat) -> b
     if output.name == "jpeg":
         # Baseline, no optimize pass, fixed subsampling: libjpeg's output is then a function of
         # the pixels and these settings alone.
-        image.save(buffer, format="JPEG", quality=output.quality, optimize=False, progressive=False,
-                   subsampling="4:2:0", exif=parameters_exif(parameters, JPEG_EXIF_LIMIT))
+        image.save(
+            buffer,
+            format="JPEG",
+            quality=output.quality,
+            optimize=False,
+            progressive=False,
+            subsampling="4:2:0",
+            exif=parameters_exif(parameters, JPEG_EXIF_LIMIT),
+        )
     elif output.name == "webp":
-        image.save(buffer, format="WEBP", quality=output.quality, method=WEBP_METHOD, lossless=False,
-                   exif=parameters_exif(parameters))
+        image.save(
+            buffer,
+            format="WEBP",
+            quality=output.quality,
+            method=WEBP_METHOD,
+            lossless=False,
+            exif=parameters_exif(parameters),
+        )
     else:  # pragma: no cover - the producer validated the format
         raise ValueError(f"unknown image format {output.name!r}")
     return buffer.getvalue()
@@ -105,4 +120,3 @@ def encode_job(image: Image.Image, job: Any, batch: Any) -> Encoded:
     output = OutputFormat.of(batch.options)
     data = encode_image(image, parameters_text(job, batch.profile), output)
     return Encoded(data, output.content_type, output.ext)
-

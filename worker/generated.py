@@ -30,18 +30,30 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # name → (unet kwargs, vae channels, text encoder kwargs (a pair for SDXL), LCM-LoRA rank)
 ARCHITECTURES: dict[str, tuple[Any, ...]] = {
     "tiny-sd15": (
-        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, cross_attention_dim=32,
-             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=32),
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
         (32, 64),
         dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
         4,
     ),
     "sd15-arch": (
-        dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
-             cross_attention_dim=768, attention_head_dim=8,
-             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
         (128, 256, 512, 512),
         dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
         64,
@@ -49,17 +61,40 @@ ARCHITECTURES: dict[str, tuple[Any, ...]] = {
     # SDXL topology, narrow and shallow: cross_attention_dim = the two encoders' hidden sizes
     # (32 + 32), projection input = 6 time ids x addition_time_embed_dim + encoder 2's projection.
     "tiny-sdxl": (
-        dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, cross_attention_dim=64,
-             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-             transformer_layers_per_block=(1, 1), use_linear_projection=True, norm_num_groups=32,
-             addition_embed_type="text_time", addition_time_embed_dim=8,
-             projection_class_embeddings_input_dim=6 * 8 + 32),
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            cross_attention_dim=64,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 1),
+            use_linear_projection=True,
+            norm_num_groups=32,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        ),
         (32, 64),
-        (dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-              hidden_act="quick_gelu", projection_dim=32),
-         dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-              hidden_act="gelu", projection_dim=32)),
+        (
+            dict(
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                hidden_act="quick_gelu",
+                projection_dim=32,
+            ),
+            dict(
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                hidden_act="gelu",
+                projection_dim=32,
+            ),
+        ),
         4,
     ),
 }
@@ -69,8 +104,9 @@ SDXL_ARCHITECTURES = {"tiny-sdxl"}
 
 def _byte_symbols() -> list[str]:
     """The printable stand-in of each byte that byte-level BPE tokenizers (GPT-2, CLIP) use."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -90,8 +126,15 @@ def byte_level_tokenizer():
     for symbol in symbols:
         vocab.setdefault(symbol, len(vocab))
         vocab.setdefault(symbol + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                         pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[],
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=77,
+    )
 
 
 def _vae(channels: tuple[int, ...], tiny: bool, sdxl: bool, seed: int):
@@ -101,10 +144,17 @@ def _vae(channels: tuple[int, ...], tiny: bool, sdxl: bool, seed: int):
     # SDXL's VAE has its own latent scale; force_upcast=False as in the fp16-fix VAE.
     extra = {"scaling_factor": 0.13025, "force_upcast": False} if sdxl else {}
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=channels, in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * len(channels),
-                         up_block_types=("UpDecoderBlock2D",) * len(channels),
-                         layers_per_block=1 if tiny else 2, norm_num_groups=32, **extra)
+    return AutoencoderKL(
+        block_out_channels=channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1 if tiny else 2,
+        norm_num_groups=32,
+        **extra,
+    )
 
 
 def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool, seed: int):
@@ -112,22 +162,29 @@ def _text_encoder(kwargs: dict, vocab_size: int, with_projection: bool, seed: in
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                            max_position_embeddings=77, **kwargs)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77, **kwargs
+    )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def _build(name: str, folder: Path) -> None:
     import torch
-    from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     unet_kwargs, vae_channels, text_kwargs, lora_rank = ARCHITECTURES[name]
     sdxl, tiny = name in SDXL_ARCHITECTURES, name.startswith("tiny")
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1)
+    betas = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_kwargs)
@@ -136,26 +193,41 @@ def _build(name: str, folder: Path) -> None:
     if sdxl:
         # SDXL ships an Euler scheduler; the loader swaps in LCMScheduler exactly as for real models.
         pipe = StableDiffusionXLPipeline(
-            vae=vae, unet=unet, tokenizer=tokenizer, tokenizer_2=byte_level_tokenizer(),
+            vae=vae,
+            unet=unet,
+            tokenizer=tokenizer,
+            tokenizer_2=byte_level_tokenizer(),
             text_encoder=_text_encoder(text_kwargs[0], len(tokenizer), False, seed=2),
             text_encoder_2=_text_encoder(text_kwargs[1], len(tokenizer), True, seed=4),
-            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas), add_watermarker=False)
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **betas),
+            add_watermarker=False,
+        )
         _vae(vae_channels, tiny, sdxl, seed=5).save_pretrained(folder / "vae")
     else:
         # SD1.5 ships a PNDM scheduler; the loader swaps in LCMScheduler exactly as for real models.
         pipe = StableDiffusionPipeline(
-            vae=vae, unet=unet, tokenizer=tokenizer,
+            vae=vae,
+            unet=unet,
+            tokenizer=tokenizer,
             text_encoder=_text_encoder(text_kwargs, len(tokenizer), False, seed=2),
-            scheduler=PNDMScheduler(skip_prk_steps=True, **betas), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            scheduler=PNDMScheduler(skip_prk_steps=True, **betas),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(folder / "model")
 
     torch.manual_seed(3)
-    lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                             target_modules=LORA_TARGETS)
+    lora_config = LoraConfig(
+        r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+    )
     unet.add_adapter(lora_config)  # type: ignore[attr-defined]  # peft's mixin, untyped in diffusers
-    type(pipe).save_lora_weights(folder / "lcm-lora", unet_lora_layers=get_peft_model_state_dict(unet),
-                                 weight_name=LORA_FILE, safe_serialization=True)
+    type(pipe).save_lora_weights(
+        folder / "lcm-lora",
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        weight_name=LORA_FILE,
+        safe_serialization=True,
+    )
 
 
 def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
@@ -205,8 +277,7 @@ def generate_style_lora(model_dir: Path, out: Path, seed: int, rank: int = 4, st
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
     generator = torch.Generator("cpu").manual_seed(seed)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
@@ -214,8 +285,9 @@ def generate_style_lora(model_dir: Path, out: Path, seed: int, rank: int = 4, st
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".lora-"))
     try:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                  weight_name=out.name, safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=out.name, safe_serialization=True
+        )
         os.replace(tmp / out.name, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

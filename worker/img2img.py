@@ -36,16 +36,18 @@ def _decode(data: bytes, url: str):
     try:
         with Image.open(io.BytesIO(data)) as image:
             if max(image.size) > MAX_SIDE:  # before decoding the pixels: no decompression bombs
-                raise InitImageError(f"init image {url} is {image.size[0]}x{image.size[1]}; at most "
-                                     f"{MAX_SIDE} pixels a side")
+                raise InitImageError(
+                    f"init image {url} is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE} pixels a side"
+                )
             image.load()
             upright = ImageOps.exif_transpose(image)
             return upright.convert("RGB")
     except InitImageError:
         raise
     except Image.UnidentifiedImageError as exc:  # its text names the BytesIO it read, not the file
-        raise InitImageError(f"init image {url} is not a readable image: not a format Pillow can open "
-                             "(PNG, JPEG, WebP, ...)") from exc
+        raise InitImageError(
+            f"init image {url} is not a readable image: not a format Pillow can open (PNG, JPEG, WebP, ...)"
+        ) from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
 
@@ -56,8 +58,9 @@ def load_init_image(url: str, width: int, height: int, settings: Settings):
     from PIL import Image, ImageOps
 
     try:
-        data = read_url(url, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s,
-                        settings.s3_max_attempts)
+        data = read_url(
+            url, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
+        )
     except PermanentStorageError as exc:
         raise InitImageError(f"init image {url} cannot be read: {exc}") from exc
     if len(data) > settings.max_init_image_bytes:
@@ -68,8 +71,9 @@ def load_init_image(url: str, width: int, height: int, settings: Settings):
     return image
 
 
-def load_init_images(jobs: Sequence[JobRecord], settings: Settings
-                     ) -> tuple[list[JobRecord], list[Any] | None, list[tuple[JobRecord, str]]]:
+def load_init_images(
+    jobs: Sequence[JobRecord], settings: Settings
+) -> tuple[list[JobRecord], list[Any] | None, list[tuple[JobRecord, str]]]:
     """(jobs that can render, their init images or None for text2img, (job, reason) of bad ones).
     A micro-batch is all img2img or all text2img: strength is part of the render shape."""
     if not jobs or jobs[0].init_image is None:

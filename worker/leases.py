@@ -34,8 +34,9 @@ HANDBACK_BACKOFF_MAX_S = 120
 def handback_delay_s(handbacks: int) -> int:
     """Seconds before a handed-back job's message is due: up to 2^handbacks (at most two
     minutes), with full jitter so that a farm does not retry a flaky bucket in lockstep."""
-    return get_exponential_backoff_interval(HANDBACK_BACKOFF_FACTOR_S, handbacks, HANDBACK_BACKOFF_MAX_S,
-                                            full_jitter=True)
+    return get_exponential_backoff_interval(
+        HANDBACK_BACKOFF_FACTOR_S, handbacks, HANDBACK_BACKOFF_MAX_S, full_jitter=True
+    )
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,9 @@ class LeaseLedger:
 
     # --- claim, hold ----------------------------------------------------------------------------
 
-    def claim(self, repo: Repository, worker: str, job_ids: Sequence[str], holder: object,
-              max_attempts: int | None = None) -> list[JobRecord]:
+    def claim(
+        self, repo: Repository, worker: str, job_ids: Sequence[str], holder: object, max_attempts: int | None = None
+    ) -> list[JobRecord]:
         """Take the free jobs among `job_ids` (the repository's conditional claim), held by `holder`."""
         claimed = repo.claim(job_ids, worker, self.lease_s, max_attempts)
         with self._lock:
@@ -134,8 +136,10 @@ class LeaseLedger:
 
     def fail(self, job_ids: Sequence[str], reason: str) -> int:
         try:
-            return sum(repo.record_failure(ids, worker, reason)
-                       for repo, worker, ids in self._by_owner(self._leases_of(job_ids)))
+            return sum(
+                repo.record_failure(ids, worker, reason)
+                for repo, worker, ids in self._by_owner(self._leases_of(job_ids))
+            )
         finally:
             self.drop(job_ids)
 

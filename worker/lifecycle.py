@@ -38,6 +38,7 @@ def shutting_down() -> bool:
 # parent it is billiard's own (a hard time limit, the end of a cold shutdown) and gets
 # billiard's handler, in the main thread, as before.
 
+
 def block_sigterm_in_children() -> None:
     """In the prefork parent, before its pool forks."""
     os.register_at_fork(after_in_child=_block_sigterm)
@@ -60,8 +61,7 @@ def _take_sigterms() -> None:
         if sender == parent:
             _thread.interrupt_main(signal.SIGTERM)
             continue
-        log.info("SIGTERM: the worker stops after this micro-batch",
-                 extra={"pid": os.getpid(), "sender": sender})
+        log.info("SIGTERM: the worker stops after this micro-batch", extra={"pid": os.getpid(), "sender": sender})
         request_shutdown()
         os.kill(parent, signal.SIGTERM)  # a second SIGTERM to a stopping parent changes nothing
 

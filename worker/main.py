@@ -12,8 +12,16 @@ from lcmq.settings import get_settings, reset_settings
 from lcmq.workers import announce
 
 
-def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork", batch_size: int | None = None,
-               device: str | None = None, name: str | None = None, max_memory_mb: int | None = None) -> None:
+def run_worker(
+    profile_name: str,
+    *,
+    concurrency: int = 1,
+    pool: str = "prefork",
+    batch_size: int | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    max_memory_mb: int | None = None,
+) -> None:
     # Settings given as flags travel as LCMQ_* variables, so pool children build the same ones.
     if batch_size is not None:
         os.environ["LCMQ_BATCH_SIZE"] = str(batch_size)
@@ -29,15 +37,24 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
     # A missing path, a wrong family, a single file without its config, or float16 on an explicit
     # CPU device stop the start, not the first task. (`auto` is resolved in the pool child.)
     preflight(profile, settings.device if settings.device != "auto" else None)
-    from celery.signals import (worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown,
-                                worker_shutting_down)
+    from celery.signals import (
+        worker_process_init,
+        worker_process_shutdown,
+        worker_ready,
+        worker_shutdown,
+        worker_shutting_down,
+    )
 
     from worker.startup import check_dependencies
 
     # A worker that lacks its device, database, broker or storage stops here, before it consumes.
     check_dependencies(profile, settings)
-    from worker.lifecycle import (block_sigterm_in_children, install_test_hooks, request_shutdown,
-                                  take_sigterm_in_a_thread)
+    from worker.lifecycle import (
+        block_sigterm_in_children,
+        install_test_hooks,
+        request_shutdown,
+        take_sigterm_in_a_thread,
+    )
     from worker.pipeline import preload
     from worker.store import drain_on_exit
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
@@ -60,11 +77,27 @@ def run_worker(profile_name: str, *, concurrency: int = 1, pool: str = "prefork"
     os.environ[WORKER_PROFILE_ENV] = profile.name
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
     announce(settings, node, profile.name)  # so that a `submit --wait` in another shell knows it is here
-    app.worker_main([
-        "worker", "--queues", profile.queue, "--concurrency", str(concurrency), "--pool", pool,
-        "--hostname", node, "--loglevel", settings.log_level, "--without-gossip", "--without-mingle",
-        "--prefetch-multiplier", "1", "-O", "fair",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            profile.queue,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--hostname",
+            node,
+            "--loglevel",
+            settings.log_level,
+            "--without-gossip",
+            "--without-mingle",
+            "--prefetch-multiplier",
+            "1",
+            "-O",
+            "fair",
+        ]
+    )
 
 
 __all__ = ["run_worker", "ProfileError"]

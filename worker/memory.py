@@ -92,8 +92,9 @@ def candidate_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def choose_batch_size(measure: Callable[[int], float | None], budget_mb: float,
-                      max_batch: int) -> tuple[int, dict[int, float | None]]:
+def choose_batch_size(
+    measure: Callable[[int], float | None], budget_mb: float, max_batch: int
+) -> tuple[int, dict[int, float | None]]:
     """The largest candidate batch size whose measured peak (MiB) stays within the budget.
 
     Sizes are measured in increasing order and the probe stops at the first one over budget (a
@@ -119,8 +120,15 @@ def probe_batch_size(loaded, budget_mb: float, max_batch: int) -> int:
         generators = [torch.Generator("cpu").manual_seed(i) for i in range(size)]
         try:
             with PeakMemory(loaded.device) as peak, torch.inference_mode():
-                loaded.pipe(prompt=[PROBE_PROMPT] * size, num_inference_steps=1, guidance_scale=profile.guidance,
-                            width=profile.width, height=profile.height, generator=generators, output_type="pil")
+                loaded.pipe(
+                    prompt=[PROBE_PROMPT] * size,
+                    num_inference_steps=1,
+                    guidance_scale=profile.guidance,
+                    width=profile.width,
+                    height=profile.height,
+                    generator=generators,
+                    output_type="pil",
+                )
         except torch.OutOfMemoryError:
             if loaded.device == "cuda":
                 torch.cuda.empty_cache()
@@ -131,7 +139,14 @@ def probe_batch_size(loaded, budget_mb: float, max_batch: int) -> int:
     fits = peaks[1] is not None and peaks[1] <= budget_mb
     (log.info if fits else log.warning)(
         "batch size chosen" if fits else "batch size 1 exceeds the memory budget",
-        extra={"profile": profile.name, "batch_size": chosen, "budget_mb": budget_mb, "device": loaded.device,
-               "peaks_mb": ",".join(f"{k}:{v}" for k, v in peaks.items()),  # size:MiB, as measured
-               "width": profile.width, "height": profile.height})
+        extra={
+            "profile": profile.name,
+            "batch_size": chosen,
+            "budget_mb": budget_mb,
+            "device": loaded.device,
+            "peaks_mb": ",".join(f"{k}:{v}" for k, v in peaks.items()),  # size:MiB, as measured
+            "width": profile.width,
+            "height": profile.height,
+        },
+    )
     return chosen

@@ -112,10 +112,19 @@ def plan_load(profile: Profile, device: str) -> LoadPlan:
         warnings.append(f"cpu_offload ignored on device {device!r} (it only applies to cuda)")
         cpu_offload = False
     modes = tuple(mode for mode in ("attention_slicing", "vae_slicing", "vae_tiling") if getattr(profile, mode))
-    return LoadPlan(pipeline_class=FAMILY_PIPELINE_CLASS[profile.family], base=profile.base,
-                    single_file=profile.single_file, config=profile.config, vae=profile.vae,
-                    lcm_lora=profile.lcm_lora, dtype=resolve_dtype(profile.dtype, device), device=device, cpu_offload=cpu_offload,
-                    memory_modes=modes, warnings=tuple(warnings))
+    return LoadPlan(
+        pipeline_class=FAMILY_PIPELINE_CLASS[profile.family],
+        base=profile.base,
+        single_file=profile.single_file,
+        config=profile.config,
+        vae=profile.vae,
+        lcm_lora=profile.lcm_lora,
+        dtype=resolve_dtype(profile.dtype, device),
+        device=device,
+        cpu_offload=cpu_offload,
+        memory_modes=modes,
+        warnings=tuple(warnings),
+    )
 
 
 def _resolve(ref: str, settings: Settings) -> str:
@@ -123,7 +132,7 @@ def _resolve(ref: str, settings: Settings) -> str:
     if ref.startswith(GENERATED_PREFIX):
         from worker.generated import ensure_generated
 
-        name = ref[len(GENERATED_PREFIX):]
+        name = ref[len(GENERATED_PREFIX) :]
         for suffix, part in (("-lcm-lora", "lora"), ("-vae", "vae")):
             if name.endswith(suffix):
                 model_dir, lora_dir = ensure_generated(name.removesuffix(suffix), settings.models_path)
@@ -144,8 +153,7 @@ def _load_base(plan: LoadPlan, settings: Settings, dtype, extra: dict[str, Any])
         # diffusers from fetching configs from the hub (a hub id as config may still download).
         assert plan.config is not None  # the plan refuses a single file without its config
         config = _resolve(plan.config, settings)
-        return cls.from_single_file(base, config=config, local_files_only=Path(config).is_dir(), dtype=dtype,
-                                    **extra)
+        return cls.from_single_file(base, config=config, local_files_only=Path(config).is_dir(), dtype=dtype, **extra)
     return cls.from_pretrained(base, dtype=dtype, **extra)
 
 
@@ -238,11 +246,21 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
     except Exception as exc:
         raise ModelLoadError(f"profile {profile.name!r} failed to load: {type(exc).__name__}: {exc}") from exc
     load_s = time.perf_counter() - started
-    log.info("pipeline loaded", extra={"profile": profile.name, "device": device, "dtype": str(dtype),
-                                       "pipeline": plan.pipeline_class, "single_file": plan.single_file,
-                                       "vae": plan.vae, "memory_modes": ",".join(plan.memory_modes) or None,
-                                       "cpu_offload": plan.cpu_offload, "load_s": round(load_s, 2),
-                                       "pid": os.getpid()})
+    log.info(
+        "pipeline loaded",
+        extra={
+            "profile": profile.name,
+            "device": device,
+            "dtype": str(dtype),
+            "pipeline": plan.pipeline_class,
+            "single_file": plan.single_file,
+            "vae": plan.vae,
+            "memory_modes": ",".join(plan.memory_modes) or None,
+            "cpu_offload": plan.cpu_offload,
+            "load_s": round(load_s, 2),
+            "pid": os.getpid(),
+        },
+    )
     loaded = LoadedPipeline(profile, pipe, device, dtype, load_s)
     if settings.max_memory_mb:
         from worker.memory import probe_batch_size
@@ -250,8 +268,7 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
         try:
             loaded.batch_size = probe_batch_size(loaded, settings.max_memory_mb, settings.batch_size)
         except Exception as exc:
-            raise ModelLoadError(f"profile {profile.name!r}: memory probe failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise ModelLoadError(f"profile {profile.name!r}: memory probe failed: {type(exc).__name__}: {exc}") from exc
     return loaded
 
 
@@ -263,7 +280,7 @@ def truncation_warnings(loaded: LoadedPipeline, prompts: list[str]) -> list[str 
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
     warnings = [f"prompt truncated to {limit} tokens (had {n})" if n > limit else None for n in lengths]
-    for prompt, warning in zip(prompts, warnings):
+    for prompt, warning in zip(prompts, warnings, strict=False):
         if warning:
             log.warning("prompt truncated", extra={"tokens_limit": limit, "prompt_chars": len(prompt)})
     return warnings
@@ -292,6 +309,7 @@ def preload(profile: Profile, settings: Settings) -> threading.Thread:
     Celery kills process-init handlers after 4 s, so the load runs in a thread; the first task
     waits for it through the lock. A failed load is logged here and raised again by that task.
     """
+
     def load():
         try:
             pinned_pipeline(profile, settings)

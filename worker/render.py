@@ -9,7 +9,6 @@ from typing import Any
 from lcmq.repository import JobRecord
 from lcmq.settings import get_settings
 from lcmq.spec import render_shape
-
 from worker.adapters import adapter_cache
 from worker.img2img import img2img_pipeline
 from worker.pipeline import LoadedPipeline
@@ -26,7 +25,7 @@ def micro_batches(jobs: Sequence[JobRecord], batch_size: int) -> Iterator[list[J
         by_shape.setdefault(job_shape(job), []).append(job)
     for group in by_shape.values():
         for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+            yield group[start : start + batch_size]
 
 
 def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord], init_images: Sequence | None = None):
@@ -53,6 +52,12 @@ def render(loaded: LoadedPipeline, jobs: Sequence[JobRecord], init_images: Seque
     # The adapter set and the call that uses it, as one step (a threads pool shares the pipeline).
     with cache.lock, torch.inference_mode():
         cache.activate(first.loras)
-        result = pipe(prompt=[job.prompt for job in jobs], num_inference_steps=first.steps,
-                      guidance_scale=first.guidance, generator=generators, output_type="pil", **kwargs)
+        result = pipe(
+            prompt=[job.prompt for job in jobs],
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            generator=generators,
+            output_type="pil",
+            **kwargs,
+        )
     return result.images

@@ -16,7 +16,6 @@ from lcmq.queue import check_broker
 from lcmq.repository import engine_for
 from lcmq.settings import Settings
 from lcmq.storage import FileStorage, storage_from_settings
-
 from worker.pipeline import check_device
 
 log = logging.getLogger("lcmq.worker")
@@ -71,5 +70,7 @@ def check_dependencies(profile: Profile, settings: Settings) -> None:
     check_storage(settings)
     if profile.family != NULL_FAMILY:  # the null renderer uses no device; this one imports torch
         check_device(settings.device)
-    log.info("worker dependencies reachable", extra={"profile": profile.name, "device": settings.device,
-                                                     "storage": settings.storage_url})
+    log.info(
+        "worker dependencies reachable",
+        extra={"profile": profile.name, "device": settings.device, "storage": settings.storage_url},
+    )

@@ -38,7 +38,6 @@ from lcmq.manifest import write_manifest
 from lcmq.queue import publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
 from lcmq.storage import Storage, sha256_hex
-
 from worker.encode import encode_job
 from worker.leases import LeaseLedger, handback_delay_s, process_leases, stop_process_leases
 
@@ -73,10 +72,12 @@ class StorePipeline:
 
     leases: LeaseLedger  # the process's: it holds the jobs being stored and renews their leases
     max_pending: int = 2
-    _uploads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        UPLOAD_THREADS, thread_name_prefix="lcmq-upload"))
-    _recorder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        1, thread_name_prefix="lcmq-record"))
+    _uploads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="lcmq-upload")
+    )
+    _recorder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lcmq-record")
+    )
     _pending: deque[Future] = field(default_factory=deque)  # each micro-batch's record, oldest first
     _lock: threading.Lock = field(default_factory=threading.Lock)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_PARTS, 0.0))
@@ -99,8 +100,10 @@ class StorePipeline:
     def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
         """Store a rendered micro-batch in the background (call `make_room` first)."""
         self.leases.hold(ctx.repo, ctx.worker, [job.id for job in group], self)
-        uploads = [self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
-                   for job, image, warning in zip(group, images, warnings, strict=True)]
+        uploads = [
+            self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
+            for job, image, warning in zip(group, images, warnings, strict=True)
+        ]
         future = self._recorder.submit(self._record, ctx, group, uploads)
         with self._lock:
             self._pending.append(future)
@@ -128,8 +131,9 @@ class StorePipeline:
 
     # --- in the pool threads ----------------------------------------------------------------
 
-    def _upload(self, ctx: StoreContext, job: JobRecord, image, warning: str | None, render_ms: float,
-                batch_size: int) -> StoredImage:
+    def _upload(
+        self, ctx: StoreContext, job: JobRecord, image, warning: str | None, render_ms: float, batch_size: int
+    ) -> StoredImage:
         """Encode and upload one image (an identical object already there counts as uploaded)."""
         started = time.perf_counter()
         data, content_type, ext = encode_job(image, job, ctx.batch)  # in the batch's format
@@ -141,8 +145,12 @@ class StorePipeline:
         # Keys are deterministic: an earlier attempt that uploaded and then died left this very
         # object (only a retried job can find one, so first attempts skip the check).
         if job.attempts == 1 or ctx.storage.stored_sha256(key) != digest:
-            ctx.storage.put(key, data, content_type, {"job-id": job.id, "batch-id": job.batch_id,
-                                                      "seed": str(job.seed), "sha256": digest})
+            ctx.storage.put(
+                key,
+                data,
+                content_type,
+                {"job-id": job.id, "batch-id": job.batch_id, "seed": str(job.seed), "sha256": digest},
+            )
         self.add_time("upload_ms", started)
         return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
 
@@ -156,8 +164,9 @@ class StorePipeline:
             recorded = self.leases.record(stored)
             self.add_time("record_ms", started)
             if recorded < len(stored):
-                log.warning("leases lost before recording", extra={"batch_id": ctx.batch.id,
-                                                                   "lost": len(stored) - recorded})
+                log.warning(
+                    "leases lost before recording", extra={"batch_id": ctx.batch.id, "lost": len(stored) - recorded}
+                )
             return Outcome(recorded=recorded)
         except Exception as exc:  # noqa: BLE001 - every failure is settled here, the task is gone
             return self._settle_failure(ctx, ids, exc)
@@ -176,8 +185,10 @@ class StorePipeline:
             return Outcome()
         except LcmqError as settle_exc:  # the database or broker is gone too: leases expire, the
             # sweeper requeues the jobs
-            log.error("could not settle a failed micro-batch", extra={"batch_id": batch.id, "error": reason,
-                                                                      "cause": str(settle_exc)})
+            log.error(
+                "could not settle a failed micro-batch",
+                extra={"batch_id": batch.id, "error": reason, "cause": str(settle_exc)},
+            )
             return Outcome(transient_error=reason)
 
     def _hand_back(self, ctx: StoreContext, ids: list[str], reason: str) -> None:
@@ -186,14 +197,26 @@ class StorePipeline:
         batch = ctx.batch
         handed = self.leases.hand_back(ids, reason, ctx.max_handbacks)
         if handed.requeued:
-            publish_chunks(batch.profile, [(batch.id, handed.requeued)], batch.priority,
-                           countdown_s=handback_delay_s(handed.handbacks))
-            log.warning("storing failed, jobs handed back", extra={
-                "batch_id": batch.id, "jobs": len(handed.requeued), "handbacks": handed.handbacks,
-                "error": reason})
+            publish_chunks(
+                batch.profile,
+                [(batch.id, handed.requeued)],
+                batch.priority,
+                countdown_s=handback_delay_s(handed.handbacks),
+            )
+            log.warning(
+                "storing failed, jobs handed back",
+                extra={
+                    "batch_id": batch.id,
+                    "jobs": len(handed.requeued),
+                    "handbacks": handed.handbacks,
+                    "error": reason,
+                },
+            )
         if handed.failed:
-            log.error("storing failed, jobs handed back too often failed", extra={
-                "batch_id": batch.id, "jobs": len(handed.failed), "error": reason})
+            log.error(
+                "storing failed, jobs handed back too often failed",
+                extra={"batch_id": batch.id, "jobs": len(handed.failed), "error": reason},
+            )
 
     def _write_manifest(self, ctx: StoreContext) -> None:
         """If the batch finished, write its manifest.jsonl (one indexed query when it did not).
@@ -201,8 +224,9 @@ class StorePipeline:
         try:
             write_manifest(ctx.repo, ctx.storage, ctx.batch.id)
         except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
-            log.warning("manifest not written", extra={"batch_id": ctx.batch.id,
-                                                       "error": f"{type(exc).__name__}: {exc}"})
+            log.warning(
+                "manifest not written", extra={"batch_id": ctx.batch.id, "error": f"{type(exc).__name__}: {exc}"}
+            )
 
 
 _PIPELINES: dict[int, StorePipeline] = {}

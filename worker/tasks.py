@@ -25,7 +25,6 @@ from lcmq.queue import RENDER_TASK, get_app, publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
-
 from worker.img2img import load_init_images
 from worker.leases import handback_delay_s
 from worker.lifecycle import shutting_down
@@ -112,8 +111,9 @@ class ChunkRun:
                 break
             # Jobs already taken, done or canceled are skipped by the claim itself.
             started = time.perf_counter()
-            group = self.leases.claim(self.repo, self.worker, job_ids[start:start + claim_size], self,
-                                      self.settings.max_attempts)
+            group = self.leases.claim(
+                self.repo, self.worker, job_ids[start : start + claim_size], self, self.settings.max_attempts
+            )
             self.store.add_time("claim_ms", started)
             self.next_start = start + claim_size
             claimed += len(group)
@@ -130,11 +130,21 @@ class ChunkRun:
             self._absorb(self.store.drain())
         # The last micro-batches are still storing: the next task renders meanwhile.
         timings = self.store.timings_snapshot()
-        log.info("chunk done", extra={"batch_id": self.batch_id, "jobs": len(job_ids), "claimed": claimed,
-                                      "succeeded": self.succeeded, "storing": self.store.held_count(),
-                                      "worker": self.worker, "pid": os.getpid(),
-                                      "batch_size": size, "render_peak_mb": self.render_peak_mb,
-                                      **{k: round(timings[k] - self._timings_before[k], 2) for k in timings}})
+        log.info(
+            "chunk done",
+            extra={
+                "batch_id": self.batch_id,
+                "jobs": len(job_ids),
+                "claimed": claimed,
+                "succeeded": self.succeeded,
+                "storing": self.store.held_count(),
+                "worker": self.worker,
+                "pid": os.getpid(),
+                "batch_size": size,
+                "render_peak_mb": self.render_peak_mb,
+                **{k: round(timings[k] - self._timings_before[k], 2) for k in timings},
+            },
+        )
         return {"claimed": claimed, "succeeded": self.succeeded}
 
     def hand_back(self, batch: BatchRecord, job_ids: list[str]) -> None:
@@ -145,7 +155,7 @@ class ChunkRun:
     def remaining_ids(self, job_ids: list[str]) -> list[str]:
         """What a retry of this task must cover: the jobs being rendered and those not claimed
         yet (the ones in the store pipeline are settled there)."""
-        return self.held_ids() + job_ids[self.next_start:]
+        return self.held_ids() + job_ids[self.next_start :]
 
     # --- settling jobs ----------------------------------------------------------------------
 
@@ -214,8 +224,10 @@ class ChunkRun:
             return 0
         handed = self.leases.hand_back(ids, error, self.settings.max_handbacks)
         if handed.failed:
-            log.error("jobs failed: handed back too often",
-                      extra={"batch_id": self.batch_id, "jobs": len(handed.failed), "error": error})
+            log.error(
+                "jobs failed: handed back too often",
+                extra={"batch_id": self.batch_id, "jobs": len(handed.failed), "error": error},
+            )
         return handed.handbacks
 
     def let_go(self) -> None:
@@ -235,13 +247,16 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
         if is_transient(exc) and self.request.retries < MAX_TASK_RETRIES:
             # The held micro-batch goes back to the queue; the retried message covers it and
             # every job of the chunk not rendered yet.
-            log.warning("transient failure, retrying", extra={"batch_id": batch_id, "error": reason,
-                                                               "retries": self.request.retries})
+            log.warning(
+                "transient failure, retrying",
+                extra={"batch_id": batch_id, "error": reason, "retries": self.request.retries},
+            )
             remaining = run.remaining_ids(job_ids)  # before the hand-back lets go of the held jobs
             handbacks = _safely(run.release_pending, reason) or 0
             delay_s = handback_delay_s(max(self.request.retries + 1, handbacks))
-            raise self.retry(args=[batch_id, remaining], exc=exc, countdown=delay_s,
-                             max_retries=MAX_TASK_RETRIES)
+            raise self.retry(
+                args=[batch_id, remaining], exc=exc, countdown=delay_s, max_retries=MAX_TASK_RETRIES
+            ) from exc
         # Out of retries, or a fault outside the render loop: fail the jobs held, keep the rest
         # queued for the sweeper's redispatch.
         held = len(run.held_ids())

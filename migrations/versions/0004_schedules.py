@@ -4,6 +4,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-27
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -34,8 +35,9 @@ def upgrade() -> None:
     op.create_index("ix_schedules_next_run_at", "schedules", ["next_run_at"])
     op.create_table(
         "catalog_items",
-        sa.Column("schedule_name", sa.String(100), sa.ForeignKey("schedules.name", ondelete="CASCADE"),
-                  primary_key=True),
+        sa.Column(
+            "schedule_name", sa.String(100), sa.ForeignKey("schedules.name", ondelete="CASCADE"), primary_key=True
+        ),
         sa.Column("item_id", sa.String(200), primary_key=True),
         sa.Column("render_key", sa.String(64), nullable=False),
         sa.Column("job_id", sa.String(32), nullable=True),

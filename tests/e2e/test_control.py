@@ -32,14 +32,16 @@ def test_cancel_stops_queued_and_running_jobs_and_resume_finishes_them(isolated_
     env = isolated_env
     # Two chunks of 12 single-image micro-batches, big enough (128x128) that the running chunk
     # is still rendering when the cancel (a CLI process) lands.
-    batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 24), model="tiny", chunk_size=12,
-                          width=128, height=128).batch_id
+    batch_id = api.submit(
+        write_prompts(tmp_path / "p.jsonl", 24), model="tiny", chunk_size=12, width=128, height=128
+    ).batch_id
     worker = procs(env, "worker", "--model", "tiny", "--batch-size", "1").wait_ready()
     node = worker_node(worker)
 
     def mid_chunk() -> bool:
         jobs = api.repository().jobs(batch_id)
         return any(j.state == "succeeded" for j in jobs) and any(j.state == "running" for j in jobs)
+
     wait_until(mid_chunk, 60, interval_s=0.01, what=f"{node} mid-chunk")
 
     canceled = _lcmq(cli, env, "cancel", batch_id)
@@ -73,8 +75,7 @@ def test_retry_failed_gives_failed_jobs_new_attempts(isolated_env, procs, cli, t
     assert table.returncode == 0, table.stderr
     assert len(table.stdout.splitlines()) == 6 and all("NoSuchBucket" in line for line in table.stdout.splitlines())
 
-    boto3.client("s3", endpoint_url=env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
-        Bucket=bucket)
+    boto3.client("s3", endpoint_url=env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket=bucket)
     retried = _lcmq(cli, env, "retry", batch_id, "--failed")
     assert retried["failed"] == 0
     _drain(batch_id)
@@ -115,14 +116,19 @@ def test_secrets_never_reach_logs_or_output(isolated_env, procs, cli, tmp_path):
     try:
         # Postgres here trusts local users, so the password is carried but not checked.
         pg_url = isolated_env["LCMQ_DATABASE_URL"].replace("postgres@", f"postgres:{secret_pg}@")
-        env = isolated_env | {"LCMQ_BROKER_URL": redis.url, "LCMQ_DATABASE_URL": pg_url,
-                              "AWS_SECRET_ACCESS_KEY": secret_aws, "LCMQ_LOG_LEVEL": "DEBUG"}
+        env = isolated_env | {
+            "LCMQ_BROKER_URL": redis.url,
+            "LCMQ_DATABASE_URL": pg_url,
+            "AWS_SECRET_ACCESS_KEY": secret_aws,
+            "LCMQ_LOG_LEVEL": "DEBUG",
+        }
         worker = procs(env, "worker", "--model", "tiny").wait_ready()
         prompts = write_prompts(tmp_path / "p.jsonl", 3)
         submitted = cli(env, "submit", str(prompts), "--model", "tiny", "--wait", "--json")
         assert submitted.returncode == 0, submitted.stderr
-        bad = cli(env | {"LCMQ_DATABASE_URL": pg_url.replace("127.0.0.1:5432", "127.0.0.1:9")},
-                  "status", "nope")  # a connection error message names the URL
+        bad = cli(
+            env | {"LCMQ_DATABASE_URL": pg_url.replace("127.0.0.1:5432", "127.0.0.1:9")}, "status", "nope"
+        )  # a connection error message names the URL
         assert bad.returncode != 0
         worker.terminate()
         texts = [worker.log, submitted.stdout, submitted.stderr, bad.stderr, bad.stdout]
@@ -131,5 +137,3 @@ def test_secrets_never_reach_logs_or_output(isolated_env, procs, cli, tmp_path):
         assert "Connected to redis://:**@" in worker.log
     finally:
         redis.stop()
-
-

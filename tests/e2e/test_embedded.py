@@ -10,8 +10,9 @@ from PIL import Image
 
 
 def test_demo_renders_the_sample_batch_without_servers(embedded_env, cli, tmp_path):
-    env = {k: v for k, v in embedded_env.items()
-           if k not in ("LCMQ_STORAGE_URL", "LCMQ_HOME", "LCMQ_CONFIG")}  # the real defaults
+    env = {
+        k: v for k, v in embedded_env.items() if k not in ("LCMQ_STORAGE_URL", "LCMQ_HOME", "LCMQ_CONFIG")
+    }  # the real defaults
     done = cli(env, "demo", timeout_s=600)
     assert done.returncode == 0, done.stderr[-3000:]
     match = re.search(r"images are in (file://\S+)", done.stdout)
@@ -44,7 +45,8 @@ def test_worker_refuses_a_profile_that_cannot_load(embedded_env, cli, tmp_path):
     (sd15_folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (tmp_path / "lcmq.toml").write_text(
         '[profiles.missing]\nfamily = "sd15"\nbase = "/nonexistent/model"\n\n'
-        f'[profiles.wrongfamily]\nfamily = "sdxl"\nbase = "{sd15_folder}"\n')
+        f'[profiles.wrongfamily]\nfamily = "sdxl"\nbase = "{sd15_folder}"\n'
+    )
     assert "base path /nonexistent/model does not exist" in _worker_start_error(cli, embedded_env, "missing")
     error = _worker_start_error(cli, embedded_env, "wrongfamily")
     assert "expects a StableDiffusionXLPipeline" in error and "StableDiffusionPipeline" in error

@@ -128,9 +128,13 @@ class _Lines:
 def test_submit_wait_without_a_worker_says_how_to_start_one(embedded_env, tmp_path, procs):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     started = time.monotonic()
-    waiting = subprocess.Popen([str(VENV_BIN / "lcmq"), "submit", "prompts.txt", "--model", "tiny", "--wait",
-                                "--timeout", "300"], env=embedded_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [str(VENV_BIN / "lcmq"), "submit", "prompts.txt", "--model", "tiny", "--wait", "--timeout", "300"],
+        env=embedded_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stderr = _Lines(waiting)
         hinted_at = wait_until(lambda: stderr.first(HINT), 30, what="the no-worker hint")
@@ -150,8 +154,13 @@ def test_submit_wait_without_a_worker_says_how_to_start_one(embedded_env, tmp_pa
 def test_status_watch_without_a_worker_says_how_to_start_one(embedded_env, cli, tmp_path):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     batch_id = cli(embedded_env, "submit", "prompts.txt", "--model", "tiny").stdout.strip()
-    watching = subprocess.Popen([str(VENV_BIN / "lcmq"), "status", batch_id, "--watch"], env=embedded_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watching = subprocess.Popen(
+        [str(VENV_BIN / "lcmq"), "status", batch_id, "--watch"],
+        env=embedded_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stderr = _Lines(watching)
         wait_until(lambda: stderr.first(HINT), 30, what="the no-worker hint")
@@ -162,6 +171,7 @@ def test_status_watch_without_a_worker_says_how_to_start_one(embedded_env, cli, 
 
 
 # --- a farm's services: Postgres, Redis, S3 -----------------------------------------------
+
 
 def test_run_against_postgres_redis_and_s3_starts_a_worker_with_those_settings(isolated_env, cli, tmp_path):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
@@ -177,9 +187,13 @@ def test_run_against_postgres_redis_and_s3_starts_a_worker_with_those_settings(i
 
 def test_submit_wait_on_redis_without_a_worker_says_how_to_start_one(isolated_env, tmp_path, procs):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
-    waiting = subprocess.Popen([str(VENV_BIN / "lcmq"), "submit", "prompts.txt", "--model", "tiny", "--wait",
-                                "--timeout", "300"], env=isolated_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [str(VENV_BIN / "lcmq"), "submit", "prompts.txt", "--model", "tiny", "--wait", "--timeout", "300"],
+        env=isolated_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stderr = _Lines(waiting)
         wait_until(lambda: stderr.first(HINT), 30, what="the no-worker hint")

@@ -19,8 +19,13 @@ from lcmq.repository import normalize_url
 def _jobs(env, batch_id):
     engine = create_engine(normalize_url(env["LCMQ_DATABASE_URL"]))
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT index, state, key, sha256, error, loras, init_image, strength, batch_size "
-                                 "FROM jobs WHERE batch_id = :b ORDER BY index"), {"b": batch_id}).all()
+        rows = conn.execute(
+            text(
+                "SELECT index, state, key, sha256, error, loras, init_image, strength, batch_size "
+                "FROM jobs WHERE batch_id = :b ORDER BY index"
+            ),
+            {"b": batch_id},
+        ).all()
     engine.dispose()
     return rows
 
@@ -37,8 +42,9 @@ def _pixels(s3, bucket, prefix, key):
 
 
 @pytest.mark.parametrize(("model", "generated"), [("tiny", "tiny-sd15"), ("tiny-xl", "tiny-sdxl")])
-def test_style_loras_and_img2img_render_through_a_worker(services_env, procs, cli, tmp_path, models_dir,
-                                                         model, generated):
+def test_style_loras_and_img2img_render_through_a_worker(
+    services_env, procs, cli, tmp_path, models_dir, model, generated
+):
     from worker.generated import ensure_generated, generate_style_lora
 
     env = services_env
@@ -56,13 +62,21 @@ def test_style_loras_and_img2img_render_through_a_worker(services_env, procs, cl
     worker.wait_ready()
 
     # --- style LoRAs: the batch's --lora, rows' own sets, a repeat, none, and a broken file ---
-    rows = [{"prompt": "a lighthouse", "seed": 7},  # the batch's set: ink 0.8
-            {"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "ink", "path": "ink.safetensors", "weight": 0.4}]},
-            {"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "oil", "path": oil_url, "weight": 0.8},
-                                                             {"name": "ink", "path": "ink.safetensors", "weight": 0.3}]},
-            {"prompt": "a lighthouse", "seed": 7},  # row 0 again
-            {"prompt": "a lighthouse", "seed": 7, "loras": []},  # no style
-            {"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "bad", "path": "broken.safetensors"}]}]
+    rows = [
+        {"prompt": "a lighthouse", "seed": 7},  # the batch's set: ink 0.8
+        {"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "ink", "path": "ink.safetensors", "weight": 0.4}]},
+        {
+            "prompt": "a lighthouse",
+            "seed": 7,
+            "loras": [
+                {"name": "oil", "path": oil_url, "weight": 0.8},
+                {"name": "ink", "path": "ink.safetensors", "weight": 0.3},
+            ],
+        },
+        {"prompt": "a lighthouse", "seed": 7},  # row 0 again
+        {"prompt": "a lighthouse", "seed": 7, "loras": []},  # no style
+        {"prompt": "a lighthouse", "seed": 7, "loras": [{"name": "bad", "path": "broken.safetensors"}]},
+    ]
     batch_file = tmp_path / "styles.jsonl"
     batch_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = _submit(env, cli, batch_file, model, "--lora", f"ink={ink}:0.8")
@@ -83,12 +97,18 @@ def test_style_loras_and_img2img_render_through_a_worker(services_env, procs, cl
     s3.put_object(Bucket=bucket, Key=f"{prefix}-{model}/junk.png", Body=b"\x89PNG but not an image")
     Image.new("RGB", (96, 48), (20, 120, 220)).save(tmp_path / "local.png")  # uploaded at submit
     init = f"s3://{bucket}/{prefix}-{model}/gray.png"
-    rows = [{"prompt": "a lighthouse", "seed": 3, "init_image": init, "strength": 0.3},
-            {"prompt": "a lighthouse", "seed": 3, "init_image": init, "strength": 0.8},
-            {"prompt": "a lighthouse", "seed": 3, "init_image": f"s3://{bucket}/{prefix}-{model}/junk.png",
-             "strength": 0.3},  # the same micro-batch as row 0: only this job fails
-            {"prompt": "a lighthouse", "seed": 3, "init_image": "local.png", "strength": 0.5},
-            {"prompt": "a lighthouse", "seed": 3}]
+    rows = [
+        {"prompt": "a lighthouse", "seed": 3, "init_image": init, "strength": 0.3},
+        {"prompt": "a lighthouse", "seed": 3, "init_image": init, "strength": 0.8},
+        {
+            "prompt": "a lighthouse",
+            "seed": 3,
+            "init_image": f"s3://{bucket}/{prefix}-{model}/junk.png",
+            "strength": 0.3,
+        },  # the same micro-batch as row 0: only this job fails
+        {"prompt": "a lighthouse", "seed": 3, "init_image": "local.png", "strength": 0.5},
+        {"prompt": "a lighthouse", "seed": 3},
+    ]
     batch_file = tmp_path / "img2img.jsonl"
     batch_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = _submit(env, cli, batch_file, model, "--steps", "4")

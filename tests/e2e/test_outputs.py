@@ -14,7 +14,6 @@ import os
 import signal
 import tarfile
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
@@ -57,13 +56,26 @@ def world(tmp_path_factory, s3_endpoint, models_dir):
     redis = RedisServer(work / "redis").start()
     prefix = f"out-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCMQ_")} | {
-        "LCMQ_HOME": str(work / ".lcmq"), "LCMQ_DATABASE_URL": db_url, "LCMQ_BROKER_URL": redis.url,
-        "LCMQ_STORAGE_URL": f"s3://{BUCKET}/{prefix}", "LCMQ_S3_ENDPOINT_URL": s3_endpoint,
-        "LCMQ_MODELS_DIR": str(models_dir), "LCMQ_CONFIG": str(work / "lcmq.toml"), "LCMQ_POLL_S": "0.1",
-        "LCMQ_TORCH_THREADS": "1", "LCMQ_CHUNK_SIZE": "4", "LCMQ_BATCH_SIZE": "2", "LCMQ_LEASE_S": "3",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "LCMQ_HOME": str(work / ".lcmq"),
+        "LCMQ_DATABASE_URL": db_url,
+        "LCMQ_BROKER_URL": redis.url,
+        "LCMQ_STORAGE_URL": f"s3://{BUCKET}/{prefix}",
+        "LCMQ_S3_ENDPOINT_URL": s3_endpoint,
+        "LCMQ_MODELS_DIR": str(models_dir),
+        "LCMQ_CONFIG": str(work / "lcmq.toml"),
+        "LCMQ_POLL_S": "0.1",
+        "LCMQ_TORCH_THREADS": "1",
+        "LCMQ_CHUNK_SIZE": "4",
+        "LCMQ_BATCH_SIZE": "2",
+        "LCMQ_LEASE_S": "3",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
         # `datasets` must never reach for the hub; its cache stays in the test's folder.
-        "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(work / "hf")}
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(work / "hf"),
+    }
     patch = pytest.MonkeyPatch()
     for key in [k for k in os.environ if k.startswith("LCMQ_")]:
         patch.delenv(key)
@@ -100,6 +112,7 @@ def _manifest_written(batch_id: str, after=None):
     def written():
         at = api.repository().get_batch(batch_id).manifest_at
         return at is not None and (after is None or at > after) and at
+
     return wait_until(written, 30, interval_s=0.1, what=f"manifest of {batch_id}")
 
 
@@ -117,8 +130,9 @@ def _check_manifest(world: World, cli, batch_id: str, via_cli: bool = True) -> l
         assert stored == "".join(line(record) + "\n" for record in api.manifest(batch_id))
     records = [json.loads(line) for line in stored.splitlines()]
     rows = api.repository().jobs(batch_id, JobState.succeeded)
-    assert [(r["index"], r["key"], r["sha256"], r["prompt"], r["seed"]) for r in records] == \
-        [(j.index, j.key, j.sha256, j.prompt, j.seed) for j in rows]
+    assert [(r["index"], r["key"], r["sha256"], r["prompt"], r["seed"]) for r in records] == [
+        (j.index, j.key, j.sha256, j.prompt, j.seed) for j in rows
+    ]
     return records
 
 
@@ -127,8 +141,22 @@ def test_webp_batch_stores_webp_objects_and_a_manifest_equal_to_the_rows(world, 
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"a blue owl {i}", "sku": f"S{i}"}) + "\n" for i in range(5)))
-    done = json.loads(_run(cli, world, "submit", str(prompts), "--model", "null", "--format", "webp",
-                           "--quality", "85", "--wait", "--json").splitlines()[-1])
+    done = json.loads(
+        _run(
+            cli,
+            world,
+            "submit",
+            str(prompts),
+            "--model",
+            "null",
+            "--format",
+            "webp",
+            "--quality",
+            "85",
+            "--wait",
+            "--json",
+        ).splitlines()[-1]
+    )
     batch_id = done["batch_id"]
     assert done["succeeded"] == 5
     _manifest_written(batch_id)
@@ -143,8 +171,12 @@ def test_webp_batch_stores_webp_objects_and_a_manifest_equal_to_the_rows(world, 
 
     records = _check_manifest(world, cli, batch_id)
     first = records[0]
-    assert (first["format"], first["quality"], first["profile"], first["metadata"]) == ("webp", 85, "null",
-                                                                                        {"sku": "S0"})
+    assert (first["format"], first["quality"], first["profile"], first["metadata"]) == (
+        "webp",
+        85,
+        "null",
+        {"sku": "S0"},
+    )
     assert first["model"] == {"family": "null", "base": "none", "lcm_lora": "none", "dtype": "float32"}
     assert first["url"] == f"s3://{BUCKET}/{world.prefix}/{batch_id}/000000.webp"
     assert first["batch_size"] == 2 and first["render_ms"] is not None
@@ -170,8 +202,9 @@ def test_jpeg_batch_manifest_follows_failures_sweeper_and_retry(world, cli, tmp_
     # Freeze the worker while a "ghost" worker claims two jobs, as a worker that is about to die.
     os.killpg(world.worker.pid, signal.SIGSTOP)
     try:
-        batch_id = api.submit([f"a red fox {i}" for i in range(6)], model="null", image_format="jpeg",
-                              quality=70).batch_id
+        batch_id = api.submit(
+            [f"a red fox {i}" for i in range(6)], model="null", image_format="jpeg", quality=70
+        ).batch_id
         ghost = [job.id for job in repo.jobs(batch_id) if job.index in (1, 4)]
         assert len(repo.claim(ghost, "ghost", lease_s=2)) == 2
     finally:
@@ -180,6 +213,7 @@ def test_jpeg_batch_manifest_follows_failures_sweeper_and_retry(world, cli, tmp_
     def others_done() -> bool:
         repo.extend_leases(ghost, "ghost", 2)  # the ghost's heartbeat, until it "dies"
         return api.status(batch_id).succeeded == 4
+
     wait_until(others_done, 30, interval_s=0.1, what="the jobs the ghost does not hold")
     assert api.repository().get_batch(batch_id).manifest_at is None  # not finished: nothing written
     with pytest.raises(InputError, match="queued or running jobs"):
@@ -189,6 +223,7 @@ def test_jpeg_batch_manifest_follows_failures_sweeper_and_retry(world, cli, tmp_
     def swept() -> bool:
         api.sweep()
         return api.repository().get_batch(batch_id).manifest_at is not None
+
     wait_until(swept, 30, interval_s=0.3, what="the sweeper's manifest")
     assert api.status(batch_id).failed == 2
     first = _check_manifest(world, cli, batch_id, via_cli=False)
@@ -221,9 +256,11 @@ def test_exports_read_back_with_datasets_and_webdataset(world, cli, tmp_path):
     summary = json.loads(_run(cli, world, "export", batch_id, "--format", "imagefolder", "--to", str(folder)))
     assert summary["images"] == 7
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"{i:06d}.png" for i in range(7)] + ["metadata.jsonl", "export.json"])
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train",
-                                   cache_dir=str(tmp_path / "hf-cache"))
+        [f"{i:06d}.png" for i in range(7)] + ["metadata.jsonl", "export.json"]
+    )
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
     assert loaded.num_rows == 7
     by_index = {row["index"]: row for row in loaded}
     assert [by_index[m["index"]]["prompt"] for m in manifest] == [m["prompt"] for m in manifest]
@@ -237,8 +274,9 @@ def test_exports_read_back_with_datasets_and_webdataset(world, cli, tmp_path):
 
     # webdataset, into S3, shards of at most 3 samples: 3 + 3 + 1.
     dest = f"s3://{BUCKET}/{world.prefix}-wds/run1"
-    summary = json.loads(_run(cli, world, "export", batch_id, "--format", "webdataset", "--to", dest,
-                              "--shard-size", "3"))
+    summary = json.loads(
+        _run(cli, world, "export", batch_id, "--format", "webdataset", "--to", dest, "--shard-size", "3")
+    )
     assert summary["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     local = tmp_path / "wds"
     local.mkdir()
@@ -253,8 +291,7 @@ def test_exports_read_back_with_datasets_and_webdataset(world, cli, tmp_path):
     samples = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(7)]
     assert [s["txt"].decode() for s in samples] == [m["prompt"] for m in manifest]
-    assert [json.loads(s["json"])["sha256"] for s in samples] == [hashlib.sha256(s["png"]).hexdigest()
-                                                                  for s in samples]
+    assert [json.loads(s["json"])["sha256"] for s in samples] == [hashlib.sha256(s["png"]).hexdigest() for s in samples]
     assert json.loads(samples[0]["json"]) == manifest[0]
     assert json.loads((local / "export.json").read_text())["images"] == 7
 
@@ -264,8 +301,16 @@ def test_tiny_renders_webp_with_the_same_bytes_twice(world, procs, cli, tmp_path
     from worker.encode import read_parameters
 
     procs(world.env, "worker", "--model", "tiny").wait_ready()
-    batches = [api.submit(["a lighthouse at dusk", "a red barn"], model="tiny", seed=3, image_format="webp",
-                          idempotency_key=f"tiny-webp-{run}-{uuid.uuid4().hex[:6]}").batch_id for run in range(2)]
+    batches = [
+        api.submit(
+            ["a lighthouse at dusk", "a red barn"],
+            model="tiny",
+            seed=3,
+            image_format="webp",
+            idempotency_key=f"tiny-webp-{run}-{uuid.uuid4().hex[:6]}",
+        ).batch_id
+        for run in range(2)
+    ]
     for batch_id in batches:
         assert api.wait(batch_id, timeout_s=120).succeeded == 2
     _manifest_written(batches[1])
@@ -283,9 +328,24 @@ def test_a_matrix_renders_every_cell_once_with_its_axis_values(world, cli, tmp_p
     manifest; a repeated axis value collapses to one job."""
     prompts = tmp_path / "m.txt"
     prompts.write_text("".join(f"a {animal} painted in {{style}}\n" for animal in ("fox", "owl", "cat", "elk", "yak")))
-    done = json.loads(_run(cli, world, "submit", str(prompts), "--model", "null", "--matrix", "seed=0..1",
-                           "--matrix", "steps=4,6", "--matrix", "style=oil,ink,chalk",
-                           "--wait", "--json").splitlines()[-1])
+    done = json.loads(
+        _run(
+            cli,
+            world,
+            "submit",
+            str(prompts),
+            "--model",
+            "null",
+            "--matrix",
+            "seed=0..1",
+            "--matrix",
+            "steps=4,6",
+            "--matrix",
+            "style=oil,ink,chalk",
+            "--wait",
+            "--json",
+        ).splitlines()[-1]
+    )
     assert done["total"] == done["succeeded"] == 60
     _manifest_written(done["batch_id"])
     records = _check_manifest(world, cli, done["batch_id"], via_cli=False)

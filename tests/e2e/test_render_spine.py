@@ -13,8 +13,24 @@ from sqlalchemy import create_engine, text
 from lcmq.repository import normalize_url
 
 PROMPTS = 24
-REQUIRED_MANIFEST_KEYS = {"index", "key", "sha256", "prompt", "negative_prompt", "seed", "steps", "guidance",
-                          "width", "height", "profile", "worker", "render_ms", "metadata", "model", "format"}
+REQUIRED_MANIFEST_KEYS = {
+    "index",
+    "key",
+    "sha256",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "width",
+    "height",
+    "profile",
+    "worker",
+    "render_ms",
+    "metadata",
+    "model",
+    "format",
+}
 
 
 def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, procs, cli, tmp_path):
@@ -28,8 +44,21 @@ def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, procs, cl
     rows[5]["seed"] = 1234
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
-    done = cli(env, "submit", str(prompts), "--model", "tiny", "--steps", "4", "--chunk-size", "4",
-               "--wait", "--json", "--name", "e2e")
+    done = cli(
+        env,
+        "submit",
+        str(prompts),
+        "--model",
+        "tiny",
+        "--steps",
+        "4",
+        "--chunk-size",
+        "4",
+        "--wait",
+        "--json",
+        "--name",
+        "e2e",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["total"] == result["succeeded"] == PROMPTS
@@ -54,8 +83,13 @@ def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, procs, cl
     # The rows: all succeeded, each pointing at its object by key and sha256, both workers used.
     engine = create_engine(normalize_url(env["LCMQ_DATABASE_URL"]))
     with engine.connect() as conn:
-        jobs = conn.execute(text("SELECT index, state, key, sha256, seed, prompt, worker, attempts FROM jobs "
-                                 "WHERE batch_id = :b ORDER BY index"), {"b": batch_id}).all()
+        jobs = conn.execute(
+            text(
+                "SELECT index, state, key, sha256, seed, prompt, worker, attempts FROM jobs "
+                "WHERE batch_id = :b ORDER BY index"
+            ),
+            {"b": batch_id},
+        ).all()
     engine.dispose()
     assert len(jobs) == PROMPTS
     for job in jobs:

@@ -37,8 +37,24 @@ def test_a_catalog_run_twice_renders_only_the_changed_items(isolated_env, procs,
     catalog = tmp_path / "items.csv"
     rows = [{"id": f"item-{i:02d}", "name": f"chair {i}", "color": "red"} for i in range(30)]
     _write_catalog(catalog, rows)
-    _json(cli(env, "schedule", "add", "shop", "--catalog", str(catalog), "--template", TEMPLATE,
-              "--cron", "0 3 * * *", "--model", "null", "--steps", "2"))
+    _json(
+        cli(
+            env,
+            "schedule",
+            "add",
+            "shop",
+            "--catalog",
+            str(catalog),
+            "--template",
+            TEMPLATE,
+            "--cron",
+            "0 3 * * *",
+            "--model",
+            "null",
+            "--steps",
+            "2",
+        )
+    )
 
     first = _json(cli(env, "schedule", "run", "shop", "--wait", "--json"))
     assert first["items"] == {"new": 30, "changed": 0, "unchanged": 0, "removed": 0}
@@ -95,8 +111,13 @@ def test_a_catalog_run_twice_renders_only_the_changed_items(isolated_env, procs,
     # Nothing changed: nothing rendered, nothing uploaded again, and no empty batch or manifest.
     _write_catalog(catalog, rows[:28])
     third = _json(cli(env, "schedule", "run", "shop", "--wait", "--json"))
-    assert third == {"schedule": "shop", "batch_id": None, "submitted": 0, "unchanged": True,
-                     "items": {"new": 0, "changed": 0, "unchanged": 28, "removed": 0}}
+    assert third == {
+        "schedule": "shop",
+        "batch_id": None,
+        "submitted": 0,
+        "unchanged": True,
+        "items": {"new": 0, "changed": 0, "unchanged": 28, "removed": 0},
+    }
     shown = _json(cli(env, "schedule", "show", "shop"))
     assert shown["last_batch_id"] == second["batch_id"] and shown["items"] == third["items"]
     assert [b.id for b, _ in repo.recent_batches(100)] == [second["batch_id"], first["batch_id"]]
@@ -137,7 +158,8 @@ def test_schedule_cli_time_zones_and_a_run_with_nothing_new(embedded_env, cli, t
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines() == [
         "schedule shop: unchanged, nothing submitted (nothing new or changed)",
-        "items: new=0 changed=0 unchanged=1 removed=0"]
+        "items: new=0 changed=0 unchanged=1 removed=0",
+    ]
     as_json = _json(cli(env, "schedule", "run", "shop", "--json"))
     assert as_json["unchanged"] is True and as_json["batch_id"] is None and as_json["submitted"] == 0
     batches = _json(cli(env, "batches", "--json"))

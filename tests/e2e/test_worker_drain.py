@@ -44,7 +44,9 @@ def test_canceled_batches_drain_quickly_and_a_later_batch_renders(broker_env, pr
     wait_until(lambda: done(later), 120, interval_s=0.1, what="the later batch")
     took_s = time.monotonic() - started
     jobs = CANCELED_BATCHES * JOBS_EACH
-    print(f"\n{broker_env.get('LCMQ_BROKER_URL', 'filesystem')}: {messages} canceled messages ({jobs} jobs) "
-          f"drained and a later batch rendered in {took_s:.1f} s ({messages / took_s:.1f} messages/s)")
+    print(
+        f"\n{broker_env.get('LCMQ_BROKER_URL', 'filesystem')}: {messages} canceled messages ({jobs} jobs) "
+        f"drained and a later batch rendered in {took_s:.1f} s ({messages / took_s:.1f} messages/s)"
+    )
     assert api.status(later).succeeded == 4
     assert took_s < DRAIN_BOUND_S, f"{messages} canceled messages took {took_s:.1f} s"

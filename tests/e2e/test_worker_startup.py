@@ -21,8 +21,13 @@ EXIT_BOUND_S = 20
 
 
 def _worker_exit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "lcmq"), "worker", "--model", "tiny", *args], env=env,
-                          capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    return subprocess.run(
+        [str(VENV_BIN / "lcmq"), "worker", "--model", "tiny", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+    )
 
 
 def test_cuda_on_a_machine_without_it_exits_at_once_naming_cuda(isolated_env, tmp_path):
@@ -43,17 +48,22 @@ def test_cuda_on_a_machine_without_it_exits_at_once_naming_cuda(isolated_env, tm
 
 def _closed_port_url(kind: str) -> str:
     port = free_port()  # bound, then released: nothing listens there
-    return {"database": f"postgresql+psycopg://postgres@127.0.0.1:{port}/lcmq",
-            "broker": f"redis://127.0.0.1:{port}/0", "storage": f"http://127.0.0.1:{port}"}[kind]
+    return {
+        "database": f"postgresql+psycopg://postgres@127.0.0.1:{port}/lcmq",
+        "broker": f"redis://127.0.0.1:{port}/0",
+        "storage": f"http://127.0.0.1:{port}",
+    }[kind]
 
 
-@pytest.mark.parametrize(("missing", "setting", "reason"), [
-    ("database", "LCMQ_DATABASE_URL", "cannot reach the database at postgresql+psycopg://postgres@"),
-    ("broker", "LCMQ_BROKER_URL", "cannot reach the broker at redis://127.0.0.1:"),
-    ("storage", "LCMQ_S3_ENDPOINT_URL", "cannot reach the storage at s3://"),
-])
-def test_a_missing_dependency_stops_the_start_and_consumes_nothing(isolated_env, tmp_path, missing, setting,
-                                                                    reason):
+@pytest.mark.parametrize(
+    ("missing", "setting", "reason"),
+    [
+        ("database", "LCMQ_DATABASE_URL", "cannot reach the database at postgresql+psycopg://postgres@"),
+        ("broker", "LCMQ_BROKER_URL", "cannot reach the broker at redis://127.0.0.1:"),
+        ("storage", "LCMQ_S3_ENDPOINT_URL", "cannot reach the storage at s3://"),
+    ],
+)
+def test_a_missing_dependency_stops_the_start_and_consumes_nothing(isolated_env, tmp_path, missing, setting, reason):
     api.submit(write_prompts(tmp_path / "p.jsonl", 3), model="tiny")
     waiting = queue_length("tiny")
     assert waiting >= 1
@@ -67,6 +77,7 @@ def test_a_missing_dependency_stops_the_start_and_consumes_nothing(isolated_env,
 
 # --- SIGTERM during start-up -------------------------------------------------------------
 
+
 class StartingWorker:
     """`lcmq worker` in a session of its own: SIGTERM goes to its whole process group, as
     `timeout`, systemd or a terminal send it, so the pool child gets it too."""
@@ -76,8 +87,9 @@ class StartingWorker:
         self._log = log_path.open("wb")
         self.started = time.monotonic()
         command = [str(VENV_BIN / "lcmq"), "worker", "--model", "tiny", "--device", "cpu"]
-        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     @property
     def log(self) -> str:
@@ -87,6 +99,7 @@ class StartingWorker:
         def seen() -> bool:
             assert self.proc.poll() is None, f"worker exited early:\n{self.log[-3000:]}"
             return text in self.log
+
         wait_until(seen, 120, interval_s=0.02, what=f"{text!r} in {self.log_path}")
 
     def terminate_group(self) -> float:
@@ -114,7 +127,8 @@ class StartingWorker:
 
 # Seconds after the start, or a line of the worker's log to wait for.
 START_UP_POINTS: dict[str, float | str] = {
-    "0.3s": 0.3, "1.5s": 1.5,
+    "0.3s": 0.3,
+    "1.5s": 1.5,
     "ready, loading the model": " ready.",  # the pool child starts loading the pipeline as it starts
     "model loaded": "pipeline loaded",
 }

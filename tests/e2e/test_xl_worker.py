@@ -10,8 +10,7 @@ import re
 import boto3
 from PIL import Image
 
-PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a sailing boat",
-           "a city at night"]
+PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a sailing boat", "a city at night"]
 
 
 def test_tiny_xl_renders_through_a_worker_with_a_memory_budget(services_env, procs, cli, tmp_path):
@@ -21,8 +20,9 @@ def test_tiny_xl_renders_through_a_worker_with_a_memory_budget(services_env, pro
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    done = cli(env, "submit", str(prompts), "--model", "tiny-xl", "--seed", "7", "--chunk-size", "5", "--wait",
-               "--json")
+    done = cli(
+        env, "submit", str(prompts), "--model", "tiny-xl", "--seed", "7", "--chunk-size", "5", "--wait", "--json"
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["total"] == result["succeeded"] == len(PROMPTS), result

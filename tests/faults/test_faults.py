@@ -11,12 +11,21 @@ import time
 
 import pytest
 from sqlalchemy import create_engine, text
+from support.fault_hooks import kill_on_prompt_env
 
-from bench.harness import (VENV_BIN, FaultProxy, Process, done, outcome, running_jobs_of, wait_until, worker_node,
-                           write_prompts)
+from bench.harness import (
+    VENV_BIN,
+    FaultProxy,
+    Process,
+    done,
+    outcome,
+    running_jobs_of,
+    wait_until,
+    worker_node,
+    write_prompts,
+)
 from lcmq import api
 from lcmq.repository import normalize_url
-from support.fault_hooks import kill_on_prompt_env
 
 DRAIN_S = 120
 
@@ -50,8 +59,10 @@ def _when_rendering(batch_id: str, worker: Process) -> None:
 
     def rendering() -> bool:
         jobs = api.repository().jobs(batch_id)
-        return any(j.state == "succeeded" for j in jobs) and \
-            any(j.worker == node and j.state == "running" for j in jobs)
+        return any(j.state == "succeeded" for j in jobs) and any(
+            j.worker == node and j.state == "running" for j in jobs
+        )
+
     wait_until(rendering, 60, interval_s=0.01, what=f"{node} to render")
 
 
@@ -73,8 +84,12 @@ def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back(fault_env, pro
     workers = _workers(procs, fault_env, 2, "--batch-size", "1")
     # 128x128 images take long enough that the stop lands inside a chunk of 8.
     batch_id = _submit(write_prompts(tmp_path / "p.jsonl", 8), chunk_size=8, width=128, height=128)
-    stopping = wait_until(lambda: next((w for w in workers if running_jobs_of(batch_id, worker_node(w))), None),
-                          60, interval_s=0.01, what="a worker to take the chunk")
+    stopping = wait_until(
+        lambda: next((w for w in workers if running_jobs_of(batch_id, worker_node(w))), None),
+        60,
+        interval_s=0.01,
+        what="a worker to take the chunk",
+    )
     _when_rendering(batch_id, stopping)
     assert stopping.terminate() == 0
     node = worker_node(stopping)
@@ -102,8 +117,12 @@ def test_postgres_backends_terminated_mid_render(fault_env, procs, tmp_path):
     engine = create_engine(normalize_url(fault_env["LCMQ_DATABASE_URL"]), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         # Only this session's own database: every other backend on it belongs to this test.
-        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        killed = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
     engine.dispose()
     assert killed > 0
     _assert_exactly_once(batch_id)
@@ -147,8 +166,16 @@ def test_a_poison_job_fails_after_max_attempts(fault_env, procs, tmp_path):
 def test_the_same_batch_submitted_twice_concurrently(fault_env, procs, tmp_path):
     path = write_prompts(tmp_path / "p.jsonl", 12)
     lcmq = str(VENV_BIN / "lcmq")
-    runs = [subprocess.Popen([lcmq, "submit", str(path), "--model", "tiny", "--json"], env=fault_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [lcmq, "submit", str(path), "--model", "tiny", "--json"],
+            env=fault_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=120) for run in runs]
     assert all(run.returncode == 0 for run in runs), outputs
     batch_ids = {json.loads(out.strip().splitlines()[-1])["batch_id"] for out, _ in outputs}
@@ -167,8 +194,9 @@ def test_crash_between_commit_and_publish(fault_env, procs, tmp_path, redis_serv
     path = write_prompts(tmp_path / "p.jsonl", 12)
     redis_server.stop()  # the broker is gone when the submit publishes: the commit has happened
     lcmq = str(VENV_BIN / "lcmq")
-    failed = subprocess.run([lcmq, "submit", str(path), "--model", "tiny"], env=fault_env, capture_output=True,
-                            text=True, timeout=120)
+    failed = subprocess.run(
+        [lcmq, "submit", str(path), "--model", "tiny"], env=fault_env, capture_output=True, text=True, timeout=120
+    )
     assert failed.returncode != 0
     assert "is saved, but its messages could not be published" in failed.stderr
     batch_id = re.search(r"batch (\w+) is saved", failed.stderr).group(1)

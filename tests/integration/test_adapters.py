@@ -10,9 +10,8 @@ import os
 import resource
 
 import pytest
-from PIL import Image
-
 from helpers import job_record
+from PIL import Image
 
 from lcmq.profiles import BUILTIN_PROFILES
 from lcmq.settings import get_settings
@@ -25,11 +24,11 @@ CACHE_SIZE = 3
 def tiny(tmp_path_factory, models_dir):
     """A tiny pipeline of this module's own (style adapters change its UNet), an adapter cache
     bounded at CACHE_SIZE, and LORAS generated style LoRAs."""
+    import torch
+
     from lcmq.settings import reset_settings
     from worker.generated import ensure_generated, generate_style_lora
     from worker.pipeline import load_pipeline
-
-    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machine's cores are shared: no oversubscribed spinning
@@ -42,8 +41,9 @@ def tiny(tmp_path_factory, models_dir):
         loaded = load_pipeline(BUILTIN_PROFILES["tiny"], settings)
         model_dir, _ = ensure_generated("tiny-sd15", settings.models_path)
         folder = tmp_path_factory.mktemp("loras")
-        paths = [str(generate_style_lora(model_dir, folder / f"style{i}.safetensors", seed=100 + i))
-                 for i in range(LORAS)]
+        paths = [
+            str(generate_style_lora(model_dir, folder / f"style{i}.safetensors", seed=100 + i)) for i in range(LORAS)
+        ]
         yield loaded, paths, folder
     finally:
         torch.set_num_threads(threads)
@@ -74,14 +74,16 @@ def test_styles_change_the_image_and_the_lcm_lora_stays_in_the_weights(tiny):
     from worker.adapters import adapter_cache
 
     loaded, paths, _ = tiny
-    plain_before, = _png(loaded, [_styled(0, None)])
-    strong, = _png(loaded, [_styled(0, _set((paths[0], 0.8)))])
+    (plain_before,) = _png(loaded, [_styled(0, None)])
+    (strong,) = _png(loaded, [_styled(0, _set((paths[0], 0.8)))])
     cache = adapter_cache(loaded.pipe, get_settings())
     assert cache.lcm_mode == "baked"  # the fused LCM-LoRA's layers are gone, its weights stay
-    weak, other, strong_again = (_png(loaded, [_styled(0, _set((paths[0], 0.4)))])[0],
-                                 _png(loaded, [_styled(0, _set((paths[1], 0.8)))])[0],
-                                 _png(loaded, [_styled(0, _set((paths[0], 0.8)))])[0])
-    plain_after, = _png(loaded, [_styled(0, None)])
+    weak, other, strong_again = (
+        _png(loaded, [_styled(0, _set((paths[0], 0.4)))])[0],
+        _png(loaded, [_styled(0, _set((paths[1], 0.8)))])[0],
+        _png(loaded, [_styled(0, _set((paths[0], 0.8)))])[0],
+    )
+    (plain_after,) = _png(loaded, [_styled(0, None)])
     assert len({plain_before, strong, weak, other}) == 4
     assert strong_again == strong
     # Baking the LCM-LoRA and loading styles leaves unstyled renders bit for bit as they were.
@@ -109,12 +111,18 @@ def test_bad_loras_fail_with_a_clear_error_and_leave_nothing_loaded(tiny):
     (folder / "text.safetensors").write_text("not a safetensors file")
     save_file({"foo.bar.lora_A.weight": torch.zeros(4, 4)}, str(folder / "keys.safetensors"))
     weights = load_file(paths[0])
-    save_file({k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v for k, v in weights.items()},
-              str(folder / "shapes.safetensors"))
+    save_file(
+        {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v for k, v in weights.items()},
+        str(folder / "shapes.safetensors"),
+    )
     cache = adapter_cache(loaded.pipe, get_settings())
     before = cache.style_adapters()
-    for name, expected in (("text", "cannot be loaded"), ("keys", "no weights for any layer"),
-                           ("shapes", "cannot be loaded"), ("missing", "No such file")):
+    for name, expected in (
+        ("text", "cannot be loaded"),
+        ("keys", "no weights for any layer"),
+        ("shapes", "cannot be loaded"),
+        ("missing", "No such file"),
+    ):
         with pytest.raises(LoraLoadError, match=expected):
             _png(loaded, [_styled(0, _set((str(folder / f"{name}.safetensors"), 1.0)))])
         assert cache.style_adapters() == before
@@ -172,12 +180,17 @@ def test_init_images_are_checked_and_fitted(tiny, tmp_path):
     assert image.size == (64, 48) and image.mode == "RGB"
     (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
     Image.new("L", (2100, 8)).save(tmp_path / "huge.png")
-    for name, expected in (("junk.png", "not a readable image"), ("huge.png", "at most 2048"),
-                           ("gone.png", "cannot be read")):
+    for name, expected in (
+        ("junk.png", "not a readable image"),
+        ("huge.png", "at most 2048"),
+        ("gone.png", "cannot be read"),
+    ):
         with pytest.raises(InitImageError, match=expected):
             load_init_image((tmp_path / name).as_uri(), 64, 64, settings)
-    jobs = [job_record(i, init_image=(tmp_path / name).as_uri(), strength=0.5)
-            for i, name in enumerate(["wide.png", "junk.png", "wide.png"])]
+    jobs = [
+        job_record(i, init_image=(tmp_path / name).as_uri(), strength=0.5)
+        for i, name in enumerate(["wide.png", "junk.png", "wide.png"])
+    ]
     ready, images, bad = load_init_images(jobs, settings)
     assert [j.index for j in ready] == [0, 2] and len(images) == 2
     assert [(job.index, "not a readable image" in reason) for job, reason in bad] == [(1, True)]

@@ -33,8 +33,10 @@ def test_an_old_embedded_database_is_brought_to_head(embedded_env):
 
 def test_first_commands_started_together_migrate_once(embedded_env):
     command = [str(VENV_BIN / "lcmq"), "batches", "--json"]
-    started = [subprocess.Popen(command, env=embedded_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(3)]
+    started = [
+        subprocess.Popen(command, env=embedded_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     for process in started:
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err

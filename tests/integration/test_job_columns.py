@@ -16,12 +16,20 @@ from lcmq.repository import FROM_BATCH, FROM_ROW, JOB_COLUMNS, NEW_JOB, JobRecor
 # A value for every column a producer's row gives, each one that a careless writer would mangle:
 # COPY's escapes in text, unicode, nested JSON, a seed past 32 bits, a float that is not exact.
 EVERY_ROW_COLUMN = {
-    "prompt": "a fox\tin \\snow\nat night, \u00e9t\u00e9 \U0001f98a", "negative_prompt": "blur\r\n",
-    "seed": 2**62 + 3, "steps": 6, "guidance": 1.3, "width": 512, "height": 768,
+    "prompt": "a fox\tin \\snow\nat night, \u00e9t\u00e9 \U0001f98a",
+    "negative_prompt": "blur\r\n",
+    "seed": 2**62 + 3,
+    "steps": 6,
+    "guidance": 1.3,
+    "width": 512,
+    "height": 768,
     "meta": {"sku": "A-1", "tags": ["x", "y"], "nested": {"n": 1.5, "none": None, "tab": "a\tb"}},
-    "key": "catalog/shop/item-1.png", "render_key": "f" * 64,
+    "key": "catalog/shop/item-1.png",
+    "render_key": "f" * 64,
     "loras": [{"name": "ink", "path": "/models/ink.safetensors", "weight": 0.8}],
-    "init_image": "s3://bucket/inputs/cat.png", "strength": 0.35}
+    "init_image": "s3://bucket/inputs/cat.png",
+    "strength": 0.35,
+}
 
 
 def test_the_column_table_and_the_jobs_table_agree():
@@ -36,8 +44,7 @@ def test_the_column_table_and_the_jobs_table_agree():
     # A column a new job cannot leave NULL is written at creation (from the row, the batch or a
     # default): a new NOT NULL column must say where its first value comes from.
     written = set(NEW_JOB.row_fields) | set(NEW_JOB.batch_fields) | set(NEW_JOB.defaults)
-    required = {name for name, column in JOB_COLUMNS.items()
-                if not column.nullable and column.server_default is None}
+    required = {name for name, column in JOB_COLUMNS.items() if not column.nullable and column.server_default is None}
     assert required <= written, required - written
     assert set(NEW_JOB.row_fields) == set(EVERY_ROW_COLUMN) | {"id", "index"}
 
@@ -53,8 +60,10 @@ def repo(request, tmp_path):
 
 def _create(repo: Repository, rows: list[dict]) -> str:
     batch_id = uuid.uuid4().hex[:16]
-    repo.create_batch({"id": batch_id, "name": None, "profile": "tiny", "total": 0, "seed": 1,
-                       "output": "file:///x/", "options": {}}, rows)
+    repo.create_batch(
+        {"id": batch_id, "name": None, "profile": "tiny", "total": 0, "seed": 1, "output": "file:///x/", "options": {}},
+        rows,
+    )
     return batch_id
 
 
@@ -66,8 +75,17 @@ def test_a_job_round_trips_with_every_column(repo):
     assert (job.id, job.index, job.batch_id, job.state, job.attempts) == (job_id, 0, batch_id, "queued", 0)
     batch = repo.get_batch(batch_id)
     assert job.created_at == job.dispatched_at == batch.created_at and batch.total == 1
-    later = ("worker", "error", "sha256", "render_ms", "batch_size", "warning", "started_at", "finished_at",
-             "lease_until")
+    later = (
+        "worker",
+        "error",
+        "sha256",
+        "render_ms",
+        "batch_size",
+        "warning",
+        "started_at",
+        "finished_at",
+        "lease_until",
+    )
     assert all(getattr(job, name) is None for name in later)
     # The claim reads the same table through Core: the same record, now running.
     (claimed,) = repo.claim([job_id], "w", lease_s=60)
@@ -77,8 +95,17 @@ def test_a_job_round_trips_with_every_column(repo):
 
 
 def test_a_row_that_leaves_columns_out_gets_their_defaults(repo):
-    row = {"id": uuid.uuid4().hex, "index": 0, "prompt": "p", "seed": 1, "steps": 4, "guidance": 1.0,
-           "width": 64, "height": 64, "meta": {}}
+    row = {
+        "id": uuid.uuid4().hex,
+        "index": 0,
+        "prompt": "p",
+        "seed": 1,
+        "steps": 4,
+        "guidance": 1.0,
+        "width": 64,
+        "height": 64,
+        "meta": {},
+    }
     (job,) = repo.jobs(_create(repo, [row]))
     assert job.negative_prompt == "" and job.meta == {}
     assert (job.key, job.render_key, job.loras, job.init_image, job.strength) == (None,) * 5

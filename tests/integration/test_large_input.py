@@ -21,8 +21,6 @@ TRACED_LINES = 200_000
 PEAK_LIMIT = 5 * 1024 * 1024
 
 
-
-
 def _write_big(path: Path, line, bad_at: int, bad: str, lines: int = LINES) -> Path:
     """`lines` lines from `line(i)` (1-based), line `bad_at` replaced by `bad`; one write."""
     body = "".join(bad if i == bad_at else line(i) for i in range(1, lines + 1))
@@ -34,8 +32,13 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_
     import lcmq
     from lcmq.errors import InputError
 
-    path = _write_big(tmp_path / "big.txt", lambda i: f"a lighthouse at dusk, variation {i}\n",
-                      TRACED_LINES, "a lighthouse \x00 at dusk\n", lines=TRACED_LINES)
+    path = _write_big(
+        tmp_path / "big.txt",
+        lambda i: f"a lighthouse at dusk, variation {i}\n",
+        TRACED_LINES,
+        "a lighthouse \x00 at dusk\n",
+        lines=TRACED_LINES,
+    )
     assert path.stat().st_size > 6_000_000
 
     # Warm up outside the trace: imports (scheduler, celery), settings and profiles are
@@ -74,8 +77,12 @@ def test_bad_line_in_the_middle_of_a_million_is_named(services_env, snapshot, tm
     from lcmq.errors import InputError
 
     middle = LINES // 2
-    path = _write_big(tmp_path / "big.jsonl", lambda i: f'{{"prompt": "a lighthouse at dusk", "seed": {i}}}\n',
-                      middle, '{"prompt": "a lighthouse at dusk", "steps": 9}\n')
+    path = _write_big(
+        tmp_path / "big.jsonl",
+        lambda i: f'{{"prompt": "a lighthouse at dusk", "seed": {i}}}\n',
+        middle,
+        '{"prompt": "a lighthouse at dusk", "steps": 9}\n',
+    )
 
     before = snapshot()
     started = time.perf_counter()

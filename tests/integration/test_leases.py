@@ -51,10 +51,23 @@ def _batch(repo: Repository, n: int = 1) -> tuple[str, list[str]]:
     batch_id = uuid.uuid4().hex[:16]
     job_ids = [uuid.uuid4().hex for _ in range(n)]
     repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/",
-         "options": {}},
-        [{"id": job_id, "index": i, "prompt": f"p{i}", "negative_prompt": "", "seed": i, "steps": 4,
-          "guidance": 1.0, "width": 64, "height": 64, "meta": {}} for i, job_id in enumerate(job_ids)])
+        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/", "options": {}},
+        [
+            {
+                "id": job_id,
+                "index": i,
+                "prompt": f"p{i}",
+                "negative_prompt": "",
+                "seed": i,
+                "steps": 4,
+                "guidance": 1.0,
+                "width": 64,
+                "height": 64,
+                "meta": {},
+            }
+            for i, job_id in enumerate(job_ids)
+        ],
+    )
     return batch_id, job_ids
 
 
@@ -63,6 +76,7 @@ def _heartbeats() -> list[threading.Thread]:
 
 
 # --- the ledger ---------------------------------------------------------------------------------
+
 
 def test_one_heartbeat_renews_what_is_held_until_it_is_stopped(repo):
     _, job_ids = _batch(repo, 2)
@@ -109,6 +123,7 @@ def test_hand_back_delays_grow_with_the_hand_backs():
 
 # --- the store pipeline settles a fault: failed at once, or after max_handbacks -------------------
 
+
 class RecordingFails(Repository):
     """A stub for a fault that cannot be caused from outside: every record of a success fails."""
 
@@ -133,8 +148,10 @@ def _published(broker) -> list[dict]:
     return messages
 
 
-@pytest.mark.parametrize("fault, handbacks", [(DatabaseError("connection refused (stub)"), 3),
-                                              (QueryError("syntax error at or near (stub)"), 0)])
+@pytest.mark.parametrize(
+    "fault, handbacks",
+    [(DatabaseError("connection refused (stub)"), 3), (QueryError("syntax error at or near (stub)"), 0)],
+)
 def test_a_storing_fault_ends_with_the_job_failed(migrated_pg_url, broker, tmp_path, fault, handbacks):
     from lcmq.storage import FileStorage
 

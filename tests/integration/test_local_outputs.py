@@ -31,10 +31,31 @@ def _finished_batch() -> str:
     batch_id = uuid.uuid4().hex[:16]
     job_ids = [f"{batch_id}{i:016x}" for i in range(IMAGES)]
     repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "null", "total": IMAGES, "seed": 1,
-         "output": store.batch_url(batch_id), "options": {"model": "null", "image_format": "png"}},
-        [{"id": job_id, "index": i, "prompt": f"p{i}", "negative_prompt": "", "seed": i, "steps": 4,
-          "guidance": 1.0, "width": 64, "height": 64, "meta": {}} for i, job_id in enumerate(job_ids)])
+        {
+            "id": batch_id,
+            "name": None,
+            "profile": "null",
+            "total": IMAGES,
+            "seed": 1,
+            "output": store.batch_url(batch_id),
+            "options": {"model": "null", "image_format": "png"},
+        },
+        [
+            {
+                "id": job_id,
+                "index": i,
+                "prompt": f"p{i}",
+                "negative_prompt": "",
+                "seed": i,
+                "steps": 4,
+                "guidance": 1.0,
+                "width": 64,
+                "height": 64,
+                "meta": {},
+            }
+            for i, job_id in enumerate(job_ids)
+        ],
+    )
     repo.claim(job_ids, "w", lease_s=60)
     stored = []
     for index, job_id in enumerate(job_ids):
@@ -66,10 +87,15 @@ def test_images_manifest_and_exports_are_readable_by_the_umask(embedded_env, tmp
 
     api.export(batch_id, format="imagefolder", to=tmp_path / "folder")
     assert _modes(tmp_path / "folder") == {f"{i:06d}.png": file_mode for i in range(IMAGES)} | {
-        "metadata.jsonl": file_mode, "export.json": file_mode}
+        "metadata.jsonl": file_mode,
+        "export.json": file_mode,
+    }
     api.export(batch_id, format="webdataset", to=tmp_path / "shards", shard_size=2)
-    assert _modes(tmp_path / "shards") == {"shard-000000.tar": file_mode, "shard-000001.tar": file_mode,
-                                           "export.json": file_mode}
+    assert _modes(tmp_path / "shards") == {
+        "shard-000000.tar": file_mode,
+        "shard-000001.tar": file_mode,
+        "export.json": file_mode,
+    }
 
 
 @pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])

@@ -24,9 +24,13 @@ def test_loras_and_init_images_are_stored_and_shape_the_chunks(services_env, tmp
     (tmp_path / "ink.safetensors").write_bytes(b"x")
     Image.new("RGB", (64, 64)).save(tmp_path / "cat.png")
     ink = {"name": "ink", "path": "ink.safetensors", "weight": 0.5}
-    rows = [{"prompt": "a", "loras": [ink]}, {"prompt": "b", "loras": [ink]}, {"prompt": "c"},
-            {"prompt": "d", "init_image": "cat.png", "strength": 0.5},
-            {"prompt": "e", "init_image": "cat.png", "strength": 0.5}]
+    rows = [
+        {"prompt": "a", "loras": [ink]},
+        {"prompt": "b", "loras": [ink]},
+        {"prompt": "c"},
+        {"prompt": "d", "init_image": "cat.png", "strength": 0.5},
+        {"prompt": "e", "init_image": "cat.png", "strength": 0.5},
+    ]
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     batch = lcmq.submit(path, model="tiny")
@@ -51,8 +55,12 @@ def test_a_refused_batch_leaves_no_uploaded_init_image(services_env, snapshot, t
 
     Image.new("RGB", (64, 64)).save(tmp_path / "cat.png")
     path = tmp_path / "batch.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "init_image": "cat.png"}) + "\n" +
-                    json.dumps({"prompt": "b", "loras": [{"name": "ink", "path": "gone.safetensors"}]}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "a", "init_image": "cat.png"})
+        + "\n"
+        + json.dumps({"prompt": "b", "loras": [{"name": "ink", "path": "gone.safetensors"}]})
+        + "\n"
+    )
     before = snapshot()
     with pytest.raises(InputError) as info:
         lcmq.submit(path, model="tiny")

@@ -22,17 +22,39 @@ def _batch(repo: Repository, n: int) -> tuple[str, list[str]]:
     batch_id = uuid.uuid4().hex[:16]
     job_ids = [f"{batch_id}{i:016x}" for i in range(n)]
     repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "null", "total": n, "seed": 1, "output": "file:///x/",
-         "options": {"model": "null", "image_format": "webp", "quality": 80}},
-        [{"id": job_id, "index": i, "prompt": f"p{i}", "negative_prompt": "", "seed": i, "steps": 4,
-          "guidance": 1.0, "width": 64, "height": 64, "meta": {"i": i}} for i, job_id in enumerate(job_ids)])
+        {
+            "id": batch_id,
+            "name": None,
+            "profile": "null",
+            "total": n,
+            "seed": 1,
+            "output": "file:///x/",
+            "options": {"model": "null", "image_format": "webp", "quality": 80},
+        },
+        [
+            {
+                "id": job_id,
+                "index": i,
+                "prompt": f"p{i}",
+                "negative_prompt": "",
+                "seed": i,
+                "steps": 4,
+                "guidance": 1.0,
+                "width": 64,
+                "height": 64,
+                "meta": {"i": i},
+            }
+            for i, job_id in enumerate(job_ids)
+        ],
+    )
     return batch_id, job_ids
 
 
 def _succeed(repo: Repository, batch_id: str, job_ids: list[str]) -> None:
     repo.claim(job_ids, "w", lease_s=60)
-    repo.record_successes([StoredImage(j, f"{batch_id}/{int(j[16:], 16):06d}.webp", "a" * 64, 1.0, 2)
-                           for j in job_ids], "w")
+    repo.record_successes(
+        [StoredImage(j, f"{batch_id}/{int(j[16:], 16):06d}.webp", "a" * 64, 1.0, 2) for j in job_ids], "w"
+    )
 
 
 def _lines(store: FileStorage, batch_id: str) -> list[dict]:

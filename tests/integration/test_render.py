@@ -6,11 +6,10 @@ import io
 from dataclasses import replace
 
 import pytest
+from helpers import job_record
 from PIL import Image
 
 from lcmq.profiles import BUILTIN_PROFILES
-from helpers import job_record
-
 from lcmq.repository import JobRecord
 from lcmq.settings import get_settings
 
@@ -39,7 +38,8 @@ def _png(loaded, jobs):
     from worker.encode import encode_png, parameters_text
     from worker.render import render
 
-    return [encode_png(image, parameters_text(job, "tiny")) for job, image in zip(jobs, render(loaded, jobs))]
+    images = render(loaded, jobs)
+    return [encode_png(image, parameters_text(job, "tiny")) for job, image in zip(jobs, images, strict=True)]
 
 
 def test_pipeline_is_lcm_with_the_lora_fused(tiny_pipeline):

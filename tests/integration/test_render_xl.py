@@ -10,9 +10,9 @@ import logging
 from dataclasses import replace
 
 import pytest
+from helpers import job_record
 from PIL import Image
 
-from helpers import job_record
 from lcmq.profiles import BUILTIN_PROFILES, GENERATED_PREFIX
 from lcmq.settings import Settings, get_settings
 
@@ -40,8 +40,11 @@ def tiny_xl(settings):
 
 
 def _jobs():
-    return [job_record(0, seed=11), job_record(1, seed=12, prompt="a red fox"), job_record(2, seed=13, guidance=1.5,
-                                                                                        negative_prompt="blurry")]
+    return [
+        job_record(0, seed=11),
+        job_record(1, seed=12, prompt="a red fox"),
+        job_record(2, seed=13, guidance=1.5, negative_prompt="blurry"),
+    ]
 
 
 def _png(loaded, jobs, profile: str = "tiny-xl") -> list[bytes]:
@@ -50,7 +53,8 @@ def _png(loaded, jobs, profile: str = "tiny-xl") -> list[bytes]:
 
     out = []
     for group in micro_batches(jobs, 4):  # guidance > 1 is its own micro-batch, as in a worker
-        out += [encode_png(image, parameters_text(job, profile)) for job, image in zip(group, render(loaded, group))]
+        images = render(loaded, group)
+        out += [encode_png(image, parameters_text(job, profile)) for job, image in zip(group, images, strict=True)]
     return out
 
 
@@ -63,14 +67,14 @@ def _state_equal(a, b) -> bool:
 
 # --- tiny-xl ------------------------------------------------------------------------------------
 
+
 def test_tiny_xl_is_an_sdxl_pipeline_with_the_lcm_lora_fused(tiny_xl):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     pipe = tiny_xl.pipe
     assert isinstance(pipe, StableDiffusionXLPipeline)
-    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2,
-                                                                       CLIPTextModelWithProjection)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
     assert pipe.unet.config.addition_embed_type == "text_time"
     assert isinstance(pipe.scheduler, LCMScheduler)
     assert "lcm" in pipe.get_list_adapters()["unet"]
@@ -109,13 +113,15 @@ def test_the_vae_option_replaces_the_base_vae(tiny_xl, settings):
 
 # --- single-file checkpoints ----------------------------------------------------------------------
 
+
 def test_a_single_file_twin_renders_the_same_bytes(settings, tmp_path):
     """The tiny model written as one original-layout .safetensors and loaded with from_single_file
     (config = the generated folder) is the same pipeline: same weights, same images."""
     from pathlib import Path
 
-    from worker.pipeline import _resolve, load_pipeline
     from support.single_file import save_sd15_single_file
+
+    from worker.pipeline import _resolve, load_pipeline
 
     tiny = BUILTIN_PROFILES["tiny"]
     checkpoint = save_sd15_single_file(Path(_resolve(tiny.base, settings)), tmp_path / "tiny-tune.safetensors")
@@ -131,24 +137,28 @@ def test_the_single_file_layout_is_the_original_one(settings, tmp_path):
     from pathlib import Path
 
     from safetensors import safe_open
+    from support.single_file import save_sd15_single_file
 
     from worker.pipeline import _resolve
-    from support.single_file import save_sd15_single_file
 
     path = save_sd15_single_file(Path(_resolve(BUILTIN_PROFILES["tiny"].base, settings)), tmp_path / "t.safetensors")
     with safe_open(str(path), "pt") as fh:
         keys = set(fh.keys())
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
     assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys
-    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0" \
-        ".conv1.weight" in keys
+    assert (
+        "model.diffusion_model.input_blocks.0.0.weight" in keys
+        and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    )
 
 
 def test_worker_start_refuses_a_missing_checkpoint_or_config(embedded_env, cli, tmp_path):
     checkpoint = tmp_path / "gone.safetensors"
     config = tmp_path / "lcmq.toml"
-    config.write_text(f'[profiles.tune]\nfamily = "sd15"\nbase = "{checkpoint}"\nconfig = "{GENERATED_PREFIX}tiny-sd15"\n'
-                      f'lcm_lora = "{GENERATED_PREFIX}tiny-sd15-lcm-lora"\n')
+    config.write_text(
+        f'[profiles.tune]\nfamily = "sd15"\nbase = "{checkpoint}"\nconfig = "{GENERATED_PREFIX}tiny-sd15"\n'
+        f'lcm_lora = "{GENERATED_PREFIX}tiny-sd15-lcm-lora"\n'
+    )
     run = cli(embedded_env, "worker", "--model", "tune")
     assert run.returncode == 1
     assert f"lcmq: error: profile 'tune': base path {checkpoint} does not exist" in run.stderr
@@ -169,11 +179,13 @@ def test_float16_on_an_explicit_cpu_device_stops_the_worker_start(embedded_env, 
 
 # --- memory modes and the memory budget -------------------------------------------------------------
 
+
 def test_memory_modes_are_applied_and_offload_ignored_on_cpu(settings, caplog):
     from worker.pipeline import load_pipeline
 
-    profile = replace(BUILTIN_PROFILES["tiny-xl"], attention_slicing=True, vae_slicing=True, vae_tiling=True,
-                      cpu_offload=True)
+    profile = replace(
+        BUILTIN_PROFILES["tiny-xl"], attention_slicing=True, vae_slicing=True, vae_tiling=True, cpu_offload=True
+    )
     with caplog.at_level(logging.WARNING, logger="lcmq.worker"):
         loaded = load_pipeline(profile, settings)
     assert loaded.pipe.vae.use_slicing and loaded.pipe.vae.use_tiling

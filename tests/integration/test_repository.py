@@ -28,10 +28,23 @@ def _batch(repo: Repository, n: int = 3) -> tuple[str, list[str]]:
     batch_id = uuid.uuid4().hex[:16]
     job_ids = [uuid.uuid4().hex for _ in range(n)]
     repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/",
-         "options": {}},
-        [{"id": job_id, "index": i, "prompt": f"p{i}", "negative_prompt": "", "seed": i, "steps": 4,
-          "guidance": 1.0, "width": 64, "height": 64, "meta": {"i": i}} for i, job_id in enumerate(job_ids)])
+        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/", "options": {}},
+        [
+            {
+                "id": job_id,
+                "index": i,
+                "prompt": f"p{i}",
+                "negative_prompt": "",
+                "seed": i,
+                "steps": 4,
+                "guidance": 1.0,
+                "width": 64,
+                "height": 64,
+                "meta": {"i": i},
+            }
+            for i, job_id in enumerate(job_ids)
+        ],
+    )
     return batch_id, job_ids
 
 
@@ -106,12 +119,34 @@ def test_a_job_handed_back_too_often_fails_with_the_last_reason(repo):
 
 def test_create_batch_is_all_or_nothing(repo):
     batch_id, _ = _batch(repo, 1)
-    duplicate_index = [{"id": uuid.uuid4().hex, "index": 0, "prompt": "p", "negative_prompt": "", "seed": 0,
-                        "steps": 4, "guidance": 1.0, "width": 64, "height": 64, "meta": {}}] * 2
+    duplicate_index = [
+        {
+            "id": uuid.uuid4().hex,
+            "index": 0,
+            "prompt": "p",
+            "negative_prompt": "",
+            "seed": 0,
+            "steps": 4,
+            "guidance": 1.0,
+            "width": 64,
+            "height": 64,
+            "meta": {},
+        }
+    ] * 2
     new_batch = uuid.uuid4().hex[:16]
     with pytest.raises(RecordError, match="duplicate key"):
-        repo.create_batch({"id": new_batch, "name": None, "profile": "tiny", "total": 2, "seed": 1,
-                           "output": "file:///x/", "options": {}}, duplicate_index)
+        repo.create_batch(
+            {
+                "id": new_batch,
+                "name": None,
+                "profile": "tiny",
+                "total": 2,
+                "seed": 1,
+                "output": "file:///x/",
+                "options": {},
+            },
+            duplicate_index,
+        )
     with pytest.raises(NotFoundError):
         repo.get_batch(new_batch)
     assert repo.get_batch(batch_id).total == 1
@@ -156,8 +191,9 @@ def _blocked_on(url: str, job_id: str, call) -> Future:
     pool.shutdown(wait=False)
     with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as watcher:
         deadline = time.monotonic() + 10
-        while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                  "AND datname = current_database()").fetchone():
+        while not watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
             assert time.monotonic() < deadline and not future.done(), future
             time.sleep(0.02)
     return future
@@ -165,8 +201,9 @@ def _blocked_on(url: str, job_id: str, call) -> Future:
 
 def _waiting_pid(url: str) -> int:
     with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as watcher:
-        return watcher.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                               "AND datname = current_database()").fetchone()[0]
+        return watcher.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()[0]
 
 
 def test_a_serialization_failure_is_transient(repo, migrated_pg_url):

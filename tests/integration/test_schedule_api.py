@@ -56,8 +56,7 @@ def test_schedule_lifecycle_and_refusals(embedded_env, tmp_path):
     catalog.write_bytes(_csv([("a", "mug", "white")]))
     shown = api.schedule_add("shop", catalog=str(catalog), template=TEMPLATE, cron="0 3 * * *", model="null")
     assert shown["next_run_at"] == parse_cron("0 3 * * *").next_after(utcnow()).isoformat()
-    assert shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0,
-                                                                                               "removed": 0}
+    assert shown["paused"] is False and shown["items"] is None and shown["catalog_items"] == {"active": 0, "removed": 0}
     assert shown["timezone"] == "UTC"
     for bad, match in [
         (dict(name="shop"), "shop:name: a schedule of this name exists"),
@@ -119,8 +118,15 @@ def test_a_webp_schedule_keeps_stable_webp_keys_and_its_format_is_in_the_render_
     catalog = tmp_path / "items.csv"
     catalog.write_bytes(_csv([("a", "mug", "white"), ("b", "cup", "red")]))
     for name, fmt, quality in (("png-shop", "png", None), ("webp-shop", "webp", 85)):
-        api.schedule_add(name, catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null",
-                         image_format=fmt, quality=quality)
+        api.schedule_add(
+            name,
+            catalog=str(catalog),
+            template=TEMPLATE,
+            cron="@daily",
+            model="null",
+            image_format=fmt,
+            quality=quality,
+        )
     with pytest.raises(InputError, match="--quality: applies to webp and jpeg only"):
         api.schedule_add("x", catalog=str(catalog), template=TEMPLATE, cron="@daily", model="null", quality=50)
     repo, settings = api.repository(), get_settings()
@@ -141,8 +147,9 @@ def test_a_schedule_fires_at_six_local_time_in_its_zone_across_dst(embedded_env,
     upgrade(get_settings().database_url_resolved)
     catalog = tmp_path / "items.csv"
     catalog.write_bytes(_csv([("a", "mug", "white")]))
-    shown = api.schedule_add("berlin", catalog=str(catalog), template=TEMPLATE, cron="0 6 * * *",
-                             model="null", timezone="Europe/Berlin")
+    shown = api.schedule_add(
+        "berlin", catalog=str(catalog), template=TEMPLATE, cron="0 6 * * *", model="null", timezone="Europe/Berlin"
+    )
     assert shown["timezone"] == "Europe/Berlin" and api.schedules()[0]["timezone"] == "Europe/Berlin"
     assert shown["next_run_at"] == parse_cron("0 6 * * *", "Europe/Berlin").next_after(utcnow()).isoformat()
     assert api.schedule_show("berlin")["next_run_at"].endswith("+00:00")
@@ -176,8 +183,13 @@ def test_a_run_with_nothing_new_or_changed_submits_no_batch_and_still_counts_as_
     # `lcmq schedule run`: the same catalog again makes no empty 0/0 batch.
     again = api.schedule_run("shop")
     assert isinstance(again, api.UnchangedRun)
-    assert again.to_dict() == {"schedule": "shop", "batch_id": None, "submitted": 0, "unchanged": True,
-                               "items": {"new": 0, "changed": 0, "unchanged": 2, "removed": 0}}
+    assert again.to_dict() == {
+        "schedule": "shop",
+        "batch_id": None,
+        "submitted": 0,
+        "unchanged": True,
+        "items": {"new": 0, "changed": 0, "unchanged": 2, "removed": 0},
+    }
     assert [b.id for b, _ in repo.recent_batches(100)] == [first.batch_id]
     schedule = repo.get_schedule("shop")
     assert schedule.last_batch_id == first.batch_id and schedule.last_counts == again.items

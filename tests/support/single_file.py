@@ -17,10 +17,21 @@ from pathlib import Path
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_TOP = {"conv_norm_out": "norm_out"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -49,8 +60,11 @@ def _unet_prefixes(config: dict) -> dict[str, str]:
             # The upsampler follows the block's last layer: after its attention when it has one.
             slot = 2 if "CrossAttn" in block else 1
             mapping[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{i * (layers + 1) + layers}.{slot}."
-    mapping |= {"mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                "mid_block.resnets.1.": "middle_block.2."}
+    mapping |= {
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
+        "mid_block.resnets.1.": "middle_block.2.",
+    }
     return mapping
 
 
@@ -58,7 +72,7 @@ def _rename(key: str, prefixes: dict[str, str]) -> tuple[str, str]:
     """(LDM module prefix, rest of the key) for the longest diffusers prefix the key starts with."""
     for prefix in sorted(prefixes, key=len, reverse=True):
         if key.startswith(prefix):
-            return prefixes[prefix], key[len(prefix):]
+            return prefixes[prefix], key[len(prefix) :]
     raise KeyError(f"no original-layout name for {key!r}")
 
 
@@ -70,7 +84,7 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
         if ".resnets." in key:
             for old, new in _UNET_RESNET.items():
                 if rest.startswith(old + "."):
-                    rest = new + rest[len(old):]
+                    rest = new + rest[len(old) :]
         out[UNET_PREFIX + ldm + rest] = value
     return out
 
@@ -79,11 +93,14 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     n = len(config["down_block_types"])
     prefixes = {"quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."}
     for part in ("encoder", "decoder"):
-        prefixes |= {f"{part}.conv_in.": f"{part}.conv_in.", f"{part}.conv_out.": f"{part}.conv_out.",
-                     f"{part}.conv_norm_out.": f"{part}.norm_out.",
-                     f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
-                     f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2.",
-                     f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1."}
+        prefixes |= {
+            f"{part}.conv_in.": f"{part}.conv_in.",
+            f"{part}.conv_out.": f"{part}.conv_out.",
+            f"{part}.conv_norm_out.": f"{part}.norm_out.",
+            f"{part}.mid_block.resnets.0.": f"{part}.mid.block_1.",
+            f"{part}.mid_block.resnets.1.": f"{part}.mid.block_2.",
+            f"{part}.mid_block.attentions.0.": f"{part}.mid.attn_1.",
+        }
     for i in range(n):
         prefixes[f"encoder.down_blocks.{i}.resnets."] = f"encoder.down.{i}.block."
         prefixes[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
@@ -97,7 +114,7 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
         if ".attn_1." in ldm:
             for old, new in _VAE_ATTENTION.items():
                 if rest.startswith(old + "."):
-                    rest = new + rest[len(old):]
+                    rest = new + rest[len(old) :]
             if value.ndim == 2:  # linear in diffusers, a 1x1 convolution in the original
                 value = value[:, :, None, None]
         out[VAE_PREFIX + ldm + rest] = value
@@ -106,8 +123,10 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
 
 def text_encoder_to_ldm(state: dict) -> dict:
     # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the original layout has it.
-    return {TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
-            for key, value in state.items()}
+    return {
+        TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+        for key, value in state.items()
+    }
 
 
 def save_sd15_single_file(model_dir: Path, path: Path) -> Path:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 
+from helpers import job_record
 from PIL import Image
 
-from helpers import job_record
-
-from lcmq.repository import JobRecord
+from lcmq.repository import JobRecord, PendingJob
 from lcmq.spec import JobSpec
-from lcmq.repository import PendingJob
 from scheduler.batches import derive_seed, job_row
 from scheduler.dispatch import chunk_pending
 from worker.encode import encode_png, parameters_text
@@ -19,8 +17,12 @@ from worker.render import micro_batches
 
 
 def _spec(index: int, **changes) -> JobSpec:
-    return replace(JobSpec(index=index, prompt=f"p{index}", negative_prompt="", seed=None, steps=4, guidance=1.0,
-                           width=64, height=64), **changes)
+    return replace(
+        JobSpec(
+            index=index, prompt=f"p{index}", negative_prompt="", seed=None, steps=4, guidance=1.0, width=64, height=64
+        ),
+        **changes,
+    )
 
 
 def test_derived_seeds_are_stable_distinct_and_stored():
@@ -32,8 +34,10 @@ def test_derived_seeds_are_stable_distinct_and_stored():
 
 
 def test_chunks_hold_one_batch_and_render_shape_and_respect_the_size():
-    jobs = [PendingJob(f"j{i}", "b1" if i < 8 else "b2", _spec(i, steps=4 if i % 3 else 6).render_shape, 0)
-            for i in range(10)]
+    jobs = [
+        PendingJob(f"j{i}", "b1" if i < 8 else "b2", _spec(i, steps=4 if i % 3 else 6).render_shape, 0)
+        for i in range(10)
+    ]
     chunks = chunk_pending(jobs, 3)
     shapes = {job.id: (job.batch_id, job.shape) for job in jobs}
     assert sorted(j for _, chunk in chunks for j in chunk) == sorted(job.id for job in jobs)
@@ -63,8 +67,10 @@ def test_png_carries_parameters_and_is_reproducible():
     job = _record(3, negative_prompt="blurry", guidance=1.5)
     image = Image.new("RGB", (64, 64), (10, 20, 30))
     text = parameters_text(job, "tiny")
-    assert text == ("a ünïcode prompt\nNegative prompt: blurry\n"
-                    "Steps: 4, Sampler: LCM, CFG scale: 1.5, Seed: 3, Size: 64x64, Model: tiny")
+    assert text == (
+        "a ünïcode prompt\nNegative prompt: blurry\n"
+        "Steps: 4, Sampler: LCM, CFG scale: 1.5, Seed: 3, Size: 64x64, Model: tiny"
+    )
     data = encode_png(image, text)
     assert data == encode_png(image, text)
     assert Image.open(io.BytesIO(data)).info["parameters"] == text

@@ -21,8 +21,9 @@ TINY = BUILTIN_PROFILES["tiny"]
 
 def items(rows: list[dict], template: str = TEMPLATE, profile=TINY, **options):
     numbered = [(line, row) for line, row in enumerate(rows, start=2)]  # line 1 is a CSV header
-    return build_items(numbered, template, BatchOptions(model=profile.name, **options), profile, "items.csv",
-                       from_text=True)
+    return build_items(
+        numbered, template, BatchOptions(model=profile.name, **options), profile, "items.csv", from_text=True
+    )
 
 
 def chairs(n: int = 3) -> list[dict]:
@@ -37,31 +38,37 @@ def test_template_fills_prompts_and_keeps_columns_as_metadata():
     assert (built[1].spec.width, built[1].spec.steps) == (64, 4)  # the profile's defaults
 
 
-@pytest.mark.parametrize("template, message", [
-    ("", "must not be empty"),
-    ("a plain prompt", "uses no {column}"),
-    ("{name} {", "Single '{'"),
-    ("{0}", "must be a column name"),
-    ("{}", "must be a column name"),
-    ("{item.name}", "must be a column name"),
-    ("{name!r}", "no conversion or format spec"),
-    ("{price:.2f}", "no conversion or format spec"),
-])
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("", "must not be empty"),
+        ("a plain prompt", "uses no {column}"),
+        ("{name} {", "Single '{'"),
+        ("{0}", "must be a column name"),
+        ("{}", "must be a column name"),
+        ("{item.name}", "must be a column name"),
+        ("{name!r}", "no conversion or format spec"),
+        ("{price:.2f}", "no conversion or format spec"),
+    ],
+)
 def test_bad_templates_are_named_as_the_flag(template, message):
     with pytest.raises(InputError, match=r"^items\.csv:--template: .*" + message.replace("{", r"\{")):
         template_fields(template, "items.csv")
 
 
-@pytest.mark.parametrize("row, field, message", [
-    ({"id": "sku-9", "name": "chair"}, "color", "missing: the template uses {color}"),
-    ({"id": "sku-9", "name": "chair", "color": ""}, "color", "missing: the template uses {color}"),
-    ({"id": "sku-9", "name": "chair", "color": ["red"]}, "color", "not text or a number"),
-    ({"name": "chair", "color": "red"}, "id", "missing: every item needs an id"),
-    ({"id": "", "name": "chair", "color": "red"}, "id", "must not be empty"),
-    ({"id": "sku-9", "name": "chair", "color": "red", "steps": "12"}, "steps", "must be between 1 and 8"),
-    ({"id": "sku-9", "name": "chair", "color": "red", "seed": "x"}, "seed", "must be an integer"),
-    ({"id": "sku-9", "name": "chair\x07", "color": "red"}, "name", "control character (U+0007)"),
-])
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        ({"id": "sku-9", "name": "chair"}, "color", "missing: the template uses {color}"),
+        ({"id": "sku-9", "name": "chair", "color": ""}, "color", "missing: the template uses {color}"),
+        ({"id": "sku-9", "name": "chair", "color": ["red"]}, "color", "not text or a number"),
+        ({"name": "chair", "color": "red"}, "id", "missing: every item needs an id"),
+        ({"id": "", "name": "chair", "color": "red"}, "id", "must not be empty"),
+        ({"id": "sku-9", "name": "chair", "color": "red", "steps": "12"}, "steps", "must be between 1 and 8"),
+        ({"id": "sku-9", "name": "chair", "color": "red", "seed": "x"}, "seed", "must be an integer"),
+        ({"id": "sku-9", "name": "chair\x07", "color": "red"}, "name", "control character (U+0007)"),
+    ],
+)
 def test_a_bad_item_names_its_line_and_field(row, field, message):
     rows = chairs(2) + [row]
     with pytest.raises(InputError) as caught:
@@ -76,19 +83,22 @@ def test_duplicate_ids_name_both_lines():
         items(chairs(2) + [{"id": "sku-0", "name": "x", "color": "y"}])
 
 
-@pytest.mark.parametrize("item_id, message", [
-    ("a/b", "must not contain '/'"),
-    ("a\\b", "must not contain '/'"),
-    ("a..b", "must not contain '..'"),
-    ("..", "must not contain '..'"),
-    ("bad\nid", "control character (U+000A)"),
-    ("x" * 201, "at most 200 characters"),
-    ("chair red", "may hold only letters, digits"),
-    (".hidden", "starting with a letter or digit"),
-    ("caf\u00e9", "may hold only letters, digits"),
-    ("  ", "must not be empty"),
-    (1.5, "must be a string"),
-])
+@pytest.mark.parametrize(
+    "item_id, message",
+    [
+        ("a/b", "must not contain '/'"),
+        ("a\\b", "must not contain '/'"),
+        ("a..b", "must not contain '..'"),
+        ("..", "must not contain '..'"),
+        ("bad\nid", "control character (U+000A)"),
+        ("x" * 201, "at most 200 characters"),
+        ("chair red", "may hold only letters, digits"),
+        (".hidden", "starting with a letter or digit"),
+        ("caf\u00e9", "may hold only letters, digits"),
+        ("  ", "must not be empty"),
+        (1.5, "must be a string"),
+    ],
+)
 def test_unsafe_item_ids_are_refused(item_id, message):
     def fail(text):
         raise InputError("items.csv", 3, "id", text)
@@ -121,20 +131,33 @@ def test_seeds_and_render_keys_are_stable_per_item():
 def test_render_key_covers_what_decides_the_pixels():
     spec = items(chairs(1))[0].spec
     base = render_key(spec, TINY)
-    changes = [replace(spec, prompt="other"), replace(spec, negative_prompt="blurry"), replace(spec, seed=1),
-               replace(spec, steps=2), replace(spec, guidance=1.5), replace(spec, width=128),
-               replace(spec, height=128)]
+    changes = [
+        replace(spec, prompt="other"),
+        replace(spec, negative_prompt="blurry"),
+        replace(spec, seed=1),
+        replace(spec, steps=2),
+        replace(spec, guidance=1.5),
+        replace(spec, width=128),
+        replace(spec, height=128),
+    ]
     keys = {render_key(changed, TINY) for changed in changes}
-    keys |= {render_key(spec, replace(TINY, lcm_lora="other-lora")), render_key(spec, replace(TINY, base="b")),
-             render_key(spec, BUILTIN_PROFILES["null"]), render_key(spec, TINY, output_format="webp")}
+    keys |= {
+        render_key(spec, replace(TINY, lcm_lora="other-lora")),
+        render_key(spec, replace(TINY, base="b")),
+        render_key(spec, BUILTIN_PROFILES["null"]),
+        render_key(spec, TINY, output_format="webp"),
+    }
     assert base not in keys and len(keys) == len(changes) + 4
     # What does not decide the pixels does not move the key: the row's place, its other columns.
     assert render_key(replace(spec, index=9, metadata={"price": 3}), TINY) == base
 
 
 def test_flag_defaults_and_item_columns():
-    built = items(chairs(1) + [{"id": "big", "name": "sofa", "color": "grey", "width": "128", "steps": ""}],
-                  steps=2, negative_prompt="blurry")
+    built = items(
+        chairs(1) + [{"id": "big", "name": "sofa", "color": "grey", "width": "128", "steps": ""}],
+        steps=2,
+        negative_prompt="blurry",
+    )
     assert (built[0].spec.steps, built[0].spec.negative_prompt, built[0].spec.width) == (2, "blurry", 64)
     assert (built[1].spec.steps, built[1].spec.width) == (2, 128)
     with pytest.raises(InputError, match=r"^items\.csv:--steps: must be between 1 and 8"):
@@ -153,8 +176,13 @@ def test_catalog_files_csv_and_jsonl(tmp_path):
     with pytest.raises(InputError, match=r"noid\.csv:1:id: header has no 'id' column"):
         load_items(str(no_id), TEMPLATE, options, TINY, settings)
     jsonl = tmp_path / "items.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r) for r in [{"id": 1, "name": "chair", "color": "red"},
-                                                        {"id": "2", "name": "desk", "color": "oak"}]) + "\n")
+    jsonl.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [{"id": 1, "name": "chair", "color": "red"}, {"id": "2", "name": "desk", "color": "oak"}]
+        )
+        + "\n"
+    )
     assert [i.item_id for i in load_items(str(jsonl), TEMPLATE, options, TINY, settings)] == ["1", "2"]
     empty = tmp_path / "empty.csv"
     empty.write_text("id,name,color\n")

@@ -13,16 +13,17 @@ HEAVY = ("celery", "kombu", "sqlalchemy", "pydantic")
 def _heavy_modules_after(code: str) -> list[str]:
     """Run `code` in a fresh interpreter and list the heavy modules it left in sys.modules."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def _cli_exit(argv: list[str]) -> str:
     """`lcmq <argv>` through main(), in-process in a fresh interpreter: the code that imports."""
-    return (f"from lcmq.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as exc:\n"
-            f"    assert exc.code == {0 if '--help' in argv else 2}, exc.code")
+    return (
+        f"from lcmq.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as exc:\n"
+        f"    assert exc.code == {0 if '--help' in argv else 2}, exc.code"
+    )
 
 
 def test_importing_the_error_tree_loads_no_heavy_library():
@@ -38,8 +39,9 @@ def test_help_and_argument_errors_load_no_heavy_library():
 
 def test_help_prints_quickly():
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "lcmq", "--help"], capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "lcmq", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0 and "submit" in done.stdout
     assert time.monotonic() - started < 1.5  # ~0.1 s; a full import of the API took ~1 s alone
 

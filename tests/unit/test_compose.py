@@ -25,8 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-EXPECTED_SERVICES = {"redis", "postgres", "minio", "minio-init", "migrate", "worker-gpu", "worker-cpu", "scheduler",
-                     "flower"}
+EXPECTED_SERVICES = {
+    "redis",
+    "postgres",
+    "minio",
+    "minio-init",
+    "migrate",
+    "worker-gpu",
+    "worker-cpu",
+    "scheduler",
+    "flower",
+}
 LCMQ_SERVICES = ("migrate", "worker-gpu", "worker-cpu", "scheduler")
 WORKERS = ("worker-gpu", "worker-cpu")
 ONE_SHOTS = ("migrate", "minio-init")
@@ -114,6 +123,7 @@ def clean_settings_env(monkeypatch, tmp_path):
 
 # --- compose: shape ---------------------------------------------------------------------
 
+
 def test_compose_has_the_expected_services(services):
     assert set(services) == EXPECTED_SERVICES
 
@@ -137,15 +147,16 @@ def test_lcmq_services_build_one_image_with_the_shared_env(compose, services):
 
 # --- compose: settings ------------------------------------------------------------------
 
+
 def test_lcmq_env_vars_are_settings_fields(services):
     for name, svc in services.items():
         for key in _env(svc):
             if key.startswith("LCMQ_"):
-                assert key[len("LCMQ_"):].lower() in Settings.model_fields, f"{name}: {key} is no lcmq setting"
+                assert key[len("LCMQ_") :].lower() in Settings.model_fields, f"{name}: {key} is no lcmq setting"
 
 
 def test_lcmq_env_values_pass_settings_validation(lcmq_env, clean_settings_env):
-    values = {k[len("LCMQ_"):].lower(): v for k, v in lcmq_env.items() if k.startswith("LCMQ_")}
+    values = {k[len("LCMQ_") :].lower(): v for k, v in lcmq_env.items() if k.startswith("LCMQ_")}
     settings = Settings(**values)
     # The farm must not fall back to the embedded SQLite / filesystem broker / ./renders defaults.
     assert settings.database_url == lcmq_env["LCMQ_DATABASE_URL"]
@@ -164,8 +175,11 @@ def test_database_url_matches_postgres_and_an_installed_driver(lcmq_env, service
     url = make_url(normalize_url(lcmq_env["LCMQ_DATABASE_URL"]))
     assert url.get_dialect().driver == "psycopg"  # imports the DB-API module lcmq depends on
     pg = _env(services["postgres"])
-    assert (url.username, url.password, url.database) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"],
-                                                          pg["POSTGRES_DB"])
+    assert (url.username, url.password, url.database) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
     assert url.host == "postgres" and url.host in services
     assert (url.port or 5432) == 5432
     healthcheck = " ".join(services["postgres"]["healthcheck"]["test"])
@@ -191,17 +205,24 @@ def test_url_hosts_are_service_names(services):
             parsed = urlparse(value)
             if parsed.scheme in ("postgresql", "postgres", "redis", "http", "https"):
                 hosts.append((name, key, parsed.hostname))
-    assert {key for _, key, _ in hosts} >= {"LCMQ_DATABASE_URL", "LCMQ_BROKER_URL", "LCMQ_S3_ENDPOINT_URL",
-                                            "CELERY_BROKER_URL", "MC_HOST_local"}
+    assert {key for _, key, _ in hosts} >= {
+        "LCMQ_DATABASE_URL",
+        "LCMQ_BROKER_URL",
+        "LCMQ_S3_ENDPOINT_URL",
+        "CELERY_BROKER_URL",
+        "MC_HOST_local",
+    }
     for name, key, host in hosts:
         assert host in services, f"{name}: {key} names host {host!r}, which is no service"
 
 
 # --- compose: object storage ------------------------------------------------------------
 
+
 def test_minio_init_creates_the_storage_bucket(lcmq_env, services):
-    storage = storage_from_url(lcmq_env["LCMQ_STORAGE_URL"], lcmq_env["LCMQ_S3_ENDPOINT_URL"],
-                               lcmq_env["LCMQ_S3_REGION"])
+    storage = storage_from_url(
+        lcmq_env["LCMQ_STORAGE_URL"], lcmq_env["LCMQ_S3_ENDPOINT_URL"], lcmq_env["LCMQ_S3_REGION"]
+    )
     assert isinstance(storage, S3Storage)
     argv = _argv(services["minio-init"])
     assert argv[0] == "mb" and "--ignore-existing" in argv  # idempotent on a second `up`
@@ -218,8 +239,10 @@ def test_minio_credentials_match_the_s3_client(lcmq_env, services):
     # MinIO refuses to start with a shorter root user / password.
     assert len(minio["MINIO_ROOT_USER"]) >= 3 and len(minio["MINIO_ROOT_PASSWORD"]) >= 8
     mc_host = urlparse(_env(services["minio-init"])["MC_HOST_local"])
-    assert (unquote(mc_host.username), unquote(mc_host.password)) == (minio["MINIO_ROOT_USER"],
-                                                                      minio["MINIO_ROOT_PASSWORD"])
+    assert (unquote(mc_host.username), unquote(mc_host.password)) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
     assert lcmq_env["AWS_DEFAULT_REGION"] == lcmq_env["LCMQ_S3_REGION"]
 
 
@@ -235,6 +258,7 @@ def test_s3_endpoint_is_the_minio_api_port(lcmq_env, services):
 
 
 # --- compose: commands ------------------------------------------------------------------
+
 
 def _parse_lcmq(argv: list[str]):
     assert argv[0] == "lcmq"
@@ -280,12 +304,15 @@ def test_redis_keeps_queued_messages(services):
 
 def test_gpu_worker_reserves_an_nvidia_device(services):
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") in (1, "all")
-               for d in devices), devices
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") in (1, "all")
+        for d in devices
+    ), devices
     assert "deploy" not in services["worker-cpu"]
 
 
 # --- compose: start-up order ------------------------------------------------------------
+
 
 def test_migrate_runs_before_workers(services):
     assert _depends_on(services["migrate"]).get("postgres") == "service_healthy"
@@ -326,6 +353,7 @@ def test_model_caches_live_on_a_declared_volume(compose, services, lcmq_env):
 
 # --- Dockerfile -------------------------------------------------------------------------
 
+
 def _instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
     logical, current = [], ""
@@ -343,8 +371,17 @@ def _instructions() -> list[tuple[str, str]]:
     return logical
 
 
-_PIP_VALUE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-c", "--constraint", "-r", "--requirement",
-                      "-f", "--find-links"}
+_PIP_VALUE_OPTIONS = {
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-c",
+    "--constraint",
+    "-r",
+    "--requirement",
+    "-f",
+    "--find-links",
+}
 
 
 def _pip_installs() -> list[dict]:
@@ -359,7 +396,7 @@ def _pip_installs() -> list[dict]:
                 segment.append(token)
                 continue
             if "pip" in segment[:3] and "install" in segment:
-                rest = segment[segment.index("install") + 1:]
+                rest = segment[segment.index("install") + 1 :]
                 positional, options, i = [], {}, 0
                 while i < len(rest):
                     if rest[i] in _PIP_VALUE_OPTIONS:
@@ -408,7 +445,10 @@ def test_dockerfile_installs_pinned_torch_before_the_project():
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".lcmq", "renders", ".git"} <= patterns
     assert patterns & {"__pycache__", "**/__pycache__"}

@@ -36,9 +36,11 @@ def test_worker_and_scheduler_never_import_each_other():
 
 
 def test_contract_imports_without_torch_or_the_sides():
-    code = ("import sys, lcmq, lcmq.api, lcmq.queue, lcmq.storage, lcmq.repository, lcmq.spec, lcmq.migrate,"
-            " lcmq.formats, lcmq.manifest, lcmq.export;"
-            "print(json.dumps(sorted(m for m in ('torch','diffusers','worker','scheduler') if m in sys.modules)))")
+    code = (
+        "import sys, lcmq, lcmq.api, lcmq.queue, lcmq.storage, lcmq.repository, lcmq.spec, lcmq.migrate,"
+        " lcmq.formats, lcmq.manifest, lcmq.export;"
+        "print(json.dumps(sorted(m for m in ('torch','diffusers','worker','scheduler') if m in sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
@@ -56,8 +58,7 @@ def test_celery_app_is_json_only_with_late_acks():
 
 def test_settings_env_beats_toml_beats_defaults(tmp_path, monkeypatch):
     config = tmp_path / "lcmq.toml"
-    config.write_text('chunk_size = 32\nbatch_size = 2\nstorage_url = "s3://b/p"\n'
-                      '[profiles.tiny]\nsteps = 6\n')
+    config.write_text('chunk_size = 32\nbatch_size = 2\nstorage_url = "s3://b/p"\n[profiles.tiny]\nsteps = 6\n')
     monkeypatch.setenv("LCMQ_CONFIG", str(config))
     monkeypatch.setenv("LCMQ_BATCH_SIZE", "8")
     settings = Settings()
@@ -93,13 +94,16 @@ def test_user_profile_inherits_family_defaults(tmp_path):
     assert (shop.width, shop.lcm_lora, shop.queue) == (1024, "latent-consistency/lcm-lora-sdxl", "render.shop")
 
 
-@pytest.mark.parametrize("table, message", [
-    ('family = "sd3"\nbase = "x"', "family: must be one of"),
-    ('family = "sd15"', "base: required"),
-    ('family = "sd15"\nbase = "x"\nsteps = "four"', "steps: must be an integer"),
-    ('family = "sd15"\nbase = "x"\ndtype = "int8"', "dtype: must be one of"),
-    ('family = "sd15"\nbase = "x"\ncolour = 1', "unknown key(s) colour"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('family = "sd3"\nbase = "x"', "family: must be one of"),
+        ('family = "sd15"', "base: required"),
+        ('family = "sd15"\nbase = "x"\nsteps = "four"', "steps: must be an integer"),
+        ('family = "sd15"\nbase = "x"\ndtype = "int8"', "dtype: must be one of"),
+        ('family = "sd15"\nbase = "x"\ncolour = 1', "unknown key(s) colour"),
+    ],
+)
 def test_bad_profiles_are_named(tmp_path, table, message):
     config = tmp_path / "lcmq.toml"
     config.write_text(f"[profiles.bad]\n{table}\n")
@@ -115,9 +119,12 @@ def test_preflight_accepts_hub_ids_and_generated_models():
 def test_tls_and_authenticated_urls_are_accepted():
     import ssl
 
-    settings = Settings(broker_url="rediss://:s3cret@redis.example:6380/0",
-                        database_url="postgresql://lcmq:s3cret@db.example:5432/lcmq?sslmode=verify-full",
-                        storage_url="s3://bucket/prefix", s3_endpoint_url="https://minio.example:9000")
+    settings = Settings(
+        broker_url="rediss://:s3cret@redis.example:6380/0",
+        database_url="postgresql://lcmq:s3cret@db.example:5432/lcmq?sslmode=verify-full",
+        storage_url="s3://bucket/prefix",
+        s3_endpoint_url="https://minio.example:9000",
+    )
     app = make_app(settings)
     assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     from lcmq.repository import Repository

@@ -104,7 +104,7 @@ def shown_commands() -> list[tuple[str, int, tuple[str, ...], list[str]]]:
                     shown.append((path.name, number, (name,), []))
                     continue
                 words = (name, sub) if sub and sub in choices(name) else (name,)
-                shown.append((path.name, number, words, FLAG.findall(part[match.end():])))
+                shown.append((path.name, number, words, FLAG.findall(part[match.end() :])))
     return shown
 
 
@@ -112,8 +112,9 @@ def test_the_docs_show_commands():
     assert len(shown_commands()) > 50
 
 
-@pytest.mark.parametrize("where, line, words, flags", shown_commands(),
-                         ids=lambda value: value if isinstance(value, str) else None)
+@pytest.mark.parametrize(
+    "where, line, words, flags", shown_commands(), ids=lambda value: value if isinstance(value, str) else None
+)
 def test_every_command_and_flag_the_docs_show_is_in_its_help(where, line, words, flags):
     assert words[0] in choices(), f"{where}:{line}: `lcmq {words[0]}` is not a command"
     text = help_text(*words)

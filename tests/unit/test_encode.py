@@ -7,9 +7,9 @@ import io
 from dataclasses import asdict
 
 import pytest
+from helpers import job_record
 from PIL import Image
 
-from helpers import job_record
 from lcmq.errors import InputError
 from lcmq.formats import FORMATS, OutputFormat, check_output
 from lcmq.repository import BatchRecord
@@ -21,9 +21,21 @@ def _batch(image_format: str = "png", quality: int | None = None) -> BatchRecord
     from datetime import UTC, datetime
 
     options = asdict(BatchOptions(model="tiny", image_format=image_format, quality=quality))
-    return BatchRecord(id="b1", name=None, profile="tiny", total=1, seed=0, output="", options=options,
-                       created_at=datetime.now(UTC), idempotency_key=None, priority=0, canceled_at=None,
-                       published_at=None, manifest_at=None)
+    return BatchRecord(
+        id="b1",
+        name=None,
+        profile="tiny",
+        total=1,
+        seed=0,
+        output="",
+        options=options,
+        created_at=datetime.now(UTC),
+        idempotency_key=None,
+        priority=0,
+        canceled_at=None,
+        published_at=None,
+        manifest_at=None,
+    )
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -31,28 +43,34 @@ def _image(seed: int = 0) -> Image.Image:
     return Image.frombytes("RGB", (64, 64), bytes((i * 31 + seed * 7) % 251 for i in range(64 * 64 * 3)))
 
 
-@pytest.mark.parametrize(("image_format", "quality", "expected"), [
-    ("png", None, ("png", None)),
-    ("webp", None, ("webp", 90)),
-    ("jpeg", None, ("jpeg", 90)),
-    ("jpg", 85, ("jpeg", 85)),
-    ("webp", 1, ("webp", 1)),
-    ("jpeg", 100, ("jpeg", 100)),
-])
+@pytest.mark.parametrize(
+    ("image_format", "quality", "expected"),
+    [
+        ("png", None, ("png", None)),
+        ("webp", None, ("webp", 90)),
+        ("jpeg", None, ("jpeg", 90)),
+        ("jpg", 85, ("jpeg", 85)),
+        ("webp", 1, ("webp", 1)),
+        ("jpeg", 100, ("jpeg", 100)),
+    ],
+)
 def test_valid_formats_resolve_their_quality(image_format, quality, expected):
     assert check_output("f.txt", image_format, quality) == expected
 
 
-@pytest.mark.parametrize(("image_format", "quality", "field", "phrase"), [
-    ("gif", None, "--format", "must be one of png, webp, jpeg (got 'gif')"),
-    ("PNG ", None, "--format", "must be one of"),
-    (None, None, "--format", "must be one of"),
-    ("webp", 0, "--quality", "between 1 and 100 (got 0)"),
-    ("jpeg", 101, "--quality", "between 1 and 100 (got 101)"),
-    ("jpeg", 85.5, "--quality", "must be an integer"),
-    ("jpeg", True, "--quality", "must be an integer"),
-    ("png", 80, "--quality", "applies to webp and jpeg only"),
-])
+@pytest.mark.parametrize(
+    ("image_format", "quality", "field", "phrase"),
+    [
+        ("gif", None, "--format", "must be one of png, webp, jpeg (got 'gif')"),
+        ("PNG ", None, "--format", "must be one of"),
+        (None, None, "--format", "must be one of"),
+        ("webp", 0, "--quality", "between 1 and 100 (got 0)"),
+        ("jpeg", 101, "--quality", "between 1 and 100 (got 101)"),
+        ("jpeg", 85.5, "--quality", "must be an integer"),
+        ("jpeg", True, "--quality", "must be an integer"),
+        ("png", 80, "--quality", "applies to webp and jpeg only"),
+    ],
+)
 def test_bad_format_or_quality_names_the_flag(image_format, quality, field, phrase):
     with pytest.raises(InputError) as caught:
         check_output("prompts.txt", image_format, quality)
@@ -88,23 +106,38 @@ def test_format_is_part_of_the_idempotency_key():
     def key(**options):
         return _idempotency_key("c" * 64, BatchOptions(model="tiny", **options), profile, 32)
 
-    png, webp, webp85, jpeg = (key(), key(image_format="webp", quality=90), key(image_format="webp", quality=85),
-                               key(image_format="jpeg", quality=90))
+    png, webp, webp85, jpeg = (
+        key(),
+        key(image_format="webp", quality=90),
+        key(image_format="webp", quality=85),
+        key(image_format="jpeg", quality=90),
+    )
     assert len({png, webp, webp85, jpeg}) == 4
     # PNG batches keep the key they had before formats existed (a resubmission still finds them).
     import hashlib
     import json
-    old = {"content": "c" * 64, "options": {k: v for k, v in asdict(BatchOptions(model="tiny")).items()
-                                            if k not in ("image_format", "quality", "matrix", "loras")},
-           "profile": profile.to_dict(), "chunk_size": 32}
+
+    old = {
+        "content": "c" * 64,
+        "options": {
+            k: v
+            for k, v in asdict(BatchOptions(model="tiny")).items()
+            if k not in ("image_format", "quality", "matrix", "loras")
+        },
+        "profile": profile.to_dict(),
+        "chunk_size": 32,
+    }
     assert png == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@pytest.mark.parametrize(("image_format", "pil_format", "content_type", "ext"), [
-    ("png", "PNG", "image/png", "png"),
-    ("webp", "WEBP", "image/webp", "webp"),
-    ("jpeg", "JPEG", "image/jpeg", "jpg"),
-])
+@pytest.mark.parametrize(
+    ("image_format", "pil_format", "content_type", "ext"),
+    [
+        ("png", "PNG", "image/png", "png"),
+        ("webp", "WEBP", "image/webp", "webp"),
+        ("jpeg", "JPEG", "image/jpeg", "jpg"),
+    ],
+)
 def test_encoders_are_deterministic_and_carry_the_parameters(image_format, pil_format, content_type, ext):
     job = job_record(3, prompt="a fox in the snow, ünïcödé 🦊", negative_prompt="blurry", seed=77, guidance=1.5)
     batch = _batch(image_format, FORMATS[image_format].default_quality)

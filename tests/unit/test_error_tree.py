@@ -29,28 +29,38 @@ def _exception_classes(package) -> list[type]:
         if module_info.name.endswith(".__main__"):  # importing it runs the command
             continue
         module = importlib.import_module(module_info.name)
-        found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(cls, BaseException) and cls.__module__ == module.__name__]
+        found += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, BaseException) and cls.__module__ == module.__name__
+        ]
     return found
 
 
 def test_every_lcmq_exception_is_permanent_or_transient():
     classes = _exception_classes(lcmq)
     assert {cls.__name__ for cls in classes} >= {"LoraProblem", "ExportError", "FieldProblem", "MissingObjectError"}
-    outside = [cls.__qualname__ for cls in classes if cls not in (LcmqError, PermanentError, TransientError)
-               and not issubclass(cls, (PermanentError, TransientError))]
+    outside = [
+        cls.__qualname__
+        for cls in classes
+        if cls not in (LcmqError, PermanentError, TransientError)
+        and not issubclass(cls, (PermanentError, TransientError))
+    ]
     assert outside == []
 
 
-@pytest.mark.parametrize(("error", "code", "message"), [
-    (InputError("rows.csv", 3, "seed", "must be an integer"), EXIT_USAGE, "rows.csv:3:seed: must be an integer"),
-    (NotFoundError("no batch 'x'"), EXIT_NOT_FOUND, "no batch 'x'"),
-    (ExportError("file:///r/b/000001.png: missing"), EXIT_FAILED, "file:///r/b/000001.png: missing"),
-    (MissingObjectError("no such object /r/b"), EXIT_FAILED, "no such object /r/b"),
-    (StorageError("s3 put: timeout"), EXIT_FAILED, "s3 put: timeout"),
-    (PermissionError(13, "Permission denied", "/data/rows.csv"), EXIT_FAILED, "/data/rows.csv: Permission denied"),
-    (RuntimeError("boom"), EXIT_FAILED, "unexpected RuntimeError: boom (LCMQ_LOG_LEVEL=DEBUG shows where)"),
-])
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (InputError("rows.csv", 3, "seed", "must be an integer"), EXIT_USAGE, "rows.csv:3:seed: must be an integer"),
+        (NotFoundError("no batch 'x'"), EXIT_NOT_FOUND, "no batch 'x'"),
+        (ExportError("file:///r/b/000001.png: missing"), EXIT_FAILED, "file:///r/b/000001.png: missing"),
+        (MissingObjectError("no such object /r/b"), EXIT_FAILED, "no such object /r/b"),
+        (StorageError("s3 put: timeout"), EXIT_FAILED, "s3 put: timeout"),
+        (PermissionError(13, "Permission denied", "/data/rows.csv"), EXIT_FAILED, "/data/rows.csv: Permission denied"),
+        (RuntimeError("boom"), EXIT_FAILED, "unexpected RuntimeError: boom (LCMQ_LOG_LEVEL=DEBUG shows where)"),
+    ],
+)
 def test_errors_become_one_line_and_an_exit_code(error, code, message, embedded_env, capsys):
     assert report_error(error) == code
     assert capsys.readouterr().err == f"lcmq: error: {message}\n"

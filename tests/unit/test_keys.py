@@ -25,8 +25,9 @@ PROFILES = {
     "tiny-sliced": replace(TINY, attention_slicing=True, vae_tiling=True),
     "tiny-offload": replace(TINY, vae_slicing=True, cpu_offload=True),
     "tiny-lora": replace(TINY, loras=(INK,)),
-    "single-file": replace(TINY, name="shop", base="/m/shop.safetensors", config="/m/sd15", vae="/m/vae",
-                           guidance=1.5, steps=6),
+    "single-file": replace(
+        TINY, name="shop", base="/m/shop.safetensors", config="/m/sd15", vae="/m/vae", guidance=1.5, steps=6
+    ),
 }
 OPTIONS = {
     "png": BatchOptions(model="tiny"),
@@ -36,16 +37,28 @@ OPTIONS = {
     "matrix": BatchOptions(model="tiny", matrix=(("seed", (0, 1)), ("style", ("oil", "ink")))),
     "lora": BatchOptions(model="tiny", loras=(INK,)),
     "no-lora": BatchOptions(model="tiny", loras=()),  # `loras=[]`: no LoRA, not the profile's
-    "all": BatchOptions(model="tiny", steps=6, guidance=1.5, negative_prompt="blurry", width=128, height=96,
-                        seed=7, name="shop run", image_format="webp", quality=80,
-                        matrix=(("steps", (4, 6)),), loras=(INK,)),
+    "all": BatchOptions(
+        model="tiny",
+        steps=6,
+        guidance=1.5,
+        negative_prompt="blurry",
+        width=128,
+        height=96,
+        seed=7,
+        name="shop run",
+        image_format="webp",
+        quality=80,
+        matrix=(("steps", (4, 6)),),
+        loras=(INK,),
+    ),
 }
 SPECS = {
     "plain": JobSpec(0, "a red fox", "", 42, 4, 1.0, 64, 64),
     "full": JobSpec(3, "a blue owl, ünïcödé 🦉", "blurry", 7, 6, 1.5, 128, 96, metadata={"sku": "A-1"}, row=1),
     "lora": JobSpec(0, "a red fox", "", 42, 4, 1.0, 64, 64, loras=(INK,)),
-    "img2img": JobSpec(0, "a red fox", "", 42, 4, 1.0, 64, 64, init_image="s3://b/in.png", strength=0.6,
-                       upload_init=True),
+    "img2img": JobSpec(
+        0, "a red fox", "", 42, 4, 1.0, 64, 64, init_image="s3://b/in.png", strength=0.6, upload_init=True
+    ),
 }
 
 IDEMPOTENCY_KEYS = {
@@ -106,19 +119,27 @@ def test_content_hashes_are_pinned():
 
 def test_model_identity_is_pinned():
     assert keys.model_identity(BUILTIN_PROFILES["tiny"]) == {
-        "family": "sd15", "base": "lcmq-generated:tiny-sd15", "lcm_lora": "lcmq-generated:tiny-sd15-lcm-lora",
-        "dtype": "float32"}
+        "family": "sd15",
+        "base": "lcmq-generated:tiny-sd15",
+        "lcm_lora": "lcmq-generated:tiny-sd15-lcm-lora",
+        "dtype": "float32",
+    }
     assert keys.model_identity(PROFILES["single-file"]) == {
-        "family": "sd15", "base": "/m/shop.safetensors", "lcm_lora": "lcmq-generated:tiny-sd15-lcm-lora",
-        "dtype": "float32"}
+        "family": "sd15",
+        "base": "/m/shop.safetensors",
+        "lcm_lora": "lcmq-generated:tiny-sd15-lcm-lora",
+        "dtype": "float32",
+    }
 
 
 # --- a new field changes no key -------------------------------------------------------------
 
+
 def _with_new_field(cls: type, name: str, default):
     """`cls` as it would be with one more field (with its default), as a later change adds one."""
-    return make_dataclass(f"Newer{cls.__name__}", [(name, type(default), field(default=default))],
-                          bases=(cls,), frozen=True)
+    return make_dataclass(
+        f"Newer{cls.__name__}", [(name, type(default), field(default=default))], bases=(cls,), frozen=True
+    )
 
 
 def _as(cls: type, instance):
@@ -155,12 +176,15 @@ def test_a_new_job_field_changes_no_key():
 NOT_IN_RENDER_KEY = {"index", "row", "metadata", "upload_init"}  # not what decides the pixels
 
 
-@pytest.mark.parametrize(("cls", "key_fields", "left_out"), [
-    (BatchOptions, keys.IDEMPOTENCY_KEY_V1, set()),
-    (Profile, keys.PROFILE_KEY_V1, set()),
-    (JobSpec, keys.CONTENT_KEY_V1, set()),
-    (JobSpec, keys.RENDER_KEY_V1, NOT_IN_RENDER_KEY),
-])
+@pytest.mark.parametrize(
+    ("cls", "key_fields", "left_out"),
+    [
+        (BatchOptions, keys.IDEMPOTENCY_KEY_V1, set()),
+        (Profile, keys.PROFILE_KEY_V1, set()),
+        (JobSpec, keys.CONTENT_KEY_V1, set()),
+        (JobSpec, keys.RENDER_KEY_V1, NOT_IN_RENDER_KEY),
+    ],
+)
 def test_every_field_is_hashed_or_deliberately_left_out(cls, key_fields, left_out):
     listed = {f.name for f in key_fields}
     assert {f.name for f in fields(cls)} == listed | left_out

@@ -28,10 +28,16 @@ def _profile(tmp_path, table: str, name: str = "mine"):
     return load_profiles(config)[name]
 
 
-@pytest.mark.parametrize(("name", "cls"), [("tiny", "StableDiffusionPipeline"), ("sd15", "StableDiffusionPipeline"),
-                                           ("tiny-xl", "StableDiffusionXLPipeline"),
-                                           ("sdxl", "StableDiffusionXLPipeline"),
-                                           ("ssd1b", "StableDiffusionXLPipeline")])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tiny", "StableDiffusionPipeline"),
+        ("sd15", "StableDiffusionPipeline"),
+        ("tiny-xl", "StableDiffusionXLPipeline"),
+        ("sdxl", "StableDiffusionXLPipeline"),
+        ("ssd1b", "StableDiffusionXLPipeline"),
+    ],
+)
 def test_the_family_picks_the_pipeline_class(name, cls):
     assert plan_load(BUILTIN_PROFILES[name], "cuda").pipeline_class == cls
 
@@ -47,8 +53,10 @@ def test_new_sdxl_profiles_inherit_the_vae_and_can_turn_it_off(tmp_path):
     assert _profile(tmp_path, 'family = "sdxl"\nbase = "/models/xl-tune"').vae == SDXL_FP16_VAE
     assert _profile(tmp_path, 'family = "sdxl"\nbase = "/models/xl-tune"\nvae = ""').vae is None
     assert _profile(tmp_path, 'vae = ""', name="sdxl").vae is None  # a built-in's, overridden
-    assert _profile(tmp_path, 'family = "sd15"\nbase = "/m"\nvae = "stabilityai/sd-vae-ft-mse"').vae == \
-        "stabilityai/sd-vae-ft-mse"
+    assert (
+        _profile(tmp_path, 'family = "sd15"\nbase = "/m"\nvae = "stabilityai/sd-vae-ft-mse"').vae
+        == "stabilityai/sd-vae-ft-mse"
+    )
 
 
 def test_unset_optional_fields_keep_the_hashed_profile_unchanged(tmp_path):
@@ -84,12 +92,15 @@ def test_memory_modes_reach_the_plan_and_offload_is_cuda_only(tmp_path):
         assert plan.memory_modes == on_cuda.memory_modes
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ('attention_slicing = "yes"', "attention_slicing: must be true or false"),
-    ("cpu_offload = 1", "cpu_offload: must be true or false"),
-    ("config = 3", "config: must be a string"),
-    ("dtype = \"float8\"", "dtype: must be one of"),
-])
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('attention_slicing = "yes"', "attention_slicing: must be true or false"),
+        ("cpu_offload = 1", "cpu_offload: must be true or false"),
+        ("config = 3", "config: must be a string"),
+        ('dtype = "float8"', "dtype: must be one of"),
+    ],
+)
 def test_bad_new_fields_are_named(tmp_path, table, message):
     with pytest.raises(ProfileError, match=r"\[profiles\.tiny\]\." + message):
         _profile(tmp_path, table, name="tiny")
@@ -100,8 +111,11 @@ def test_single_file_preflight_names_the_profile_and_field(tmp_path):
     with pytest.raises(ProfileError, match=r"profile 'mine': base path .*tune\.safetensors does not exist"):
         preflight(_profile(tmp_path, f'family = "sd15"\nbase = "{checkpoint}"\nconfig = "{tmp_path}"'))
     checkpoint.write_bytes(b"not read by preflight")
-    with pytest.raises(ProfileError, match=r"profile 'mine': base .* is a single-file checkpoint, so the profile "
-                                           r"needs config ="):
+    with pytest.raises(
+        ProfileError,
+        match=r"profile 'mine': base .* is a single-file checkpoint, so the profile "
+        r"needs config =",
+    ):
         preflight(_profile(tmp_path, f'family = "sd15"\nbase = "{checkpoint}"'))
     with pytest.raises(ProfileError, match=r"profile 'mine': config path .*missing-config does not exist"):
         preflight(_profile(tmp_path, f'family = "sd15"\nbase = "{checkpoint}"\nconfig = "{tmp_path}/missing-config"'))
@@ -123,8 +137,10 @@ def test_generated_refs_pass_preflight():
     preflight(BUILTIN_PROFILES["tiny-xl"])
 
 
-@pytest.mark.parametrize(("text", "mib"), [("6GiB", 6144), ("6G", 6144), ("512MiB", 512), ("512mb", 488),
-                                           ("8GB", 7629), ("100", 100), ("1.5GiB", 1536)])
+@pytest.mark.parametrize(
+    ("text", "mib"),
+    [("6GiB", 6144), ("6G", 6144), ("512MiB", 512), ("512mb", 488), ("8GB", 7629), ("100", 100), ("1.5GiB", 1536)],
+)
 def test_memory_sizes_parse_to_mib(text, mib):
     assert parse_memory_mb(text) == mib
 

@@ -35,16 +35,19 @@ def test_unknown_keys_are_named_with_the_file_and_the_profile(config):
     assert str(refused.value) == f"{config}: [profiles.shop]: unknown key(s) colour, shade"
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("guidance", '"high"', "guidance: must be a number (got 'high')"),
-    ("guidance", "true", "guidance: must be a number (got True)"),
-    ("width", "true", "width: must be an integer (got True)"),
-    ("steps", "4.0", "steps: must be an integer (got 4.0)"),
-    ("base", "5", "base: must be a string (got 5)"),
-    ("vae_tiling", '"yes"', "vae_tiling: must be true or false (got 'yes')"),
-    ("dtype", '"int8"', "dtype: must be one of auto, float16, bfloat16, float32 (got 'int8')"),
-    ("family", '"sd3"', "family: must be one of sd15, sdxl, ssd1b (got 'sd3')"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("guidance", '"high"', "guidance: must be a number (got 'high')"),
+        ("guidance", "true", "guidance: must be a number (got True)"),
+        ("width", "true", "width: must be an integer (got True)"),
+        ("steps", "4.0", "steps: must be an integer (got 4.0)"),
+        ("base", "5", "base: must be a string (got 5)"),
+        ("vae_tiling", '"yes"', "vae_tiling: must be true or false (got 'yes')"),
+        ("dtype", '"int8"', "dtype: must be one of auto, float16, bfloat16, float32 (got 'int8')"),
+        ("family", '"sd3"', "family: must be one of sd15, sdxl, ssd1b (got 'sd3')"),
+    ],
+)
 def test_wrong_types_are_refused_by_field(config, key, value, message):
     table = {"family": '"sd15"', "base": '"/m/shop"'} | {key: value}
     config.write_text("[profiles.shop]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()))
@@ -61,16 +64,22 @@ def test_values_are_kept_as_written_so_keys_stay():
 
 
 def test_a_user_profile_keeps_its_render_key(config):
-    config.write_text('[profiles.shop]\nfamily = "sd15"\nbase = "/m/shop"\nguidance = 1\nsteps = 6\n'
-                      'vae = ""\nattention_slicing = true\n'
-                      'loras = [{name = "ink", path = "/loras/ink.safetensors", weight = 0.8}]\n'
-                      '[profiles.sdxl]\nvae = ""\nwidth = 768\n')
+    config.write_text(
+        '[profiles.shop]\nfamily = "sd15"\nbase = "/m/shop"\nguidance = 1\nsteps = 6\n'
+        'vae = ""\nattention_slicing = true\n'
+        'loras = [{name = "ink", path = "/loras/ink.safetensors", weight = 0.8}]\n'
+        '[profiles.sdxl]\nvae = ""\nwidth = 768\n'
+    )
     spec = JobSpec(0, "a red fox", "", 42, 4, 1.0, 64, 64)
     profiles = load_profiles(config)
-    assert keys.render_key(spec, profiles["shop"], "png") == \
-        "de8ef7ff00e87d5cea3b1915399c0cf44b6cbd3b320017ae0ee6ab28f2e4d8ea"
-    assert keys.render_key(spec, profiles["sdxl"], "png") == \
-        "10064784e366afc37e7f302b282469cfbbb341ec1824dbf620144d3dcad36fc6"
+    assert (
+        keys.render_key(spec, profiles["shop"], "png")
+        == "de8ef7ff00e87d5cea3b1915399c0cf44b6cbd3b320017ae0ee6ab28f2e4d8ea"
+    )
+    assert (
+        keys.render_key(spec, profiles["sdxl"], "png")
+        == "10064784e366afc37e7f302b282469cfbbb341ec1824dbf620144d3dcad36fc6"
+    )
 
 
 def test_the_model_names_the_same_choices_as_the_constants():

@@ -31,6 +31,7 @@ def prompts(specs: list[JobSpec]) -> list[str]:
 
 # --- .txt ---------------------------------------------------------------------------------
 
+
 def test_txt_one_prompt_per_line_blank_lines_skipped(tmp_path):
     path = write(tmp_path, "a red fox\n\n   \n\t\na blue owl\r\nlast line without newline", ".txt")
     assert [line for line, _ in read_rows(path)] == [1, 5, 6]
@@ -40,15 +41,18 @@ def test_txt_one_prompt_per_line_blank_lines_skipped(tmp_path):
 
 
 def test_txt_rows_take_the_profile_defaults(tmp_path):
-    spec, = load(write(tmp_path, "a red fox\n", ".txt"))
-    assert (spec.steps, spec.guidance, spec.width, spec.height) == (TINY.steps, TINY.guidance, TINY.width,
-                                                                     TINY.height) == (4, 1.0, 64, 64)
+    (spec,) = load(write(tmp_path, "a red fox\n", ".txt"))
+    assert (
+        (spec.steps, spec.guidance, spec.width, spec.height)
+        == (TINY.steps, TINY.guidance, TINY.width, TINY.height)
+        == (4, 1.0, 64, 64)
+    )
     assert spec.negative_prompt == "" and spec.seed is None and spec.metadata == {}
     assert spec.render_shape == (64, 64, 4, 1.0, "", None)  # no style LoRAs, text2img
 
 
 def test_txt_keeps_inner_whitespace_and_unicode(tmp_path):
-    spec, = load(write(tmp_path, "  a fox,\tin snow — 雪  \n", ".txt"))
+    (spec,) = load(write(tmp_path, "  a fox,\tin snow — 雪  \n", ".txt"))
     assert spec.prompt == "  a fox,\tin snow — 雪  "
 
 
@@ -62,46 +66,67 @@ def test_txt_line_number_of_an_error_counts_skipped_blank_lines(tmp_path):
 
 # --- .jsonl -------------------------------------------------------------------------------
 
+
 def test_jsonl_fields_metadata_and_line_numbers(tmp_path):
-    path = write(tmp_path, "\n".join([
-        '{"prompt": "a red fox"}',
-        '',
-        '   ',
-        '{"prompt": "a blue owl", "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 1.5,'
-        ' "width": 128, "height": 96, "sku": "A-1", "tags": ["x", 2], "score": 0.5, "extra": null}',
-    ]) + "\n", ".jsonl")
+    path = write(
+        tmp_path,
+        "\n".join(
+            [
+                '{"prompt": "a red fox"}',
+                "",
+                "   ",
+                '{"prompt": "a blue owl", "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 1.5,'
+                ' "width": 128, "height": 96, "sku": "A-1", "tags": ["x", 2], "score": 0.5, "extra": null}',
+            ]
+        )
+        + "\n",
+        ".jsonl",
+    )
     assert [line for line, _ in read_rows(path)] == [1, 4]
     first, second = load(path)
     assert (first.prompt, first.steps, first.width, first.seed, first.metadata) == ("a red fox", 4, 64, None, {})
-    assert second == JobSpec(index=1, prompt="a blue owl", negative_prompt="blurry", seed=7, steps=2,
-                             guidance=1.5, width=128, height=96,
-                             metadata={"sku": "A-1", "tags": ["x", 2], "score": 0.5, "extra": None})
+    assert second == JobSpec(
+        index=1,
+        prompt="a blue owl",
+        negative_prompt="blurry",
+        seed=7,
+        steps=2,
+        guidance=1.5,
+        width=128,
+        height=96,
+        metadata={"sku": "A-1", "tags": ["x", 2], "score": 0.5, "extra": None},
+    )
     assert isinstance(second.guidance, float)
 
 
 def test_jsonl_ndjson_suffix_and_integral_floats(tmp_path):
-    spec, = load(write(tmp_path, '{"prompt": "fox", "steps": 3.0, "width": 64.0, "guidance": 1}\n', ".ndjson"))
+    (spec,) = load(write(tmp_path, '{"prompt": "fox", "steps": 3.0, "width": 64.0, "guidance": 1}\n', ".ndjson"))
     assert (spec.steps, spec.width, spec.guidance) == (3, 64, 1.0)
     assert isinstance(spec.steps, int) and isinstance(spec.guidance, float)
 
 
 def test_jsonl_null_fields_fall_back_to_defaults(tmp_path):
-    spec, = load(write(tmp_path, '{"prompt": "fox", "steps": null, "seed": null}\n', ".jsonl"), steps=6)
+    (spec,) = load(write(tmp_path, '{"prompt": "fox", "steps": null, "seed": null}\n', ".jsonl"), steps=6)
     assert spec.steps == 6 and spec.seed is None
 
 
 def test_jsonl_newline_inside_a_prompt_is_allowed(tmp_path):
-    spec, = load(write(tmp_path, '{"prompt": "line one\\nline two\\ttab"}\n', ".jsonl"))
+    (spec,) = load(write(tmp_path, '{"prompt": "line one\\nline two\\ttab"}\n', ".jsonl"))
     assert spec.prompt == "line one\nline two\ttab"
 
 
 # --- .csv ---------------------------------------------------------------------------------
 
+
 def test_csv_numeric_strings_are_coerced_and_other_columns_kept(tmp_path):
-    path = write(tmp_path, "prompt,steps,guidance,seed,width,height,negative_prompt,sku\n"
-                           "a red fox,2,1.5, 7 ,128,96,blurry,A-1\n"
-                           "\n"
-                           "a blue owl,,,,,,,B-2\n", ".csv")
+    path = write(
+        tmp_path,
+        "prompt,steps,guidance,seed,width,height,negative_prompt,sku\n"
+        "a red fox,2,1.5, 7 ,128,96,blurry,A-1\n"
+        "\n"
+        "a blue owl,,,,,,,B-2\n",
+        ".csv",
+    )
     assert [line for line, _ in read_rows(path)] == [2, 4]
     first, second = load(path)
     assert (first.steps, first.guidance, first.seed, first.width, first.height) == (2, 1.5, 7, 128, 96)
@@ -113,7 +138,7 @@ def test_csv_numeric_strings_are_coerced_and_other_columns_kept(tmp_path):
 
 
 def test_csv_header_names_are_stripped_and_column_order_is_free(tmp_path):
-    spec, = load(write(tmp_path, "sku , prompt ,steps\nA-1,a fox,3\n", ".csv"))
+    (spec,) = load(write(tmp_path, "sku , prompt ,steps\nA-1,a fox,3\n", ".csv"))
     assert (spec.prompt, spec.steps, spec.metadata) == ("a fox", 3, {"sku": "A-1"})
 
 
@@ -132,19 +157,23 @@ def test_csv_crlf_line_endings(tmp_path):
 
 # --- BOM, suffixes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("content", "suffix"), [
-    ("a red fox\n", ".txt"),
-    ('{"prompt": "a red fox"}\n', ".jsonl"),
-    ("prompt\na red fox\n", ".csv"),
-])
+
+@pytest.mark.parametrize(
+    ("content", "suffix"),
+    [
+        ("a red fox\n", ".txt"),
+        ('{"prompt": "a red fox"}\n', ".jsonl"),
+        ("prompt\na red fox\n", ".csv"),
+    ],
+)
 def test_utf8_bom_is_dropped(tmp_path, content, suffix):
-    spec, = load(write(tmp_path, "\ufeff" + content, suffix))
+    (spec,) = load(write(tmp_path, "\ufeff" + content, suffix))
     assert spec.prompt == "a red fox"
 
 
 def test_csv_bom_does_not_end_up_in_the_header(tmp_path):
     # Without stripping, the header's first name would be "\ufeffprompt" and not match.
-    spec, = load(write(tmp_path, "\ufeffprompt,steps\nfox,3\n", ".csv"))
+    (spec,) = load(write(tmp_path, "\ufeffprompt,steps\nfox,3\n", ".csv"))
     assert spec.steps == 3 and spec.metadata == {}
 
 
@@ -156,12 +185,20 @@ def test_suffix_is_case_insensitive(tmp_path):
 
 # --- flags (batch defaults) and profiles --------------------------------------------------
 
+
 def test_flags_are_batch_defaults_and_rows_override_them(tmp_path):
-    path = write(tmp_path, "\n".join([
-        '{"prompt": "uses flags"}',
-        '{"prompt": "own fields", "steps": 8, "guidance": 2, "width": 16, "height": 24, "seed": 3,'
-        ' "negative_prompt": "own"}',
-    ]) + "\n", ".jsonl")
+    path = write(
+        tmp_path,
+        "\n".join(
+            [
+                '{"prompt": "uses flags"}',
+                '{"prompt": "own fields", "steps": 8, "guidance": 2, "width": 16, "height": 24, "seed": 3,'
+                ' "negative_prompt": "own"}',
+            ]
+        )
+        + "\n",
+        ".jsonl",
+    )
     flags = dict(steps=2, guidance=1.25, width=256, height=128, negative_prompt="ugly", seed=99)
     a, b = load(path, **flags)
     assert (a.steps, a.guidance, a.width, a.height, a.negative_prompt) == (2, 1.25, 256, 128, "ugly")
@@ -175,15 +212,15 @@ def test_a_batch_name_of_200_characters_is_fine(tmp_path):
 
 
 def test_partial_flags_leave_the_rest_to_the_profile(tmp_path):
-    spec, = load(write(tmp_path, "fox\n", ".txt"), steps=1)
+    (spec,) = load(write(tmp_path, "fox\n", ".txt"), steps=1)
     assert (spec.steps, spec.guidance, spec.width, spec.height) == (1, 1.0, 64, 64)
 
 
 def test_profile_defaults_fill_in(tmp_path):
     path = write(tmp_path, "fox\n", ".txt")
-    sdxl, = load(path, profile=BUILTIN_PROFILES["sdxl"])
+    (sdxl,) = load(path, profile=BUILTIN_PROFILES["sdxl"])
     assert (sdxl.width, sdxl.height, sdxl.steps) == (1024, 1024, 4)
-    arch, = load(path, profile=BUILTIN_PROFILES["sd15-arch"], height=512)
+    (arch,) = load(path, profile=BUILTIN_PROFILES["sd15-arch"], height=512)
     assert (arch.width, arch.height) == (256, 512)
 
 
@@ -197,25 +234,31 @@ def test_a_bad_flag_is_named_as_a_flag_before_any_row_is_read(tmp_path):
 
 # --- rows given in Python (the API) -------------------------------------------------------
 
+
 def test_rows_from_objects_strings_and_mappings():
     validator = RowValidator(BatchOptions(model="tiny", steps=3), TINY, "<rows>")
     specs = validate_rows(rows_from_objects(["a fox", {"prompt": "an owl", "seed": 7, "sku": 1}]), validator)
-    assert [(s.prompt, s.steps, s.seed, s.metadata) for s in specs] == [("a fox", 3, None, {}),
-                                                                       ("an owl", 3, 7, {"sku": 1})]
+    assert [(s.prompt, s.steps, s.seed, s.metadata) for s in specs] == [
+        ("a fox", 3, None, {}),
+        ("an owl", 3, 7, {"sku": 1}),
+    ]
 
 
-@pytest.mark.parametrize(("rows", "expected", "phrase"), [
-    ([], "<rows>: ", "no prompts"),
-    (["ok", 3], "<rows>:2: ", "must be a string or a mapping"),
-    (["ok", {"prompt": None}], "<rows>:2:prompt: ", "must be a string"),
-    ([{"prompt": "a", "guidance": float("nan")}], "<rows>:1:guidance: ", "finite"),
-    ([{"prompt": "a", "seed": float("inf")}], "<rows>:1:seed: ", "must be an integer"),
-    ([{"prompt": "a", "score": float("nan")}], "<rows>:1:score: ", "finite"),
-    ([{"prompt": "a", "nested": {"x": [1, float("-inf")]}}], "<rows>:1:nested: ", "finite"),
-    ([{"prompt": "a", "when": object()}], "<rows>:1:when: ", "must be JSON data"),
-    ([{"prompt": "a", "steps": 10**5000}], "<rows>:1:steps: ", "between 1 and 8"),
-    ([{"prompt": "a", "guidance": 10**400}], "<rows>:1:guidance: ", "too large"),
-])
+@pytest.mark.parametrize(
+    ("rows", "expected", "phrase"),
+    [
+        ([], "<rows>: ", "no prompts"),
+        (["ok", 3], "<rows>:2: ", "must be a string or a mapping"),
+        (["ok", {"prompt": None}], "<rows>:2:prompt: ", "must be a string"),
+        ([{"prompt": "a", "guidance": float("nan")}], "<rows>:1:guidance: ", "finite"),
+        ([{"prompt": "a", "seed": float("inf")}], "<rows>:1:seed: ", "must be an integer"),
+        ([{"prompt": "a", "score": float("nan")}], "<rows>:1:score: ", "finite"),
+        ([{"prompt": "a", "nested": {"x": [1, float("-inf")]}}], "<rows>:1:nested: ", "finite"),
+        ([{"prompt": "a", "when": object()}], "<rows>:1:when: ", "must be JSON data"),
+        ([{"prompt": "a", "steps": 10**5000}], "<rows>:1:steps: ", "between 1 and 8"),
+        ([{"prompt": "a", "guidance": 10**400}], "<rows>:1:guidance: ", "too large"),
+    ],
+)
 def test_bad_python_rows(rows, expected, phrase):
     validator = RowValidator(BatchOptions(model="tiny"), TINY, "<rows>")
     with pytest.raises(InputError) as info:
@@ -245,15 +288,26 @@ BAD = [
     ("txt-del", "a\x7fb\n", ".txt", {}, "1:prompt", "control character (U+007F)"),
     ("txt-c1", "a\x85b\n", ".txt", {}, "1:prompt", "control character (U+0085)"),
     ("jsonl-nul-escape", '{"prompt": "a\\u0000b"}\n', ".jsonl", {}, "1:prompt", "control character (U+0000)"),
-    ("jsonl-negative-control", '{"prompt": "a", "negative_prompt": "\\u0008"}\n', ".jsonl", {},
-     "1:negative_prompt", "control character"),
+    (
+        "jsonl-negative-control",
+        '{"prompt": "a", "negative_prompt": "\\u0008"}\n',
+        ".jsonl",
+        {},
+        "1:negative_prompt",
+        "control character",
+    ),
     ("jsonl-lone-surrogate", '{"prompt": "a\\ud800"}\n', ".jsonl", {}, "1:prompt", "unpaired surrogate"),
-    ("jsonl-metadata-surrogate", '{"prompt": "a", "note": "\\udfff"}\n', ".jsonl", {}, "1:note",
-     "unpaired surrogate"),
+    ("jsonl-metadata-surrogate", '{"prompt": "a", "note": "\\udfff"}\n', ".jsonl", {}, "1:note", "unpaired surrogate"),
     ("csv-nul", "prompt\na\x00b\n", ".csv", {}, "2:prompt", "control character (U+0000)"),
     # prompt
-    ("jsonl-empty-prompt-line-3", '{"prompt": "a"}\n\n{"prompt": "   "}\n', ".jsonl", {}, "3:prompt",
-     "must not be empty"),
+    (
+        "jsonl-empty-prompt-line-3",
+        '{"prompt": "a"}\n\n{"prompt": "   "}\n',
+        ".jsonl",
+        {},
+        "3:prompt",
+        "must not be empty",
+    ),
     ("jsonl-missing-prompt", '{"seed": 1}\n', ".jsonl", {}, "1:prompt", "missing"),
     ("jsonl-null-prompt", '{"prompt": null}\n', ".jsonl", {}, "1:prompt", "must be a string"),
     ("jsonl-int-prompt", '{"prompt": 5}\n', ".jsonl", {}, "1:prompt", "must be a string (got int)"),
@@ -266,41 +320,79 @@ BAD = [
     ("jsonl-string", '"a fox"\n', ".jsonl", {}, "1", "must be a JSON object (got str)"),
     ("jsonl-nan", '{"prompt": "a", "guidance": NaN}\n', ".jsonl", {}, "1", "NaN is not allowed"),
     ("jsonl-infinity", '{"prompt": "a", "steps": Infinity}\n', ".jsonl", {}, "1", "Infinity is not allowed"),
-    ("jsonl-minus-infinity", '{"prompt": "a", "seed": -Infinity}\n', ".jsonl", {}, "1",
-     "-Infinity is not allowed"),
-    ("jsonl-too-deep", '{"prompt": "a", "m": ' + "[" * 100_000 + "]" * 100_000 + "}\n", ".jsonl", {}, "1",
-     "nested too deeply"),
+    ("jsonl-minus-infinity", '{"prompt": "a", "seed": -Infinity}\n', ".jsonl", {}, "1", "-Infinity is not allowed"),
+    (
+        "jsonl-too-deep",
+        '{"prompt": "a", "m": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+        ".jsonl",
+        {},
+        "1",
+        "nested too deeply",
+    ),
     # types and ranges (JSONL values are typed: no coercion from strings)
     ("jsonl-steps-9", '{"prompt": "a", "steps": 9}\n', ".jsonl", {}, "1:steps", "between 1 and 8 (got 9)"),
     ("jsonl-steps-0", '{"prompt": "a", "steps": 0}\n', ".jsonl", {}, "1:steps", "between 1 and 8"),
     ("jsonl-steps-string", '{"prompt": "a", "steps": "4"}\n', ".jsonl", {}, "1:steps", "must be an integer"),
     ("jsonl-steps-bool", '{"prompt": "a", "steps": true}\n', ".jsonl", {}, "1:steps", "must be an integer"),
     ("jsonl-steps-fraction", '{"prompt": "a", "steps": 2.5}\n', ".jsonl", {}, "1:steps", "must be an integer"),
-    ("jsonl-steps-huge", '{"prompt": "a", "steps": 1' + "0" * 400 + "}\n", ".jsonl", {}, "1:steps",
-     "between 1 and 8"),
-    ("jsonl-guidance-2.5", '{"prompt": "a", "guidance": 2.5}\n', ".jsonl", {}, "1:guidance",
-     "between 1 and 2 (got 2.5)"),
+    ("jsonl-steps-huge", '{"prompt": "a", "steps": 1' + "0" * 400 + "}\n", ".jsonl", {}, "1:steps", "between 1 and 8"),
+    (
+        "jsonl-guidance-2.5",
+        '{"prompt": "a", "guidance": 2.5}\n',
+        ".jsonl",
+        {},
+        "1:guidance",
+        "between 1 and 2 (got 2.5)",
+    ),
     ("jsonl-guidance-0.5", '{"prompt": "a", "guidance": 0.5}\n', ".jsonl", {}, "1:guidance", "between 1 and 2"),
-    ("jsonl-guidance-string", '{"prompt": "a", "guidance": "high"}\n', ".jsonl", {}, "1:guidance",
-     "must be a number"),
+    ("jsonl-guidance-string", '{"prompt": "a", "guidance": "high"}\n', ".jsonl", {}, "1:guidance", "must be a number"),
     ("jsonl-guidance-overflow", '{"prompt": "a", "guidance": 1e999}\n', ".jsonl", {}, "1:guidance", "finite"),
-    ("jsonl-guidance-huge-int", '{"prompt": "a", "guidance": 1' + "0" * 400 + "}\n", ".jsonl", {},
-     "1:guidance", "too large"),
+    (
+        "jsonl-guidance-huge-int",
+        '{"prompt": "a", "guidance": 1' + "0" * 400 + "}\n",
+        ".jsonl",
+        {},
+        "1:guidance",
+        "too large",
+    ),
     ("jsonl-width-100", '{"prompt": "a", "width": 100}\n', ".jsonl", {}, "1:width", "multiple of 8"),
     ("jsonl-width-4096", '{"prompt": "a", "width": 4096}\n', ".jsonl", {}, "1:width", "between 8 and 2048"),
     ("jsonl-width-0", '{"prompt": "a", "width": 0}\n', ".jsonl", {}, "1:width", "between 8 and 2048"),
-    ("jsonl-height-negative", '{"prompt": "a", "height": -64}\n', ".jsonl", {}, "1:height",
-     "between 8 and 2048 (got -64)"),
-    ("jsonl-height-fraction", '{"prompt": "a", "height": 64.5}\n', ".jsonl", {}, "1:height",
-     "must be an integer"),
+    (
+        "jsonl-height-negative",
+        '{"prompt": "a", "height": -64}\n',
+        ".jsonl",
+        {},
+        "1:height",
+        "between 8 and 2048 (got -64)",
+    ),
+    ("jsonl-height-fraction", '{"prompt": "a", "height": 64.5}\n', ".jsonl", {}, "1:height", "must be an integer"),
     ("jsonl-seed-negative", '{"prompt": "a", "seed": -1}\n', ".jsonl", {}, "1:seed", "between 0 and"),
-    ("jsonl-seed-2**64", '{"prompt": "a", "seed": 18446744073709551616}\n', ".jsonl", {}, "1:seed",
-     "between 0 and 9223372036854775807"),
-    ("jsonl-negative-prompt-list", '{"prompt": "a", "negative_prompt": ["x"]}\n', ".jsonl", {},
-     "1:negative_prompt", "must be a string (got list)"),
+    (
+        "jsonl-seed-2**64",
+        '{"prompt": "a", "seed": 18446744073709551616}\n',
+        ".jsonl",
+        {},
+        "1:seed",
+        "between 0 and 9223372036854775807",
+    ),
+    (
+        "jsonl-negative-prompt-list",
+        '{"prompt": "a", "negative_prompt": ["x"]}\n',
+        ".jsonl",
+        {},
+        "1:negative_prompt",
+        "must be a string (got list)",
+    ),
     ("jsonl-metadata-overflow", '{"prompt": "a", "score": 1e999}\n', ".jsonl", {}, "1:score", "finite"),
-    ("jsonl-row-overrides-good-flag", '{"prompt": "a", "steps": 12}\n', ".jsonl", {"steps": 2}, "1:steps",
-     "between 1 and 8"),
+    (
+        "jsonl-row-overrides-good-flag",
+        '{"prompt": "a", "steps": 12}\n',
+        ".jsonl",
+        {"steps": 2},
+        "1:steps",
+        "between 1 and 8",
+    ),
     # CSV cells are text: coerced, then checked
     ("csv-steps-word-after-blank", "prompt,steps\n\na,nine\n", ".csv", {}, "3:steps", "must be an integer"),
     ("csv-steps-float", "prompt,steps\na,4.0\n", ".csv", {}, "2:steps", "must be an integer"),
@@ -328,8 +420,14 @@ BAD = [
     ("flag-height-4096", "a\n", ".txt", {"height": 4096}, "--height", "between 8 and 2048"),
     ("flag-width-negative", "a\n", ".txt", {"width": -64}, "--width", "between 8 and 2048"),
     ("flag-seed-negative", "a\n", ".txt", {"seed": -1}, "--seed", "between 0 and"),
-    ("flag-negative-prompt-control", "a\n", ".txt", {"negative_prompt": "x\x00"}, "--negative-prompt",
-     "control character"),
+    (
+        "flag-negative-prompt-control",
+        "a\n",
+        ".txt",
+        {"negative_prompt": "x\x00"},
+        "--negative-prompt",
+        "control character",
+    ),
     ("flag-name-too-long", "a\n", ".txt", {"name": "n" * 201}, "--name", "at most 200 characters"),
     ("flag-name-control", "a\n", ".txt", {"name": "run\x001"}, "--name", "control character"),
     # the file itself
@@ -337,8 +435,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("content", "suffix", "flags", "where", "phrase"),
-                         [pytest.param(*case[1:], id=case[0]) for case in BAD])
+@pytest.mark.parametrize(
+    ("content", "suffix", "flags", "where", "phrase"), [pytest.param(*case[1:], id=case[0]) for case in BAD]
+)
 def test_bad_input_names_file_line_and_field(tmp_path, content, suffix, flags, where, phrase):
     path = write(tmp_path, content, suffix)
     with pytest.raises(InputError) as info:

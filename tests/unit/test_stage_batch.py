@@ -6,21 +6,37 @@ from __future__ import annotations
 from lcmq.profiles import get_profile
 from lcmq.spec import BatchOptions, JobSpec
 from lcmq.storage import FileStorage, file_sha256
-
 from scheduler.batches import derive_seed, stage_batch
 
 
 def _spec(index: int, init_image: str) -> JobSpec:
-    return JobSpec(index=index, prompt=f"a cat {index}", negative_prompt="", seed=None, steps=4, guidance=1.0,
-                   width=64, height=64, init_image=init_image, strength=0.5, upload_init=True)
+    return JobSpec(
+        index=index,
+        prompt=f"a cat {index}",
+        negative_prompt="",
+        seed=None,
+        steps=4,
+        guidance=1.0,
+        width=64,
+        height=64,
+        init_image=init_image,
+        strength=0.5,
+        upload_init=True,
+    )
 
 
 def test_staging_names_the_inputs_and_stores_nothing(tmp_path):
     storage = FileStorage(tmp_path / "renders")
     cat = tmp_path / "cat.PNG"
     cat.write_bytes(b"not really a png")
-    staged = stage_batch([_spec(i, cat.as_uri()) for i in range(3)], get_profile("tiny"),
-                         BatchOptions(model="tiny", seed=7), storage, idempotency_key="k", priority=2)
+    staged = stage_batch(
+        [_spec(i, cat.as_uri()) for i in range(3)],
+        get_profile("tiny"),
+        BatchOptions(model="tiny", seed=7),
+        storage,
+        idempotency_key="k",
+        priority=2,
+    )
     rows = list(staged.jobs)
 
     key = f"{staged.batch_id}/inputs/{file_sha256(cat)[:16]}.png"

@@ -30,8 +30,9 @@ def test_test_hooks_are_imported_only_when_named(monkeypatch):
 
 
 def test_the_fault_hook_wraps_the_render_the_task_calls(monkeypatch):
-    import worker.tasks
     from support import fault_hooks
+
+    import worker.tasks
 
     monkeypatch.setattr(worker.tasks, "render", worker.tasks.render)  # undone after the test
     monkeypatch.setenv(fault_hooks.FAULT_KILL_PROMPT_ENV, "POISON")

@@ -34,9 +34,11 @@ def test_registry_lists_live_workers_of_a_profile(tmp_path):
 
 def test_a_killed_workers_entry_does_not_count_and_is_removed(tmp_path):
     folder = tmp_path / "workers"
-    killed = (f"from pathlib import Path\nfrom lcmq.workers import WorkerRegistry\n"
-              f"WorkerRegistry(Path({str(folder)!r})).register('tiny-1@host', 'tiny')\n"
-              "import os\nos._exit(0)  # as a SIGKILL would: no clean-up")
+    killed = (
+        f"from pathlib import Path\nfrom lcmq.workers import WorkerRegistry\n"
+        f"WorkerRegistry(Path({str(folder)!r})).register('tiny-1@host', 'tiny')\n"
+        "import os\nos._exit(0)  # as a SIGKILL would: no clean-up"
+    )
     subprocess.run([sys.executable, "-c", killed], check=True)
     assert len(list(folder.glob("*.json"))) == 1
     assert WorkerRegistry(folder).live("tiny") == []
@@ -97,6 +99,7 @@ def test_watch_waits_its_grace_before_looking(tmp_path):
 
 # --- the progress line ------------------------------------------------------------------
 
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -105,8 +108,16 @@ class _Terminal(io.StringIO):
 def _status(done: int, total: int = 4, running: int = 0):
     from lcmq.api import BatchStatus
 
-    return BatchStatus(batch_id="b", total=total, queued=total - done - running, running=running, succeeded=done,
-                       failed=0, canceled=0, output="file:///r/b/")
+    return BatchStatus(
+        batch_id="b",
+        total=total,
+        queued=total - done - running,
+        running=running,
+        succeeded=done,
+        failed=0,
+        canceled=0,
+        output="file:///r/b/",
+    )
 
 
 def test_progress_off_a_terminal_is_a_plain_line_every_few_seconds_and_the_last():
@@ -117,8 +128,10 @@ def test_progress_off_a_terminal_is_a_plain_line_every_few_seconds_and_the_last(
     for done in range(5):
         progress(_status(done))
     lines = stream.getvalue().splitlines()
-    assert lines == ["0/4 succeeded=0 failed=0 canceled=0 running=0 queued=4",
-                     "4/4 succeeded=4 failed=0 canceled=0 running=0 queued=0"]
+    assert lines == [
+        "0/4 succeeded=0 failed=0 canceled=0 running=0 queued=4",
+        "4/4 succeeded=4 failed=0 canceled=0 running=0 queued=0",
+    ]
     assert "\r" not in stream.getvalue()
 
 
