@@ -474,7 +474,7 @@ def prepare(pipe, config: Config, device: str, dtype) -> dict[str, Any]:
     import torch
     from diffusers import LCMScheduler
 
-    from worker.pipeline import LCM_ADAPTER
+    from lcmq.loras import LCM_ADAPTER
 
     # 2. The LCM scheduler, configured from the model's own scheduler.
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -582,7 +582,7 @@ class MemoryRepository:
     def get_batch(self, batch_id: str):
         return self.batch
 
-    def claim(self, job_ids, worker: str, lease_s: float) -> list:
+    def claim(self, job_ids, worker: str, lease_s: float, max_attempts: int | None = None) -> list:
         return [self.queued.pop(job_id) for job_id in job_ids if job_id in self.queued]
 
     def extend_leases(self, job_ids, worker: str, lease_s: float) -> int:
@@ -596,9 +596,11 @@ class MemoryRepository:
         self.failures.append(error)
         return len(job_ids)
 
-    def release(self, job_ids, worker: str, error: str | None = None) -> int:
+    def release(self, job_ids, worker: str, error: str | None, *, max_handbacks: int):
+        from lcmq.repository import HandBack
+
         self.failures.append(f"released: {error}")
-        return len(job_ids)
+        return HandBack(requeued=list(job_ids), failed=[], handbacks=1)
 
     def manifest_version(self, batch_id: str) -> None:
         return None  # never finished: the benchmark writes no manifest

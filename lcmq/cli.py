@@ -128,7 +128,7 @@ class Progress:
 
     def tell_no_worker(self, profile: str) -> None:
         """api.wait's `on_no_worker`: which command would start a worker (the wait goes on)."""
-        from lcmq.queue import queue_name
+        from lcmq.profiles import queue_name
 
         self.note(
             f"lcmq: no worker serves {queue_name(profile)} yet; start one with `lcmq worker --model "

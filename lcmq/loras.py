@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from lcmq.errors import PermanentError
 
-LCM_NAME = "lcm"  # the LCM-LoRA's own adapter name in the worker: never a style's
+LCM_ADAPTER = "lcm"  # the LCM-LoRA's own adapter name in the worker: never a style's
 MAX_WEIGHT = 2.0  # past ±2 a style LoRA on top of the LCM-LoRA only burns the image
 MAX_LORAS = 8  # per job: each active adapter costs every UNet step a little
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -60,8 +60,8 @@ def check_lora(item: Any, base_dir: Path | None = None, exists=os.path.exists) -
     name, path, weight = item.get("name"), item.get("path"), item.get("weight", 1.0)
     if not isinstance(name, str) or not _NAME.match(name):
         raise LoraProblem(f"name must be an identifier of letters, digits and _ (got {name!r})")
-    if name == LCM_NAME:
-        raise LoraProblem(f"name {LCM_NAME!r} is the LCM-LoRA's own; pick another")
+    if name == LCM_ADAPTER:
+        raise LoraProblem(f"name {LCM_ADAPTER!r} is the LCM-LoRA's own; pick another")
     if not isinstance(path, str) or not path.strip():
         raise LoraProblem(f"{name}: path must be a non-empty string")
     if any(c in path for c in "\x00\n\r"):

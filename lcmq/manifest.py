@@ -100,6 +100,10 @@ def write_manifest(repo: Repository, storage: Storage, batch_id: str) -> bool:
         version = repo.manifest_version(batch_id)
         if version is None:  # jobs still queued or running: whoever finishes the last one writes it
             return False
+        if repo.get_batch(batch_id).manifest_at == version:
+            # Stored already: a later message of a finished (or canceled) batch asks again, and
+            # rewriting a 10^6-line manifest per message would hold up that worker's records.
+            return False
         count = 0
         with tempfile.TemporaryDirectory(prefix="lcmq-manifest-") as folder:
             path = Path(folder) / "manifest.jsonl"

@@ -54,6 +54,11 @@ MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload
 _OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": ()} | dict.fromkeys(MEMORY_OPTIONS, False)
 
 
+def queue_name(profile: str) -> str:
+    """The broker queue a profile's jobs travel on; its workers consume only this one."""
+    return f"render.{profile}"
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -79,7 +84,7 @@ class Profile:
 
     @property
     def queue(self) -> str:
-        return f"render.{self.name}"
+        return queue_name(self.name)
 
     @property
     def generated(self) -> bool:

@@ -17,13 +17,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lcmq.errors import BrokerError
+from lcmq.profiles import queue_name
 from lcmq.settings import Settings, get_settings
 
 RENDER_TASK = "lcmq.render_chunk"
-
-
-def queue_name(profile: str) -> str:
-    return f"render.{profile}"
 
 
 FILESYSTEM_POLL_S = 0.05

@@ -92,7 +92,8 @@ def live_workers(settings: Settings, profile: str) -> list[str]:
     """Nodes consuming `profile`'s queue now. With Redis this takes up to INSPECT_TIMEOUT_S."""
     if settings.embedded_broker:
         return registry(settings).live(profile)
-    from lcmq.queue import get_app, queue_name
+    from lcmq.profiles import queue_name
+    from lcmq.queue import get_app
 
     replies = get_app().control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
     wanted = queue_name(profile)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lcmq.errors import BrokerError
+from lcmq.errors import BrokerError, DatabaseError
 from lcmq.profiles import Profile
 from lcmq.repository import PendingJob, Repository
 from lcmq.spec import SEED_BITS, BatchOptions, JobSpec
@@ -146,14 +146,19 @@ def stage_batch(
 def write_batch(repo: Repository, staged: StagedBatch) -> tuple[str, bool]:
     """Phase 2, write: one transaction (COPY on Postgres). Returns (batch id, created); not
     created: an identical submission's batch, whose id comes back (nothing of this one stays)."""
-    created = False
     try:
         batch_id, created = repo.create_batch(staged.batch, staged.jobs, before_commit=staged.inputs.upload)
-    finally:
-        if not created:
-            # The inputs were stored under this submit's own batch id, which no committed row
-            # names: delete them rather than leave them behind (see scheduler.inputs).
-            staged.inputs.discard()
+    except DatabaseError:
+        # The connection was lost, perhaps around COMMIT: the batch may be committed, and its
+        # jobs then need these inputs. Keep them: at worst unused files under an id no row names.
+        raise
+    except BaseException:
+        staged.inputs.discard()
+        raise
+    if not created:
+        # The inputs were stored under this submit's own batch id, which no committed row
+        # names: delete them rather than leave them behind (see scheduler.inputs).
+        staged.inputs.discard()
     return batch_id, created
 
 

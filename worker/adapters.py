@@ -37,11 +37,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lcmq.errors import PermanentError
+from lcmq.loras import LCM_ADAPTER
 from lcmq.settings import Settings
 
 log = logging.getLogger("lcmq.worker")
 
-LCM_ADAPTER = "lcm"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what a LoRA folder holds
 
 

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from lcmq.errors import LcmqError, ModelLoadError
+from lcmq.loras import LCM_ADAPTER
 from lcmq.profiles import FAMILY_PIPELINE_CLASS, GENERATED_PREFIX, NULL_FAMILY, Profile, preflight, resolve_dtype
 from lcmq.settings import Settings
 
 log = logging.getLogger("lcmq.worker")
-
-LCM_ADAPTER = "lcm"
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import tempfile
 
 from lcmq.errors import ConfigError, DatabaseError, PermanentStorageError, SchemaError, StorageError
+from lcmq.migrate import ensure_embedded_schema
 from lcmq.profiles import NULL_FAMILY, Profile
 from lcmq.queue import check_broker
 from lcmq.repository import engine_for
@@ -29,6 +30,9 @@ def check_database(settings: Settings) -> None:
     from sqlalchemy import inspect
     from sqlalchemy.exc import SQLAlchemyError
 
+    # The embedded database migrates itself on first use, and a worker started first is a use;
+    # Postgres stays explicit (`lcmq db upgrade`), which the check below asks for.
+    ensure_embedded_schema(settings.database_url_resolved)
     try:
         engine = engine_for(settings.database_url_resolved)
     except SQLAlchemyError as exc:  # a URL that does not parse, a driver that is not installed

@@ -10,6 +10,7 @@ import boto3
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from bench.harness import wait_until
 from lcmq.repository import normalize_url
 
 PROMPTS = 24
@@ -38,6 +39,10 @@ def test_two_workers_render_a_batch_into_s3_and_postgres(services_env, procs, cl
     workers = [procs(env, "worker", "--model", "tiny", "--batch-size", "4") for _ in range(2)]
     for worker in workers:
         worker.wait_ready()
+    # Both hold their pipeline before the batch goes out (it loads in the background after
+    # "ready"): on a loaded machine one load can take 10 s, and the other worker then renders
+    # every chunk, which says nothing about the queue.
+    wait_until(lambda: all("pipeline loaded" in worker.log for worker in workers), 120, what="pipelines loaded")
 
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"a small red house number {i}", "sku": f"sku-{i}"} for i in range(PROMPTS)]

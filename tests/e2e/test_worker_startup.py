@@ -151,3 +151,28 @@ def test_sigterm_at_any_point_of_start_up_exits_within_seconds(embedded_env, tmp
     # warm shutdown exits 0.
     assert worker.proc.returncode in (0, -signal.SIGTERM), worker.log[-3000:]
     assert "exited with 'signal 15" not in worker.log  # the pool child was not killed mid-way
+
+
+def test_a_worker_in_a_new_folder_migrates_the_embedded_database_and_starts(embedded_env, tmp_path):
+    """The embedded database migrates itself on first use, and a worker started first is a use."""
+    import sqlite3
+
+    database = tmp_path / ".lcmq" / "lcmq.db"
+    assert not database.exists()
+    worker = subprocess.Popen(
+        [str(VENV_BIN / "lcmq"), "worker", "--model", "null", "--pool", "solo"],
+        env=embedded_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        announced = tmp_path / ".lcmq" / "broker" / "workers"  # written once its checks passed
+        wait_until(lambda: worker.poll() is not None or any(announced.glob("*.json")), timeout_s=START_TIMEOUT_S)
+        assert worker.poll() is None, worker.stderr.read()[-3000:] if worker.stderr else ""
+        with sqlite3.connect(database) as conn:
+            (revision,) = conn.execute("select version_num from alembic_version").fetchone()
+        assert revision
+    finally:
+        worker.send_signal(signal.SIGTERM)  # before Celery's handler is in, SIGTERM's default ends it
+        assert worker.wait(timeout=EXIT_BOUND_S) in (0, -signal.SIGTERM)

@@ -124,3 +124,14 @@ def test_jobs_are_paged_in_row_order(own_pg_url):
     paged = list(repo.iter_jobs(batch_id, JobState.succeeded, page=2))
     assert [j.index for j in paged] == [0, 1, 3, 4, 6]
     assert [j.index for j in repo.iter_jobs(batch_id, JobState.queued, page=2)] == [2, 5]
+
+
+def test_a_stored_manifest_is_not_written_again_for_a_late_message(db_url, tmp_path):
+    repo, store = Repository(db_url), FileStorage(tmp_path / "renders")
+    batch_id, jobs = _batch(repo, 2)
+    _succeed(repo, batch_id, jobs)
+    assert write_manifest(repo, store, batch_id) is True
+    store.delete(store.manifest_key(batch_id))  # so that a second write would show
+
+    assert write_manifest(repo, store, batch_id) is False  # the same version is stored: nothing to do
+    assert not store.exists(store.manifest_key(batch_id))

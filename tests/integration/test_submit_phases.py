@@ -78,3 +78,27 @@ def test_an_identical_resubmit_stores_no_second_input(api, embedded_env, tmp_pat
     assert again.batch_id == first.batch_id and len(api.batches()) == 1
     stored = [p.relative_to(_renders(embedded_env)) for p in _renders(embedded_env).rglob("*") if p.is_file()]
     assert len(stored) == 1 and stored[0].parts[:2] == (first.batch_id, "inputs")
+
+
+def test_a_connection_lost_at_commit_keeps_the_inputs_a_committed_batch_may_need(
+    api, embedded_env, tmp_path, monkeypatch
+):
+    """A commit whose reply never came may have committed: deleting the inputs would fail its jobs."""
+    from lcmq.errors import DatabaseError
+    from lcmq.repository import Repository
+
+    committed = Repository.create_batch
+
+    def commits_then_loses_the_connection(self, *args, **kwargs):  # a fault we cannot cause otherwise
+        committed(self, *args, **kwargs)
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(Repository, "create_batch", commits_then_loses_the_connection)
+    with pytest.raises(DatabaseError):
+        api.submit(_batch_file(tmp_path, CAT), model="tiny")
+    (batch,) = api.batches()
+    (job,) = api.jobs(batch["batch_id"])
+    stored = Path(job["init_image"].removeprefix("file://")) if "init_image" in job else None
+    inputs = list((_renders(embedded_env) / batch["batch_id"] / "inputs").glob("*"))
+    assert len(inputs) == 1, "the committed batch's init image was deleted"
+    assert stored is None or stored == inputs[0]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lcmq.errors import ConfigError, ProfileError
-from lcmq.profiles import BUILTIN_PROFILES, get_profile, load_profiles, preflight
-from lcmq.queue import make_app, queue_name
+from lcmq.profiles import BUILTIN_PROFILES, get_profile, load_profiles, preflight, queue_name
+from lcmq.queue import make_app
 from lcmq.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
