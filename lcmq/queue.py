@@ -29,12 +29,14 @@ FILESYSTEM_POLL_S = 0.05
 def _transport_options(settings: Settings) -> dict:
     if settings.embedded_broker:
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # Exchange tables (the workers' pidbox): kombu's default is ./control, in the user's folder.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             # How long a consumer sleeps when it may not take a message (one is unacked, with
             # prefetch 1) or none is there: kombu's 1 s default made every message cost a

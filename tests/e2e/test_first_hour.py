@@ -48,6 +48,8 @@ def test_run_renders_a_prompt_file_in_a_new_folder(embedded_env, cli, tmp_path):
     assert "3/3" in done.stderr  # the progress line, plain: stderr is not a terminal
     # Celery's banner and the worker's log lines went to the worker's log file.
     assert "render.tiny" in (tmp_path / ".lcmq" / "logs" / "worker-tiny.log").read_text()
+    # Nothing of lcmq's lands beside the user's file but its state folder and the images.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lcmq", "prompts.txt", "renders"]
     # The same command again finds the finished batch and starts no worker.
     again = cli(_new_folder_env(embedded_env), "run", "prompts.txt", "--model", "tiny", timeout_s=120)
     assert again.returncode == 0 and again.stdout == done.stdout
