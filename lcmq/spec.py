@@ -575,12 +575,17 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
 
 
+# One decoder for every line: json.loads with an argument builds a new decoder per call.
+_JSON_ROW = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def read_jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    decode = _JSON_ROW.decode
     for number, text in _decoded_lines(path, source):
         if not text.strip():
             continue
         try:
-            row = json.loads(text.rstrip("\r\n"), parse_constant=_reject_constant)
+            row = decode(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:  # its own "line 1" would only confuse: say the column
             raise InputError(source, number, None, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
         except ValueError as exc:  # NaN/Infinity, or an integer with too many digits
