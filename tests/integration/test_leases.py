@@ -7,11 +7,11 @@ import json
 import random
 import threading
 import time
-import uuid
 from itertools import pairwise
 
 import pytest
 import redis
+from helpers import create_test_batch
 from PIL import Image
 
 from lcmq.errors import DatabaseError, QueryError
@@ -48,27 +48,7 @@ def broker(monkeypatch, redis_url, tmp_path):
 
 
 def _batch(repo: Repository, n: int = 1) -> tuple[str, list[str]]:
-    batch_id = uuid.uuid4().hex[:16]
-    job_ids = [uuid.uuid4().hex for _ in range(n)]
-    repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/", "options": {}},
-        [
-            {
-                "id": job_id,
-                "index": i,
-                "prompt": f"p{i}",
-                "negative_prompt": "",
-                "seed": i,
-                "steps": 4,
-                "guidance": 1.0,
-                "width": 64,
-                "height": 64,
-                "meta": {},
-            }
-            for i, job_id in enumerate(job_ids)
-        ],
-    )
-    return batch_id, job_ids
+    return create_test_batch(repo, n)
 
 
 def _heartbeats() -> list[threading.Thread]:

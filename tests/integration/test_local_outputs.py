@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import create_test_batch
 
 from lcmq import api
 from lcmq.manifest import write_manifest
@@ -29,32 +30,15 @@ def _finished_batch() -> str:
     upgrade(settings.database_url_resolved)
     repo, store = api.repository(settings), api.storage(settings)
     batch_id = uuid.uuid4().hex[:16]
-    job_ids = [f"{batch_id}{i:016x}" for i in range(IMAGES)]
-    repo.create_batch(
-        {
-            "id": batch_id,
-            "name": None,
-            "profile": "null",
-            "total": IMAGES,
-            "seed": 1,
-            "output": store.batch_url(batch_id),
-            "options": {"model": "null", "image_format": "png"},
-        },
-        [
-            {
-                "id": job_id,
-                "index": i,
-                "prompt": f"p{i}",
-                "negative_prompt": "",
-                "seed": i,
-                "steps": 4,
-                "guidance": 1.0,
-                "width": 64,
-                "height": 64,
-                "meta": {},
-            }
-            for i, job_id in enumerate(job_ids)
-        ],
+    options = {"model": "null", "image_format": "png"}
+    _, job_ids = create_test_batch(
+        repo,
+        IMAGES,
+        profile="null",
+        output=store.batch_url(batch_id),
+        options=options,
+        ids_from_batch=True,
+        batch_id=batch_id,
     )
     repo.claim(job_ids, "w", lease_s=60)
     stored = []

@@ -5,10 +5,10 @@ through the repository the way a worker drives them (no worker process: it is ab
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import timedelta
 
 import pytest
+from helpers import create_test_batch
 
 from lcmq.manifest import write_manifest
 from lcmq.models import JobState
@@ -19,35 +19,8 @@ pytestmark = pytest.mark.services
 
 
 def _batch(repo: Repository, n: int) -> tuple[str, list[str]]:
-    batch_id = uuid.uuid4().hex[:16]
-    job_ids = [f"{batch_id}{i:016x}" for i in range(n)]
-    repo.create_batch(
-        {
-            "id": batch_id,
-            "name": None,
-            "profile": "null",
-            "total": n,
-            "seed": 1,
-            "output": "file:///x/",
-            "options": {"model": "null", "image_format": "webp", "quality": 80},
-        },
-        [
-            {
-                "id": job_id,
-                "index": i,
-                "prompt": f"p{i}",
-                "negative_prompt": "",
-                "seed": i,
-                "steps": 4,
-                "guidance": 1.0,
-                "width": 64,
-                "height": 64,
-                "meta": {"i": i},
-            }
-            for i, job_id in enumerate(job_ids)
-        ],
-    )
-    return batch_id, job_ids
+    options = {"model": "null", "image_format": "webp", "quality": 80}
+    return create_test_batch(repo, n, profile="null", options=options, ids_from_batch=True)
 
 
 def _succeed(repo: Repository, batch_id: str, job_ids: list[str]) -> None:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
+from helpers import create_test_batch
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -25,27 +26,7 @@ def repo(migrated_pg_url):
 
 
 def _batch(repo: Repository, n: int = 3) -> tuple[str, list[str]]:
-    batch_id = uuid.uuid4().hex[:16]
-    job_ids = [uuid.uuid4().hex for _ in range(n)]
-    repo.create_batch(
-        {"id": batch_id, "name": None, "profile": "tiny", "total": n, "seed": 1, "output": "file:///x/", "options": {}},
-        [
-            {
-                "id": job_id,
-                "index": i,
-                "prompt": f"p{i}",
-                "negative_prompt": "",
-                "seed": i,
-                "steps": 4,
-                "guidance": 1.0,
-                "width": 64,
-                "height": 64,
-                "meta": {"i": i},
-            }
-            for i, job_id in enumerate(job_ids)
-        ],
-    )
-    return batch_id, job_ids
+    return create_test_batch(repo, n)
 
 
 def test_a_job_is_claimed_by_one_worker_only(repo):
