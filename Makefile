@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Test sessions run side by side: the e2e and fault tests mostly wait on worker processes.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint install clean
 
@@ -27,7 +29,7 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf .lcmq renders
