@@ -14,7 +14,7 @@ from lcmq.errors import ConfigError, DatabaseError, PermanentStorageError, Schem
 from lcmq.migrate import ensure_embedded_schema
 from lcmq.profiles import NULL_FAMILY, Profile
 from lcmq.queue import check_broker
-from lcmq.repository import engine_for
+from lcmq.repository import Repository
 from lcmq.settings import Settings
 from lcmq.storage import FileStorage, storage_from_settings
 from worker.pipeline import check_device
@@ -34,10 +34,10 @@ def check_database(settings: Settings) -> None:
     # Postgres stays explicit (`lcmq db upgrade`), which the check below asks for.
     ensure_embedded_schema(settings.database_url_resolved)
     try:
-        engine = engine_for(settings.database_url_resolved)
+        repo = Repository(settings.database_url_resolved)
     except SQLAlchemyError as exc:  # a URL that does not parse, a driver that is not installed
         raise ConfigError(f"LCMQ_DATABASE_URL: {exc}") from exc
-    safe_url = engine.url.render_as_string(hide_password=True)
+    safe_url, engine = repo.safe_url, repo.engine
     try:
         with engine.connect() as conn:
             migrated = inspect(conn).has_table("alembic_version")
