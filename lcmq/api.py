@@ -28,6 +28,9 @@ from lcmq.settings import Settings, get_settings
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
 
+# BatchStatus fields that `to_dict` leaves out while they hold these defaults.
+SHOWN_WHEN_SET: dict[str, Any] = {"items": None, "resubmitted": False}
+
 
 @dataclass(frozen=True)
 class BatchStatus:
@@ -54,12 +57,13 @@ class BatchStatus:
         return self.succeeded == self.total
 
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        if values["items"] is None:  # plain batches print exactly what they always did
-            del values["items"]
-        if not values["resubmitted"]:
-            del values["resubmitted"]
-        return values
+        """The status object of `--json`; a field of SHOWN_WHEN_SET only when it holds more than
+        its default, so a plain batch prints exactly what it always did."""
+        return {
+            name: value
+            for name, value in asdict(self).items()
+            if name not in SHOWN_WHEN_SET or value != SHOWN_WHEN_SET[name]
+        }
 
 
 @dataclass(frozen=True)
