@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from lcmq import keys
-from lcmq.errors import InputError, ProfileError
+from lcmq.access import LOCAL, Principal
+from lcmq.errors import InputError, NotFoundError, ProfileError
 from lcmq.formats import DEFAULT_FORMAT, check_output
 from lcmq.matrix import check_matrix
 from lcmq.matrix import expand as expand_matrix
@@ -23,7 +25,7 @@ from lcmq.migrate import ensure_embedded_schema
 from lcmq.models import JobState
 from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.queue import MAX_PRIORITY
-from lcmq.repository import BatchRecord, Repository, ScheduleRecord, utcnow
+from lcmq.repository import ANY_OWNER, BatchRecord, JobRecord, Repository, ScheduleRecord, utcnow
 from lcmq.settings import Settings, get_settings
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
@@ -146,6 +148,8 @@ def submit(
     quality: int | None = None,
     matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None,
     loras: Sequence[Mapping[str, Any]] | None = None,
+    webhook_url: str | None = None,
+    principal: Principal = LOCAL,
 ) -> BatchStatus:
     """Validate every row, then write the batch and enqueue it. Returns its first status.
 
@@ -159,8 +163,10 @@ def submit(
     `loras` (`[{"name": "ink", "path": "ink.safetensors", "weight": 0.8}]`) are the style LoRAs of
     every row that lists none of its own (a row's `loras` replaces them; lcmq.loras). Rows may
     also give `init_image` and `strength` (img2img); relative file names in a batch file are
-    resolved against its folder.
+    resolved against its folder. `webhook_url` is called, signed, once every job is final
+    (lcmq.webhooks). `principal` is who submits: the batch belongs to it (lcmq.access).
     """
+    from lcmq.webhooks import check_webhook_url
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
 
     settings = get_settings()
@@ -175,6 +181,8 @@ def submit(
             f"rows must be a file path or an iterable of prompts and mappings (got {type(rows).__name__})",
         )
     _check_flags(source, chunk_size, priority, idempotency_key)
+    if webhook_url is not None:
+        check_webhook_url(webhook_url, source, settings)
     image_format, quality = check_output(source, image_format, quality)
     axes = check_matrix(matrix, source)
     options = BatchOptions(
@@ -202,7 +210,9 @@ def submit(
         specs = validate_rows(rows_from_objects(rows), validator)
         content_sha256 = keys.content_sha256(specs)
     specs = expand_matrix(specs, axes, source)
-    key = idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
+    key = keys.owned_idempotency_key(
+        principal.owner, idempotency_key or _idempotency_key(content_sha256, options, profile, chunk_size)
+    )
     batch_id, created = create_and_enqueue(
         specs,
         profile,
@@ -213,35 +223,49 @@ def submit(
         idempotency_key=key,
         priority=priority,
         max_chunks=settings.max_chunks_per_batch,
+        owner=principal.owner,
+        webhook_url=webhook_url,
     )
     return replace(status(batch_id), resubmitted=not created)
 
 
-def cancel(batch_id: str) -> BatchStatus:
+def visible_batch(repo: Repository, batch_id: str, principal: Principal = LOCAL) -> BatchRecord:
+    """The batch, if `principal` may see it; another key's batch is not found, as an unknown id."""
+    batch = repo.get_batch(batch_id)
+    if not principal.sees(batch.owner):
+        raise NotFoundError(f"no batch {batch_id!r}")
+    return batch
+
+
+def cancel(batch_id: str, principal: Principal = LOCAL) -> BatchStatus:
     """Queued jobs never start; running ones stop at their worker's next micro-batch."""
-    repository().cancel_batch(batch_id)
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    repo.cancel_batch(batch_id)
     return status(batch_id)
 
 
-def _requeue_and_dispatch(batch_id: str, states: list[JobState], reset_attempts: bool) -> BatchStatus:
+def _requeue_and_dispatch(
+    batch_id: str, states: list[JobState], reset_attempts: bool, principal: Principal
+) -> BatchStatus:
     from scheduler.dispatch import dispatch_batch
 
     settings = get_settings()
     repo = repository(settings)
-    batch = repo.get_batch(batch_id)
+    batch = visible_batch(repo, batch_id, principal)
     repo.requeue(batch_id, states, reset_attempts=reset_attempts)
     dispatch_batch(repo, batch, settings.chunk_size)
     return status(batch_id)
 
 
-def resume(batch_id: str) -> BatchStatus:
+def resume(batch_id: str, principal: Principal = LOCAL) -> BatchStatus:
     """Re-enqueue the jobs not yet final (queued, or running under an expired lease) and canceled ones."""
-    return _requeue_and_dispatch(batch_id, [JobState.queued, JobState.running, JobState.canceled], False)
+    return _requeue_and_dispatch(batch_id, [JobState.queued, JobState.running, JobState.canceled], False, principal)
 
 
-def retry_failed(batch_id: str) -> BatchStatus:
+def retry_failed(batch_id: str, principal: Principal = LOCAL) -> BatchStatus:
     """Give the failed jobs of a batch a fresh set of attempts."""
-    return _requeue_and_dispatch(batch_id, [JobState.failed], True)
+    return _requeue_and_dispatch(batch_id, [JobState.failed], True, principal)
 
 
 def sweep() -> dict[str, int]:
@@ -266,9 +290,9 @@ def _status_of(batch: BatchRecord, counts: dict[str, int]) -> BatchStatus:
     )
 
 
-def status(batch_id: str) -> BatchStatus:
+def status(batch_id: str, principal: Principal = LOCAL) -> BatchStatus:
     repo = repository()
-    return _status_of(repo.get_batch(batch_id), repo.state_counts(batch_id))
+    return _status_of(visible_batch(repo, batch_id, principal), repo.state_counts(batch_id))
 
 
 NO_WORKER_AFTER_S = 3.0  # jobs queued, none running, this long: wait looks for a live worker
@@ -306,18 +330,31 @@ def wait(
         time.sleep(settings.poll_s)
 
 
-def batches(limit: int = 20) -> list[dict[str, Any]]:
-    return [
-        _status_of(b, counts).to_dict() | {"name": b.name, "profile": b.profile, "created_at": b.created_at.isoformat()}
-        for b, counts in repository().recent_batches(limit)
-    ]
+def batch_summary(batch: BatchRecord, counts: dict[str, int]) -> dict[str, Any]:
+    """A batch as listed: its status object, name, profile and creation time."""
+    return _status_of(batch, counts).to_dict() | {
+        "name": batch.name,
+        "profile": batch.profile,
+        "created_at": batch.created_at.isoformat(),
+    }
 
 
-def manifest(batch_id: str) -> Iterator[dict[str, Any]]:
+def batches(
+    limit: int = 20, principal: Principal = LOCAL, before: tuple[datetime, str] | None = None
+) -> list[dict[str, Any]]:
+    """The newest batches `principal` sees (an admin: all), newest first; `before` is the
+    (created_at, batch_id) of the last one of the previous page."""
+    owner = ANY_OWNER if principal.admin else principal.owner
+    return [batch_summary(b, counts) for b, counts in repository().recent_batches(limit, owner=owner, before=before)]
+
+
+def manifest(batch_id: str, principal: Principal = LOCAL) -> Iterator[dict[str, Any]]:
     """One record per succeeded image, in row order: the records of `<batch>/manifest.jsonl`."""
     from lcmq.manifest import records
 
-    return records(repository(), storage(), batch_id)
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    return records(repo, storage(), batch_id)
 
 
 def export(batch_id: str, *, format: str, to: str | Path, shard_size: int = 1000) -> dict[str, Any]:
@@ -331,30 +368,51 @@ def export(batch_id: str, *, format: str, to: str | Path, shard_size: int = 1000
     return run_export(repository(settings), storage(settings), batch_id, format, to, settings, shard_size)
 
 
-def jobs(batch_id: str, state: JobState | str | None = None) -> Iterator[dict[str, Any]]:
+def jobs(batch_id: str, state: JobState | str | None = None, principal: Principal = LOCAL) -> Iterator[dict[str, Any]]:
     """What happened to each job of a batch, in row order (all, or those in one state): its
     state, attempts, the worker that last held it, and its image or the reason it failed."""
     repo = repository()
-    repo.get_batch(batch_id)  # an unknown batch is an error, not an empty list
+    visible_batch(repo, batch_id, principal)  # an unknown batch is an error, not an empty list
     wanted = JobState(state) if isinstance(state, str) else state
     store = storage()
     for job in repo.iter_jobs(batch_id, wanted):
-        yield {
-            "index": job.index,
-            "job_id": job.id,
-            "state": job.state,
-            "attempts": job.attempts,
-            "worker": job.worker,
-            "key": job.key,
-            "url": store.url(job.key) if job.key else None,
-            "error": job.error,
-            "warning": job.warning,
-            "prompt": job.prompt,
-            "seed": job.seed,
-            "started_at": job.started_at.isoformat() if job.started_at else None,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-            "render_ms": job.render_ms,
-        }
+        yield job_dict(job, store)
+
+
+def jobs_page(
+    batch_id: str,
+    state: JobState | str | None = None,
+    *,
+    after_index: int = -1,
+    limit: int = 100,
+    principal: Principal = LOCAL,
+) -> list[dict[str, Any]]:
+    """Up to `limit` jobs after row `after_index`, in row order (the HTTP API's pages)."""
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    wanted = JobState(state) if isinstance(state, str) else state
+    store = storage()
+    return [job_dict(job, store) for job in repo.jobs_page(batch_id, wanted, after_index, limit)]
+
+
+def job_dict(job: JobRecord, store: Storage) -> dict[str, Any]:
+    """What `lcmq jobs --json` shows of a job."""
+    return {
+        "index": job.index,
+        "job_id": job.id,
+        "state": job.state,
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "key": job.key,
+        "url": store.url(job.key) if job.key else None,
+        "error": job.error,
+        "warning": job.warning,
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "render_ms": job.render_ms,
+    }
 
 
 def models() -> list[dict[str, Any]]:
@@ -404,6 +462,7 @@ def schedule_add(
     image_format: str = DEFAULT_FORMAT,
     quality: int | None = None,
     timezone: str = "UTC",
+    principal: Principal = LOCAL,
 ) -> dict[str, Any]:
     """Check everything (the catalog is read and every item checked now, and again at each run),
     then store the schedule; it first fires at the next cron time. Nothing is written on error.
@@ -448,21 +507,30 @@ def schedule_add(
             "profile": profile.name,
             "options": options,
             "next_run_at": next_run_at,
+            "owner": principal.owner,
         }
     ):
         raise InputError(source, None, "name", "a schedule of this name exists (`lcmq schedule rm` it first)")
     return schedule_show(name)
 
 
-def schedules() -> list[dict[str, Any]]:
+def visible_schedule(repo: Repository, name: str, principal: Principal = LOCAL) -> ScheduleRecord:
+    """The schedule, if `principal` may see it; another key's schedule is not found."""
+    record = repo.get_schedule(name)
+    if not principal.sees(record.owner):
+        raise NotFoundError(f"no schedule {name!r}")
+    return record
+
+
+def schedules(principal: Principal = LOCAL) -> list[dict[str, Any]]:
     repo = repository()
-    return [_schedule_dict(record, repo) for record in repo.schedules()]
+    return [_schedule_dict(record, repo) for record in repo.schedules() if principal.sees(record.owner)]
 
 
-def schedule_show(name: str) -> dict[str, Any]:
+def schedule_show(name: str, principal: Principal = LOCAL) -> dict[str, Any]:
     """A schedule and its catalog's state: items in it and removed, the last run and its batch."""
     repo = repository()
-    shown = _schedule_dict(repo.get_schedule(name), repo)
+    shown = _schedule_dict(visible_schedule(repo, name, principal), repo)
     shown["last_batch"] = status(shown["last_batch_id"]).to_dict() if shown["last_batch_id"] else None
     return shown
 
@@ -488,13 +556,15 @@ def schedule_rm(name: str) -> None:
     repository().delete_schedule(name)
 
 
-def schedule_run(name: str) -> BatchStatus | UnchangedRun:
+def schedule_run(name: str, principal: Principal = LOCAL) -> BatchStatus | UnchangedRun:
     """Run a schedule now, once: a batch of the catalog's new and changed items, or, when there
     are none, an UnchangedRun (no batch: nothing was submitted)."""
     from scheduler.schedules import run_now
 
     settings = get_settings()
-    result = run_now(repository(settings), storage(settings), settings, name)
+    repo = repository(settings)
+    visible_schedule(repo, name, principal)
+    result = run_now(repo, storage(settings), settings, name)
     if result.batch_id is None:
         return UnchangedRun(name, result.counts)
     return status(result.batch_id)

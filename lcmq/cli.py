@@ -423,6 +423,40 @@ def cmd_batches(args) -> int:
     return EXIT_OK
 
 
+def cmd_apikey(args) -> int:
+    """Keys of the HTTP API. `create` prints the key once, as its last line, and the webhook
+    secret that signs the key's webhooks; only the key's hash is stored."""
+    from lcmq import access
+
+    repo = api.repository()
+    if args.action == "create":
+        new = access.create_key(repo, args.name, admin=args.admin)
+        print(f"API key {new.name!r} created{' (admin: sees every batch)' if new.admin else ''}.", file=sys.stderr)
+        print("Webhook signing secret (shown once):", file=sys.stderr)
+        print(new.webhook_secret)
+        print("API key (shown once; send it as `Authorization: Bearer <key>`):", file=sys.stderr)
+        print(new.key)
+    elif args.action == "list":
+        rows = [
+            {
+                "name": k.name,
+                "admin": k.admin,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            }
+            for k in access.list_keys(repo)
+        ]
+        if args.json:
+            _print_json(rows)
+        for r in [] if args.json else rows:
+            state = f"revoked {r['revoked_at']}" if r["revoked_at"] else "valid"
+            print(f"{r['name']:24} {'admin' if r['admin'] else 'key':5} {state:34} created {r['created_at']}")
+    else:
+        access.revoke_key(repo, args.name)
+        print(f"API key {args.name!r} revoked: its next request is refused.", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     rows = api.models()
     if args.json:
@@ -723,6 +757,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser("apikey", help="keys of the HTTP API (lcmq api)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("create", help="make a key; prints it once, as the last line")
+    a.add_argument("name", help="names the key in lists and logs (the key itself is never shown again)")
+    a.add_argument("--admin", action="store_true", help="sees every batch, the CLI's and other keys' too")
+    a.set_defaults(func=cmd_apikey)
+    a = actions.add_parser("list", help="keys with their state (never the keys themselves)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_apikey)
+    a = actions.add_parser("revoke", help="refuse the key from its next request on, in every API process")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_apikey)
 
     p = sub.add_parser("models", help="model profiles this install knows")
     p.add_argument("--json", action="store_true")

@@ -170,3 +170,12 @@ def render_key(spec: JobSpec, profile: Profile, output_format: str) -> str:
 def model_identity(profile: Profile) -> dict[str, Any]:
     """The model a manifest record names."""
     return _pick(profile, MODEL_IDENTITY_V1)
+
+
+def owned_idempotency_key(owner: str | None, key: str) -> str:
+    """An idempotency key in its owner's own space: two API keys that send the same body (or the
+    same Idempotency-Key header) get two batches, never each other's. The local caller's keys
+    (owner None) stay as they were, so resubmissions made before API keys existed still match."""
+    if owner is None:
+        return key
+    return _sha256_json({"owner": owner, "key": key})

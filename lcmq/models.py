@@ -34,6 +34,7 @@ class JobState(str, enum.Enum):
 
 FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.canceled)
 STATE_LENGTH = 16
+API_KEY_NAME_LENGTH = 100
 
 
 class Base(DeclarativeBase):
@@ -61,9 +62,17 @@ class Batch(Base):
     # The latest job finish that the manifest.jsonl under the batch's prefix covers (set when it
     # is written); NULL: due once the batch finishes (never written, or jobs requeued since).
     manifest_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The API key (its name) that submitted the batch; NULL: the CLI or the Python API, seen
+    # only by admin keys. Another key's batch is "not found" to a key.
+    owner: Mapped[str | None] = mapped_column(String(API_KEY_NAME_LENGTH))
+    # Called once, signed, when every job is final (lcmq.webhooks); NULL: no webhook.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Set in the transaction that writes the batch's final-status webhook delivery: at most one.
+    webhook_queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_batches_created_at", "created_at"),
+        Index("ix_batches_owner_created_at", "owner", "created_at"),
         UniqueConstraint("idempotency_key", name="uq_batches_idempotency_key"),
     )
 
@@ -146,6 +155,7 @@ class Schedule(Base):
     last_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # new/changed/unchanged/removed
     last_error: Mapped[str | None] = mapped_column(Text)  # why the last scheduled run wrote nothing
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    owner: Mapped[str | None] = mapped_column(String(API_KEY_NAME_LENGTH))  # as Batch.owner
 
     __table_args__ = (Index("ix_schedules_next_run_at", "next_run_at"),)
 
@@ -161,3 +171,83 @@ class CatalogItem(Base):
     job_id: Mapped[str | None] = mapped_column(String(32))  # the job of the image now at its path
     removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: in the catalog
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """A key of the HTTP API. Only the key's sha256 is stored; the webhook secret is stored as
+    is, since signing needs it (it proves a webhook came from lcmq, it opens nothing)."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(API_KEY_NAME_LENGTH), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    webhook_secret: Mapped[str] = mapped_column(Text)
+    admin: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: valid
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """The outbox of webhooks: one row per delivery, written with the event it reports and
+    retried until a 2xx or its deadline; every attempt is a WebhookAttempt."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id header
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(40))  # "batch.final"
+    url: Mapped[str] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(API_KEY_NAME_LENGTH))  # whose secret signs it
+    body: Mapped[str] = mapped_column(Text)  # the exact bytes signed and sent (UTF-8 JSON)
+    state: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed (gave up)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A sender claims the row until then (one conditional update), so two API processes never
+    # send the same attempt; an expired claim is taken over.
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    give_up_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("batch_id", "event", name="uq_webhook_deliveries_batch_event"),
+        Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status_code: Mapped[int | None] = mapped_column(Integer)  # NULL: no response (refused, timeout)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id"),)
+
+
+class WorkerProcess(Base):
+    """One worker process, kept up to date by its heartbeat; live or stale is read from last_seen_at."""
+
+    __tablename__ = "workers"
+
+    node: Mapped[str] = mapped_column(String(200), primary_key=True)  # celery node name, unique per process
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    profile: Mapped[str] = mapped_column(String(100))
+    device: Mapped[str] = mapped_column(String(40))
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    peak_memory_mb: Mapped[float | None] = mapped_column(Float)
+    load_s: Mapped[float | None] = mapped_column(Float)  # pipeline load
+    images: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    render_s: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    cost_per_hour: Mapped[float | None] = mapped_column(Float)  # --cost-per-hour, any currency
+    heartbeat_s: Mapped[float] = mapped_column(Float)  # stale after 3x this without a heartbeat
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_workers_last_seen_at", "last_seen_at"),)

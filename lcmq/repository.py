@@ -29,6 +29,7 @@ from sqlalchemy import (
     Result,
     String,
     Table,
+    and_,
     bindparam,
     case,
     cast,
@@ -48,8 +49,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from lcmq.errors import DatabaseError, LcmqError, NotFoundError, QueryError, RecordError, SchemaError
-from lcmq.models import Base, Batch, CatalogItem, Job, JobState, Schedule
+from lcmq.models import ApiKey, Base, Batch, CatalogItem, Job, JobState, Schedule
 from lcmq.spec import render_shape
+
+
+class AnyOwner:
+    """The `owner` filter that filters nothing (None already means "made on the CLI")."""
+
+
+ANY_OWNER = AnyOwner()
 
 
 def utcnow() -> datetime:
@@ -78,6 +86,9 @@ class BatchRecord:
     canceled_at: datetime | None
     published_at: datetime | None
     manifest_at: datetime | None
+    owner: str | None = None  # the API key's name; None: made on the CLI (lcmq.access)
+    webhook_url: str | None = None
+    webhook_queued_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,16 @@ class ScheduleRecord:
     last_error: str | None
     created_at: datetime
     timezone: str = "UTC"  # the IANA zone of the cron fields
+    owner: str | None = None  # as BatchRecord.owner
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    name: str
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -609,11 +630,25 @@ class Repository:
             return counts
 
     @_translate_errors
-    def recent_batches(self, limit: int = 20) -> list[tuple[BatchRecord, dict[str, int]]]:
+    def recent_batches(
+        self,
+        limit: int = 20,
+        *,
+        owner: str | None | AnyOwner = ANY_OWNER,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[tuple[BatchRecord, dict[str, int]]]:
+        """Newest first, with their state counts. `owner`: only that key's batches (None: the
+        CLI's); `before` = (created_at, id) of the last batch of the previous page (keyset)."""
+        query = select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+        if not isinstance(owner, AnyOwner):
+            query = query.where(Batch.owner.is_(None) if owner is None else Batch.owner == owner)
+        if before is not None:
+            created_at, batch_id = before
+            query = query.where(
+                or_(Batch.created_at < created_at, and_(Batch.created_at == created_at, Batch.id < batch_id))
+            )
         with self._session() as s:
-            batches = [
-                _record(BatchRecord, b) for b in s.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit))
-            ]
+            batches = [_record(BatchRecord, b) for b in s.scalars(query)]
             if not batches:
                 return []
             counts: dict[str, dict[str, int]] = {b.id: {st.value: 0 for st in JobState} for b in batches}
@@ -627,7 +662,8 @@ class Repository:
             return [(b, counts[b.id]) for b in batches]
 
     @_translate_errors
-    def _jobs_page(self, batch_id: str, state: JobState | None, after_index: int, limit: int) -> list[JobRecord]:
+    def jobs_page(self, batch_id: str, state: JobState | None, after_index: int, limit: int) -> list[JobRecord]:
+        """Up to `limit` jobs after row `after_index`, in row order (keyset pagination)."""
         query = select(Job).where(Job.batch_id == batch_id, Job.index > after_index).order_by(Job.index).limit(limit)
         if state is not None:
             query = query.where(Job.state == state.value)
@@ -639,7 +675,7 @@ class Repository:
         10^6-job manifest or export never holds the batch, nor a session, for long."""
         after = -1
         while True:
-            rows = self._jobs_page(batch_id, state, after, page)
+            rows = self.jobs_page(batch_id, state, after, page)
             yield from rows
             if len(rows) < page:
                 return
@@ -1173,3 +1209,42 @@ class Repository:
         )
         with self._session() as s:
             return list(s.scalars(query))
+
+    # --- API keys (lcmq.access) -------------------------------------------------------------
+
+    @_translate_errors
+    def add_api_key(self, name: str, key_sha256: str, webhook_secret: str, admin: bool) -> bool:
+        """Insert a key; False when a key of that name exists (revoked ones too: names are not reused)."""
+        with self._session() as s:
+            statement = self._dialect_insert(s, ApiKey).values(
+                name=name, key_sha256=key_sha256, webhook_secret=webhook_secret, admin=admin, created_at=utcnow()
+            )
+            statement = statement.on_conflict_do_nothing(index_elements=["name"]).returning(ApiKey.name)
+            return s.execute(statement).first() is not None
+
+    @_translate_errors
+    def api_key_by_hash(self, key_sha256: str) -> ApiKeyRecord | None:
+        """The valid (not revoked) key with this hash. Read on every request, so a revocation
+        made by any process holds from the next request on."""
+        with self._session() as s:
+            row = s.scalars(select(ApiKey).where(ApiKey.key_sha256 == key_sha256, ApiKey.revoked_at.is_(None))).first()
+            return None if row is None else _record(ApiKeyRecord, row)
+
+    @_translate_errors
+    def api_keys(self) -> list[ApiKeyRecord]:
+        with self._session() as s:
+            return [_record(ApiKeyRecord, row) for row in s.scalars(select(ApiKey).order_by(ApiKey.name))]
+
+    @_translate_errors
+    def revoke_api_key(self, name: str) -> bool:
+        """False when no valid key has that name."""
+        with self._session() as s:
+            result = s.execute(
+                update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+            )
+            return _rowcount(result) == 1
+
+    @_translate_errors
+    def webhook_secret(self, name: str) -> str | None:
+        with self._session() as s:
+            return s.scalar(select(ApiKey.webhook_secret).where(ApiKey.name == name))

@@ -135,6 +135,22 @@ class Settings(BaseSettings):
     )
     max_init_image_bytes: int = Field(32 << 20, ge=1024, description="img2img: larger init images fail their job.")
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
+    # --- the HTTP face (lcmq api), webhooks and worker rows -----------------------------------
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs that resolve to loopback, private or link-local "
+        "addresses (refused by default: a webhook must not reach into the farm's own network).",
+    )
+    webhook_timeout_s: float = Field(10, gt=0, le=120, description="One webhook attempt's connect+read timeout.")
+    webhook_retry_for_s: float = Field(
+        6 * 3600, ge=3600, description="A webhook is retried with backoff for this long before it is given up."
+    )
+    heartbeat_s: float = Field(
+        10, gt=0, le=300, description="How often a worker updates its row; stale after 3x this without one."
+    )
+    api_events_min_interval_s: float = Field(
+        0.5, ge=0.05, le=10, description="The events stream sends a batch's counts at most this often."
+    )
     log_level: str = "INFO"
     log_json: bool = False
 

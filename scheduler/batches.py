@@ -124,6 +124,8 @@ def stage_batch(
     storage: Storage,
     idempotency_key: str | None = None,
     priority: int = 0,
+    owner: str | None = None,
+    webhook_url: str | None = None,
 ) -> StagedBatch:
     """Phase 1, check and stage: a new batch's row, and its job rows as a stream of `specs`."""
     batch_id = new_batch_id()
@@ -138,6 +140,8 @@ def stage_batch(
         "options": asdict(options),
         "idempotency_key": idempotency_key,
         "priority": priority,
+        "owner": owner,
+        "webhook_url": webhook_url,
     }
     inputs, pending = InputUploads(storage, batch_id), KeptPending(KEEP_PENDING_UP_TO)
     return StagedBatch(batch, _staged_rows(specs, batch_id, batch_seed, inputs, pending), inputs, pending)
@@ -197,13 +201,15 @@ def create_and_enqueue(
     idempotency_key: str | None = None,
     priority: int = 0,
     max_chunks: int = 1000,
+    owner: str | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[str, bool]:
     """Write a validated batch and publish its chunks; returns (batch id, created).
 
     `specs` may be a stream (a 10^6-row file is never held whole). When the idempotency key
     names an existing batch, nothing is written or published and that batch's id is returned.
     """
-    staged = stage_batch(specs, profile, options, storage, idempotency_key, priority)
+    staged = stage_batch(specs, profile, options, storage, idempotency_key, priority, owner, webhook_url)
     batch_id, created = write_batch(repo, staged)
     published = publish_written(repo, batch_id, created, chunk_size, max_chunks, staged.pending.jobs)
     if created:

@@ -120,6 +120,7 @@ def run_batch(storage: Storage, schedule: ScheduleRecord, options: BatchOptions,
         | {"schedule": schedule.name, "catalog": schedule.catalog, "template": schedule.template, "items": plan.counts},
         "idempotency_key": None,
         "priority": 0,
+        "owner": schedule.owner,  # a schedule's batches belong to the key that made it
     }
     return RunBatch(batch, jobs, rendered, pending)
 

@@ -1,0 +1,83 @@
+"""The app factory and the one mapping of lcmq's error tree to HTTP statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from lcmq.api import repository
+from lcmq.errors import InputError, LcmqError, NotFoundError, TransientError
+from lcmq.settings import Settings, get_settings
+
+log = logging.getLogger("lcmq.http")
+
+
+def error_body(exc: LcmqError) -> dict:
+    """`{"error": <the CLI's message>}`, plus where for an input error (file, line, field)."""
+    body: dict = {"error": str(exc)}
+    if isinstance(exc, InputError):
+        body |= {"source": exc.source, "line": exc.line, "field": exc.field, "message": exc.message}
+    return body
+
+
+def status_of(exc: LcmqError) -> int:
+    """By class, never by message: input 422, unknown (or another key's) 404, a passing fault
+    503 (retry), anything else refused 400."""
+    if isinstance(exc, InputError):
+        return 422
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, TransientError):
+        return 503
+    return 400
+
+
+async def lcmq_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LcmqError)
+    status = status_of(exc)
+    if status >= 500:
+        log.warning("request failed", extra={"path": request.url.path, "error": str(exc)})
+    return JSONResponse(error_body(exc), status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
+
+
+class BackgroundLoop(Protocol):
+    def stop(self) -> None: ...
+
+
+def start_background_loops(settings: Settings) -> list[BackgroundLoop]:
+    """The loops an API process runs beside its requests (webhook delivery), started with the
+    app and stopped with it."""
+    return []
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    loops = start_background_loops(app.state.settings) if app.state.run_background else []
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.stop()
+
+
+def create_app(settings: Settings | None = None, *, run_background: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="lcmq",
+        version="1",
+        description="A batch rendering queue for few-step (LCM-LoRA) diffusion: batches, jobs, schedules, workers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.run_background = run_background
+    app.state.repo = repository(settings)
+    app.add_exception_handler(LcmqError, lcmq_error)
+    from lcmq.http import routes
+
+    app.include_router(routes.router)
+    return app
