@@ -17,6 +17,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
 from lcmq.errors import InputError, NotFoundError
 from lcmq.models import API_KEY_NAME_LENGTH
@@ -69,11 +70,11 @@ def check_key_name(name: str) -> None:
         )
 
 
-def create_key(repo: Repository, name: str, *, admin: bool = False) -> NewKey:
+def create_key(repo: Repository, name: str, *, admin: bool = False, expires_at: datetime | None = None) -> NewKey:
     check_key_name(name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     webhook_secret = WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
-    if not repo.add_api_key(name, key_sha256(key), webhook_secret, admin):
+    if not repo.add_api_key(name, key_sha256(key), webhook_secret, admin, expires_at):
         raise InputError("apikey", None, "NAME", f"a key named {name!r} exists (names are not reused)")
     return NewKey(name=name, key=key, webhook_secret=webhook_secret, admin=admin)
 

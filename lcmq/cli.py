@@ -423,6 +423,13 @@ def cmd_batches(args) -> int:
     return EXIT_OK
 
 
+def cmd_api(args) -> int:
+    """The HTTP API and dashboard (lcmq.http), until SIGTERM/SIGINT."""
+    from lcmq.http.server import serve
+
+    return serve(get_settings(), args.host, args.port, signin_link=not args.no_signin_link)
+
+
 def cmd_apikey(args) -> int:
     """Keys of the HTTP API. `create` prints the key once, as its last line, and the webhook
     secret that signs the key's webhooks; only the key's hash is stored."""
@@ -757,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser("api", help="the HTTP API and dashboard, until SIGTERM/SIGINT")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--no-signin-link", action="store_true", help="do not make and print the dashboard's sign-in link")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("apikey", help="keys of the HTTP API (lcmq api)")
     actions = p.add_subparsers(dest="action", required=True)

@@ -185,6 +185,8 @@ class ApiKey(Base):
     admin: Mapped[bool] = mapped_column(Boolean, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: valid
+    # NULL: until revoked. The sign-in key `lcmq api` prints expires (and is revoked at its stop).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

@@ -191,6 +191,7 @@ class ApiKeyRecord:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -1213,11 +1214,18 @@ class Repository:
     # --- API keys (lcmq.access) -------------------------------------------------------------
 
     @_translate_errors
-    def add_api_key(self, name: str, key_sha256: str, webhook_secret: str, admin: bool) -> bool:
+    def add_api_key(
+        self, name: str, key_sha256: str, webhook_secret: str, admin: bool, expires_at: datetime | None = None
+    ) -> bool:
         """Insert a key; False when a key of that name exists (revoked ones too: names are not reused)."""
         with self._session() as s:
             statement = self._dialect_insert(s, ApiKey).values(
-                name=name, key_sha256=key_sha256, webhook_secret=webhook_secret, admin=admin, created_at=utcnow()
+                name=name,
+                key_sha256=key_sha256,
+                webhook_secret=webhook_secret,
+                admin=admin,
+                created_at=utcnow(),
+                expires_at=expires_at,
             )
             statement = statement.on_conflict_do_nothing(index_elements=["name"]).returning(ApiKey.name)
             return s.execute(statement).first() is not None
@@ -1227,7 +1235,13 @@ class Repository:
         """The valid (not revoked) key with this hash. Read on every request, so a revocation
         made by any process holds from the next request on."""
         with self._session() as s:
-            row = s.scalars(select(ApiKey).where(ApiKey.key_sha256 == key_sha256, ApiKey.revoked_at.is_(None))).first()
+            row = s.scalars(
+                select(ApiKey).where(
+                    ApiKey.key_sha256 == key_sha256,
+                    ApiKey.revoked_at.is_(None),
+                    or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > utcnow()),
+                )
+            ).first()
             return None if row is None else _record(ApiKeyRecord, row)
 
     @_translate_errors
