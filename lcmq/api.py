@@ -25,7 +25,7 @@ from lcmq.migrate import ensure_embedded_schema
 from lcmq.models import JobState
 from lcmq.profiles import Profile, get_profile, load_profiles
 from lcmq.queue import MAX_PRIORITY
-from lcmq.repository import ANY_OWNER, BatchRecord, JobRecord, Repository, ScheduleRecord, utcnow
+from lcmq.repository import ANY_OWNER, BatchRecord, JobRecord, Repository, ScheduleRecord, WorkerRecord, utcnow
 from lcmq.settings import Settings, get_settings
 from lcmq.spec import BatchOptions, JobSpec, RowValidator, open_batch_file, rows_from_objects, validate_rows
 from lcmq.storage import Storage, storage_from_settings
@@ -568,3 +568,48 @@ def schedule_run(name: str, principal: Principal = LOCAL) -> BatchStatus | Uncha
     if result.batch_id is None:
         return UnchangedRun(name, result.counts)
     return status(result.batch_id)
+
+
+# --- workers: the farm's rendering processes -------------------------------------------------
+
+
+def worker_dict(worker: WorkerRecord, now: datetime) -> dict[str, Any]:
+    """A worker as `lcmq workers --json` and GET /v1/workers show it.
+
+    images_per_s is over the worker's life (images ÷ seconds from its start to its last
+    heartbeat, or its stop): the rate it delivers, idle and load time included, which is what its
+    cost is paid for; render_s ÷ images is the pipeline's own speed. cost_per_1000_images follows
+    from it (null without a cost or an image)."""
+    end = worker.stopped_at or worker.last_seen_at
+    wall_s = (end - worker.started_at).total_seconds()
+    images_per_s = worker.images / wall_s if worker.images and wall_s > 0 else None
+    cost_per_1000 = None
+    if worker.cost_per_hour is not None and images_per_s:
+        cost_per_1000 = worker.cost_per_hour / 3600 / images_per_s * 1000
+    return {
+        "node": worker.node,
+        "host": worker.host,
+        "pid": worker.pid,
+        "profile": worker.profile,
+        "device": worker.device,
+        "batch_size": worker.batch_size,
+        "peak_memory_mb": worker.peak_memory_mb,
+        "load_s": worker.load_s,
+        "images": worker.images,
+        "render_s": worker.render_s,
+        "images_per_s": None if images_per_s is None else round(images_per_s, 4),
+        "cost_per_hour": worker.cost_per_hour,
+        "cost_per_1000_images": None if cost_per_1000 is None else round(cost_per_1000, 6),
+        "started_at": worker.started_at.isoformat(),
+        "last_seen_at": worker.last_seen_at.isoformat(),
+        "stopped_at": _iso(worker.stopped_at),
+        "state": worker.state(now),
+    }
+
+
+def workers(principal: Principal = LOCAL, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+    """The farm's worker processes, live and stale (no heartbeat for 3 of their intervals: killed
+    or cut off), by profile and node; stopped ones too with include_stopped. Workers belong to
+    the farm, not to a key: any valid key sees them all (`principal` is who asks)."""
+    now = utcnow()
+    return [worker_dict(w, now) for w in repository().workers(include_stopped=include_stopped)]

@@ -287,6 +287,27 @@ def parse_memory_mb(text: str) -> int:
     return value
 
 
+def parse_cost(text: str) -> float:
+    """A cost per hour: a number >= 0, in any currency."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 0.34)") from None
+    if not value >= 0 or value == float("inf"):  # NaN compares false
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535: {text!r}")
+    return value
+
+
 def cmd_sweep(args) -> int:
     from scheduler.sweeper import sweep_forever, sweep_once  # the CLI reaches into the producer side
 
@@ -498,7 +519,25 @@ def cmd_worker(args) -> int:
         device=args.device,
         name=args.name,
         max_memory_mb=args.max_memory,
+        cost_per_hour=args.cost_per_hour,
+        metrics_port=args.metrics_port,
     )
+    return EXIT_OK
+
+
+def cmd_workers(args) -> int:
+    rows = api.workers(include_stopped=args.all)
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    print(f"{'node':40}  {'state':7}  {'profile':10}  {'device':6}  {'batch':>5}  {'images':>8}  {'img/s':>7}  cost/1k")
+    for r in rows:
+        rate = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
+        cost = f"{r['cost_per_1000_images']:.4f}" if r["cost_per_1000_images"] is not None else "-"
+        print(
+            f"{r['node']:40}  {r['state']:7}  {r['profile']:10}  {r['device']:6}  {r['batch_size'] or '-':>5}  "
+            f"{r['images']:>8}  {rate:>7}  {cost}"
+        )
     return EXIT_OK
 
 
@@ -806,7 +845,25 @@ def build_parser() -> argparse.ArgumentParser:
         "that fits, probed at start (LCMQ_MAX_MEMORY_MB)",
     )
     p.add_argument("--name", help="Celery node name (default <profile>-<pid>@<host>)")
+    p.add_argument(
+        "--cost-per-hour",
+        type=parse_cost,
+        metavar="COST",
+        help="what this worker costs per hour, any currency (e.g. 0.34); `lcmq workers` shows its cost per "
+        "1,000 images",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=parse_port,
+        metavar="N",
+        help="serve Prometheus metrics on 0.0.0.0:N (prefork: pool process i on N+i)",
+    )
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("workers", help="the farm's worker processes: live, stale, images/s, cost per 1,000 images")
+    p.add_argument("--all", action="store_true", help="stopped workers too")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per worker process")
+    p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("run", help="render a prompt file on this machine: submit, a worker, progress, stop")
     _add_batch_flags(p)

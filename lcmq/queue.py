@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -169,3 +170,24 @@ def queue_length(profile: str) -> int:
         if "NOT_FOUND" in str(exc) or "not found" in str(exc).lower():
             return 0
         raise
+
+
+def queue_depths(profiles: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each profile's queue, over one broker connection (a metrics scrape).
+
+    On Redis a queue is one list per priority step (`render.tiny`, `render.tiny\x06\x161`, ...
+    `\x06\x169`): kombu's message_count sums every one of them, as Flower does (a scaler that
+    reads only the bare list misses every prioritised batch). On the filesystem broker it counts
+    the queue's message files. Messages a worker holds unacked (prefetched) are not counted."""
+    depths: dict[str, int] = {}
+    try:
+        with get_app().connection_for_write() as conn:
+            channel = conn.default_channel
+            for profile in profiles:
+                try:
+                    depths[profile] = channel.queue_declare(queue_name(profile), passive=True).message_count
+                except ChannelError:  # no list of the queue exists: nothing was ever left waiting in it
+                    depths[profile] = 0
+    except BROKER_DOWN as exc:
+        raise BrokerError(f"reading queue lengths: {exc}") from exc
+    return depths

@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from lcmq.errors import DatabaseError, LcmqError, NotFoundError, QueryError, RecordError, SchemaError
-from lcmq.models import ApiKey, Base, Batch, CatalogItem, Job, JobState, Schedule
+from lcmq.models import ApiKey, Base, Batch, CatalogItem, Job, JobState, Schedule, WorkerProcess
 from lcmq.spec import render_shape
 
 
@@ -192,6 +192,52 @@ class ApiKeyRecord:
     revoked_at: datetime | None
     last_used_at: datetime | None
     expires_at: datetime | None = None
+
+
+# A worker is stale after this many of its own heartbeat intervals without a heartbeat.
+STALE_AFTER_BEATS = 3
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker process's row (lcmq.models.WorkerProcess), as its heartbeat last wrote it."""
+
+    node: str
+    host: str
+    pid: int
+    profile: str
+    device: str
+    batch_size: int | None
+    peak_memory_mb: float | None
+    load_s: float | None
+    images: int
+    render_s: float
+    cost_per_hour: float | None
+    heartbeat_s: float
+    started_at: datetime
+    last_seen_at: datetime
+    stopped_at: datetime | None
+
+    def state(self, now: datetime) -> str:
+        """ "stopped" (it said so), "stale" (no heartbeat for STALE_AFTER_BEATS intervals: killed,
+        frozen or cut off) or "live"."""
+        if self.stopped_at is not None:
+            return "stopped"
+        if now - self.last_seen_at > timedelta(seconds=STALE_AFTER_BEATS * self.heartbeat_s):
+            return "stale"
+        return "live"
+
+
+@dataclass(frozen=True)
+class WorkerBeat:
+    """What a heartbeat writes: the process's counters and what its load has found out."""
+
+    images: int
+    render_s: float
+    peak_memory_mb: float | None = None
+    load_s: float | None = None
+    batch_size: int | None = None
+    device: str | None = None  # the resolved device once loaded ("auto" becomes cpu/cuda/mps)
 
 
 @dataclass(frozen=True)
@@ -1262,3 +1308,89 @@ class Repository:
     def webhook_secret(self, name: str) -> str | None:
         with self._session() as s:
             return s.scalar(select(ApiKey.webhook_secret).where(ApiKey.name == name))
+
+    # --- worker rows (worker/presence.py writes them; `lcmq workers` and /metrics read them) ----
+
+    @_translate_errors
+    def upsert_worker(self, worker: WorkerRecord) -> None:
+        """Write a worker process's row at its start; a node name seen before (a restarted
+        process that reused it) starts afresh."""
+        values = {f.name: getattr(worker, f.name) for f in fields(WorkerRecord)}
+        with self._session() as s:
+            statement = self._dialect_insert(s, WorkerProcess).values(**values)
+            changed = {name: value for name, value in values.items() if name != "node"}
+            s.execute(statement.on_conflict_do_update(index_elements=["node"], set_=changed))
+
+    @staticmethod
+    def _beat_values(beat: WorkerBeat, now: datetime) -> dict[str, Any]:
+        values: dict[str, Any] = {"last_seen_at": now, "images": beat.images, "render_s": beat.render_s}
+        learned = {
+            "peak_memory_mb": beat.peak_memory_mb,
+            "load_s": beat.load_s,
+            "batch_size": beat.batch_size,
+            "device": beat.device,
+        }
+        return values | {name: value for name, value in learned.items() if value is not None}
+
+    @_translate_errors
+    def heartbeat_worker(self, node: str, beat: WorkerBeat, now: datetime | None = None) -> bool:
+        """The row's counters and last_seen_at; False when the row is missing (its upsert
+        failed, or it was deleted): the caller writes it again."""
+        with self._session() as s:
+            statement = update(WorkerProcess).where(WorkerProcess.node == node)
+            return _rowcount(s.execute(statement.values(**self._beat_values(beat, now or utcnow())))) == 1
+
+    @_translate_errors
+    def stop_worker(self, node: str, beat: WorkerBeat, now: datetime | None = None) -> bool:
+        """A clean shutdown: the last counters, and stopped_at. False when the row is missing."""
+        now = now or utcnow()
+        with self._session() as s:
+            statement = update(WorkerProcess).where(WorkerProcess.node == node)
+            return _rowcount(s.execute(statement.values(**self._beat_values(beat, now), stopped_at=now))) == 1
+
+    @_translate_errors
+    def workers(self, include_stopped: bool = False) -> list[WorkerRecord]:
+        """Worker rows by profile and node; stopped ones only with include_stopped. (The table
+        holds a row per worker process ever started: small next to jobs.)"""
+        query = select(WorkerProcess).order_by(WorkerProcess.profile, WorkerProcess.node)
+        if not include_stopped:
+            query = query.where(WorkerProcess.stopped_at.is_(None))
+        with self._session() as s:
+            return [_record(WorkerRecord, row) for row in s.scalars(query)]
+
+    # --- farm metrics (lcmq/http/farm.py, scraped every ~15 s) ----------------------------------
+
+    @_translate_errors
+    def job_counts_by_profile(self, states: Sequence[JobState]) -> dict[tuple[str, str], int]:
+        """Jobs in `states` by (profile, state). Jobs are counted per (batch_id, state) first,
+        which the ix_jobs_batch_state index answers alone (an index-only scan on a vacuumed
+        table), then summed per profile over the few batch rows."""
+        per_batch = (
+            select(Job.batch_id, Job.state, func.count().label("n"))
+            .where(Job.state.in_([state.value for state in states]))
+            .group_by(Job.batch_id, Job.state)
+            .subquery()
+        )
+        query = (
+            select(Batch.profile, per_batch.c.state, func.sum(per_batch.c.n))
+            .join(per_batch, per_batch.c.batch_id == Batch.id)
+            .group_by(Batch.profile, per_batch.c.state)
+        )
+        with self._session() as s:
+            return {(profile, state): int(n) for profile, state, n in s.execute(query)}
+
+    @_translate_errors
+    def oldest_queued_by_profile(self) -> dict[str, datetime]:
+        """Per profile, the earliest dispatched_at of its queued jobs: when the message the
+        oldest waiting job is in was sent. Jobs waiting for the sweeper's redispatch (NULL) are
+        in no queue yet and do not count."""
+        query = (
+            select(Batch.profile, func.min(Job.dispatched_at))
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Job.state == JobState.queued.value, Job.dispatched_at.is_not(None))
+            .group_by(Batch.profile)
+        )
+        with self._session() as s:
+            rows = s.execute(query).all()
+        # SQLite hands datetimes back naive; everything lcmq writes is UTC.
+        return {profile: oldest.replace(tzinfo=oldest.tzinfo or UTC) for profile, oldest in rows if oldest}

@@ -21,6 +21,8 @@ def run_worker(
     device: str | None = None,
     name: str | None = None,
     max_memory_mb: int | None = None,
+    cost_per_hour: float | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     # Settings given as flags travel as LCMQ_* variables, so pool children build the same ones.
     if batch_size is not None:
@@ -49,6 +51,10 @@ def run_worker(
 
     # A worker that lacks its device, database, broker or storage stops here, before it consumes.
     check_dependencies(profile, settings)
+    if metrics_port is not None:  # each process that renders serves on a port of its own
+        from worker.metrics import check_ports_free
+
+        check_ports_free(metrics_port, concurrency if pool == "prefork" else 1)
     from worker.lifecycle import (
         block_sigterm_in_children,
         install_test_hooks,
@@ -56,6 +62,7 @@ def run_worker(
         take_sigterm_in_a_thread,
     )
     from worker.pipeline import preload
+    from worker.presence import report_this_process, stop_reporting
     from worker.store import drain_on_exit
     from worker.tasks import WORKER_PROFILE_ENV, app  # registers the task on the shared app
 
@@ -67,15 +74,29 @@ def run_worker(
     worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
     worker_process_shutdown.connect(drain_on_exit, weak=False)
     worker_shutdown.connect(drain_on_exit, weak=False)
+    # After the drain: the row's last counters include what it stored.
+    worker_process_shutdown.connect(stop_reporting, weak=False)
+    worker_shutdown.connect(stop_reporting, weak=False)
     if pool == "prefork":
         block_sigterm_in_children()
         worker_process_init.connect(take_sigterm_in_a_thread, weak=False)
     # Load the pipeline while the worker waits for its first task: in each pool child, never
     # in the prefork parent (CUDA cannot be used in a child forked after the parent touched it).
-    start_loading = lambda **_: preload(profile, get_settings())  # noqa: E731
-    (worker_ready if pool in ("solo", "threads") else worker_process_init).connect(start_loading, weak=False)
-    os.environ[WORKER_PROFILE_ENV] = profile.name
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
+
+    def start_rendering_process(**_signal_kwargs) -> None:
+        preload(profile, get_settings())
+        report_this_process(
+            get_settings(),
+            node=node,
+            profile=profile.name,
+            pool_child=pool == "prefork",
+            cost_per_hour=cost_per_hour,
+            metrics_port=metrics_port,
+        )
+
+    (worker_ready if pool in ("solo", "threads") else worker_process_init).connect(start_rendering_process, weak=False)
+    os.environ[WORKER_PROFILE_ENV] = profile.name
     announce(settings, node, profile.name)  # so that a `submit --wait` in another shell knows it is here
     app.worker_main(
         [

@@ -302,6 +302,11 @@ def pinned_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
         return loaded
 
 
+def loaded_pipeline(profile_name: str) -> LoadedPipeline | None:
+    """This process's pipeline for the profile once loaded; None while loading (never waits)."""
+    return _PINNED.get(profile_name)
+
+
 def preload(profile: Profile, settings: Settings) -> threading.Thread:
     """Load the pipeline in the background as soon as a worker process starts.
 

@@ -25,6 +25,7 @@ from lcmq.queue import RENDER_TASK, get_app, publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
+from worker.counters import COUNTERS
 from worker.img2img import load_init_images
 from worker.leases import handback_delay_s
 from worker.lifecycle import shutting_down
@@ -181,6 +182,7 @@ class ChunkRun:
             with PeakMemory(loaded.device) as peak:
                 images = render(loaded, group, init_images)
             self.store.add_time("render_ms", started)
+            COUNTERS.rendered(len(images), time.perf_counter() - started, peak.mb)  # the worker's row and metrics
             if peak.mb is not None:
                 self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
             render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
@@ -239,6 +241,7 @@ class ChunkRun:
 @app.task(name=RENDER_TASK, bind=True)
 def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
     worker = self.request.hostname or f"local-{os.getpid()}"
+    started = time.perf_counter()
     run = ChunkRun(batch_id, worker)
     try:
         return run.run(job_ids)
@@ -267,6 +270,7 @@ def render_chunk(self, batch_id: str, job_ids: list[str]) -> dict:
         raise
     finally:
         run.let_go()
+        COUNTERS.busy(time.perf_counter() - started)
 
 
 def _safely(action, reason: str):
