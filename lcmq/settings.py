@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(
         10, gt=0, le=300, description="How often a worker updates its row; stale after 3x this without one."
     )
+    metrics_final_counts_s: float = Field(
+        60,
+        ge=0,
+        description="The API's /metrics recounts succeeded, failed and canceled jobs at most this often "
+        "(a count over every job ever rendered); queued and running ones are counted at every scrape.",
+    )
     api_events_min_interval_s: float = Field(
         0.5, ge=0.05, le=10, description="The events stream sends a batch's counts at most this often."
     )

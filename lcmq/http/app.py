@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.run_background = run_background
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
-    from lcmq.http import routes
+    from lcmq.http import farm, routes
 
     app.include_router(routes.router)
+    app.include_router(farm.router)  # /v1/workers, /metrics
     return app
