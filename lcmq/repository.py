@@ -623,6 +623,12 @@ class Repository:
         return self._get(Batch, batch_id, BatchRecord, "batch")
 
     @_translate_errors
+    def ping(self) -> None:
+        """One trivial statement: the database answers (`GET /readyz`)."""
+        with self._session() as s:
+            s.execute(select(1))
+
+    @_translate_errors
     def state_counts(self, batch_id: str) -> dict[str, int]:
         with self._session() as s:
             rows = s.execute(select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state))

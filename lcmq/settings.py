@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     api_events_min_interval_s: float = Field(
         0.5, ge=0.05, le=10, description="The events stream sends a batch's counts at most this often."
     )
+    api_max_body_mb: float = Field(
+        256, gt=0, description="The largest request body `lcmq api` reads (a prompt file upload), in MiB; 413 beyond."
+    )
     log_level: str = "INFO"
     log_json: bool = False
 
