@@ -31,6 +31,7 @@ from lcmq.http.schemas import (
     UNAUTHORIZED,
     BatchOut,
     BatchPage,
+    ErrorOut,
     JobPage,
     ReadyOut,
     Responses,
@@ -112,7 +113,11 @@ SUBMIT_BODY = {
     status_code=201,
     response_model=BatchOut,
     response_model_exclude_unset=True,
-    responses={200: {"model": BatchOut, "description": "submitted before: the first batch"}, 413: {}},
+    responses={
+        200: {"model": BatchOut, "description": "submitted before: the first batch"},
+        400: {"description": "a multipart body that does not parse"},
+        413: {"model": ErrorOut, "description": "a body over LCMQ_API_MAX_BODY_MB"},
+    },
     openapi_extra=SUBMIT_BODY,
 )
 async def submit(
