@@ -52,7 +52,9 @@ class BackgroundLoop(Protocol):
 def start_background_loops(settings: Settings) -> list[BackgroundLoop]:
     """The loops an API process runs beside its requests (webhook delivery), started with the
     app and stopped with it."""
-    return []
+    from scheduler.webhooks import DeliveryLoop
+
+    return [DeliveryLoop(settings).start()]
 
 
 @asynccontextmanager
@@ -77,7 +79,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.run_background = run_background
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
-    from lcmq.http import routes
+    from lcmq.http import routes, webhook_routes
 
     app.include_router(routes.router)
+    app.include_router(webhook_routes.router)
     return app
