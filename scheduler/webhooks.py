@@ -36,7 +36,7 @@ log = logging.getLogger("lcmq.webhooks")
 
 SENDERS = 8  # attempts in flight per process: one slow receiver does not hold up the others
 QUEUE_PAGE = 100  # final batches queued per turn
-CLAIM_MARGIN_S = 30  # a claim outlives the attempt's timeout by this much
+CLAIM_MARGIN_S = 10  # a claim outlives the attempt's timeout by this much (the write after it, clock skew)
 
 
 def backoff_s(failures: int, first_s: float, max_s: float, draw: Callable[[], float] = random.random) -> float:
