@@ -106,6 +106,7 @@ def final_body(batch: BatchRecord, counts: dict[str, int]) -> str:
     It is built here, not by lcmq.api (the sender runs in `lcmq scheduler` too, below the face);
     tests/integration/test_webhooks.py holds it equal to lcmq.api.batch_summary.
     """
+    # The fields of lcmq.api.BatchStatus.to_dict, in its order (JobState's order is its).
     status: dict[str, object] = {
         "batch_id": batch.id,
         "total": batch.total,
@@ -114,17 +115,12 @@ def final_body(batch: BatchRecord, counts: dict[str, int]) -> str:
     }
     if batch.options.get("items") is not None:  # a schedule run's batch (as BatchStatus.to_dict)
         status["items"] = batch.options["items"]
-    ordered = {name: status[name] for name in STATUS_FIELDS if name in status}
     return json.dumps(
         {
             "event": FINAL_EVENT,
-            **ordered,
+            **status,
             "name": batch.name,
             "profile": batch.profile,
             "created_at": batch.created_at.isoformat(),
         }
     )
-
-
-# The order of lcmq.api.BatchStatus's fields (its to_dict), kept for a body that reads the same.
-STATUS_FIELDS = ("batch_id", "total", "queued", "running", "succeeded", "failed", "canceled", "output", "items")

@@ -69,6 +69,7 @@ def test_the_body_is_the_batch_as_listed_plus_the_event(hook_env):
     batch = repo.get_batch(batch_id)
     listed = api.batch_summary(batch, repo.state_counts(batch_id))
     assert json.loads(delivery.body) == {"event": "batch.final"} | listed
+    assert list(json.loads(delivery.body)) == ["event", *listed]  # and in the same order
     assert listed == api.status(batch_id).to_dict() | {k: listed[k] for k in ("name", "profile", "created_at")}
     assert (delivery.state, delivery.attempts, attempts) == ("pending", 0, [])
     assert delivery.id.startswith("msg_") and delivery.owner == "shop"
