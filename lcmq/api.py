@@ -183,6 +183,8 @@ def submit(
     _check_flags(source, chunk_size, priority, idempotency_key)
     if webhook_url is not None:
         check_webhook_url(webhook_url, source, settings)
+        if principal.owner is None:  # a webhook is signed with its batch's key's secret
+            raise InputError(source, None, "webhook_url", "needs a batch submitted with an API key (lcmq api)")
     image_format, quality = check_output(source, image_format, quality)
     axes = check_matrix(matrix, source)
     options = BatchOptions(
@@ -568,3 +570,39 @@ def schedule_run(name: str, principal: Principal = LOCAL) -> BatchStatus | Uncha
     if result.batch_id is None:
         return UnchangedRun(name, result.counts)
     return status(result.batch_id)
+
+
+# --- webhooks: the deliveries of a batch's final-status call (lcmq.webhooks) -----------------
+
+
+def webhook_deliveries(batch_id: str, principal: Principal = LOCAL) -> list[dict[str, Any]]:
+    """A batch's webhook deliveries (`lcmq webhooks BATCH`): each one's state (pending, delivered
+    or failed), its body as sent, and every attempt with its HTTP status or error."""
+    import json
+
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    return [
+        {
+            "id": delivery.id,
+            "event": delivery.event,
+            "url": delivery.url,
+            "state": delivery.state,
+            "attempts": delivery.attempts,
+            "created_at": _iso(delivery.created_at),
+            "next_attempt_at": _iso(delivery.next_attempt_at),
+            "delivered_at": _iso(delivery.delivered_at),
+            "give_up_at": _iso(delivery.give_up_at),
+            "body": json.loads(delivery.body),
+            "history": [
+                {
+                    "attempted_at": _iso(attempt.attempted_at),
+                    "status_code": attempt.status_code,
+                    "error": attempt.error,
+                    "duration_ms": round(attempt.duration_ms, 1),
+                }
+                for attempt in attempts
+            ],
+        }
+        for delivery, attempts in repo.webhook_deliveries(batch_id)
+    ]

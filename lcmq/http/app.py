@@ -64,7 +64,9 @@ class BackgroundLoop(Protocol):
 def start_background_loops(settings: Settings) -> list[BackgroundLoop]:
     """The loops an API process runs beside its requests (webhook delivery), started with the
     app and stopped with it."""
-    return []
+    from scheduler.webhooks import DeliveryLoop
+
+    return [DeliveryLoop(settings).start()]
 
 
 @asynccontextmanager
@@ -94,7 +96,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
 
     app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
     app.add_middleware(AccessLog)  # outermost: a refused body is logged too
-    from lcmq.http import routes
+    from lcmq.http import routes, webhook_routes
 
     app.include_router(routes.router)
+    app.include_router(webhook_routes.router)
     return app
