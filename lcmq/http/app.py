@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.run_background = run_background
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
-    from lcmq.http import routes
+    from lcmq.http import dashboard, routes
 
     app.include_router(routes.router)
+    dashboard.install(app)
     return app
