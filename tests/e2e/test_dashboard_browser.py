@@ -79,6 +79,8 @@ def test_a_running_batch_reaches_100_percent_with_every_image_in_the_gallery(ser
             (cookie,) = [c for c in page.context.cookies() if c["name"] == "lcmq_session"]
             assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
             assert page.get_by_role("link", name="lighthouses").count() == 1
+            page.screenshot(path=str(artifacts / "batches.png"), full_page=True)
+            keep_artifact(artifacts / "batches.png")
 
             page.get_by_role("link", name="lighthouses").click()
             page.wait_for_url(f"{server.url}/batches/{batch_id}")
