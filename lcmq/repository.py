@@ -1466,3 +1466,51 @@ class Repository:
                 for row in rows:
                     attempts[row.delivery_id].append(_record(WebhookAttemptRecord, row))
             return [(d, attempts[d.id]) for d in deliveries]
+
+    # --- the dashboard ----------------------------------------------------------------------
+
+    @_translate_errors
+    def images_since(
+        self, batch_ids: Sequence[str], since: datetime, *, owner: str | None | AnyOwner = ANY_OWNER
+    ) -> dict[str, int]:
+        """Images (succeeded jobs) of each batch finished at or after `since`, in one GROUP BY
+        for all the batches; `owner` leaves out the batches another key owns."""
+        if not batch_ids:
+            return {}
+        query = (
+            select(Job.batch_id, func.count())
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(
+                Job.batch_id.in_(list(batch_ids)),
+                Job.state == JobState.succeeded.value,
+                Job.finished_at >= since,
+            )
+            .group_by(Job.batch_id)
+        )
+        if not isinstance(owner, AnyOwner):
+            query = query.where(Batch.owner.is_(None) if owner is None else Batch.owner == owner)
+        with self._session() as s:
+            counts = {batch_id: 0 for batch_id in batch_ids}
+            counts.update({batch_id: n for batch_id, n in s.execute(query)})
+            return counts
+
+    @_translate_errors
+    def batch_of_object(self, key: str) -> str | None:
+        """The batch of the job whose image is stored at `key`, or None. Found through indexed
+        columns only: a batch image's key names its batch and row (`<batch>/<index>.<ext>`); a
+        catalog image's (`<schedule>/<item>.<ext>`) is the key of its item's current job. The
+        job's own `key` must equal `key` either way: the path is a hint, never trusted."""
+        folder, _, leaf = key.partition("/")
+        stem = leaf.rsplit(".", 1)[0]
+        with self._session() as s:
+            if stem.isdigit():
+                found = s.scalar(
+                    select(Job.batch_id).where(Job.batch_id == folder, Job.index == int(stem), Job.key == key)
+                )
+                if found is not None:
+                    return found
+            return s.scalar(
+                select(Job.batch_id)
+                .join(CatalogItem, CatalogItem.job_id == Job.id)
+                .where(CatalogItem.schedule_name == folder, CatalogItem.item_id == stem, Job.key == key)
+            )

@@ -96,8 +96,9 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
 
     app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
     app.add_middleware(AccessLog)  # outermost: a refused body is logged too
-    from lcmq.http import routes, webhook_routes
+    from lcmq.http import dashboard, routes, webhook_routes
 
     app.include_router(routes.router)
     app.include_router(webhook_routes.router)
+    dashboard.install(app)
     return app
