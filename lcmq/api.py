@@ -202,7 +202,9 @@ def submit(
         loras=None if loras is None else tuple(_lora_entries(loras, source)),
     )
     profile = _resolve_profile(model, source)
-    validator = RowValidator(options, profile, source, base_dir=path.parent if path else None)
+    validator = RowValidator(
+        options, profile, source, base_dir=path.parent if path else None, local_files=principal.local_files
+    )
     specs: Iterable[JobSpec]
     if path is not None:
         # Validated while written, in one transaction: a bad row anywhere commits nothing.
@@ -497,7 +499,16 @@ def schedule_add(
     if image_format != DEFAULT_FORMAT:  # PNG schedules store what they stored before formats
         options |= {"image_format": image_format, "quality": quality}
     settings = get_settings()
-    load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
+    if not principal.local_files and not location.startswith("s3://"):
+        raise InputError(source, None, "catalog", "over the HTTP API a catalog must be an s3:// URL")
+    load_items(
+        location,
+        template,
+        BatchOptions(model=model, name=name, **options),
+        profile,
+        settings,
+        local_files=principal.local_files,
+    )
     repo = repository(settings)
     if not repo.add_schedule(
         {

@@ -15,14 +15,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from lcmq import api
 from lcmq.access import Principal
 from lcmq.errors import InputError
 from lcmq.http import submission
-from lcmq.http.auth import Caller
+from lcmq.http.auth import Caller, bearer
 from lcmq.http.events import batch_events
 from lcmq.http.ready import readiness
 from lcmq.http.schemas import (
@@ -46,8 +45,6 @@ from lcmq.models import JobState
 
 router = APIRouter()
 
-# Documents the Bearer scheme in /openapi.json; the key itself is checked by `Caller`.
-bearer = HTTPBearer(auto_error=False, description="an API key: `lcmq apikey create NAME`")
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=UNAUTHORIZED | INVALID)
 
 MAX_PAGE = 100

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from lcmq import api
-from lcmq.http.auth import Caller
+from lcmq.http.auth import Caller, bearer
+from lcmq.http.schemas import INVALID, NOT_FOUND, UNAUTHORIZED
 
-router = APIRouter(prefix="/v1", tags=["webhooks"])
+router = APIRouter(
+    prefix="/v1", tags=["webhooks"], dependencies=[Depends(bearer)], responses=UNAUTHORIZED | INVALID | NOT_FOUND
+)
 
 
 @router.get("/batches/{batch_id}/webhooks")
