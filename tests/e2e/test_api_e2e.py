@@ -1,7 +1,8 @@
 """The issue's acceptance over HTTP: a real `lcmq api` process, a real `lcmq worker --model tiny`,
 Postgres, Redis and moto S3. Upload a prompt file, follow its events to `done`, read the manifest;
 cancel a larger batch mid-way; repeat a POST with its Idempotency-Key; no key, another key and a
-revoked key. (The webhook's delivery is another test's: here its URL is only passed through.)"""
+revoked key; the uploaded batch's signed webhook arrives at a local receiver and verifies.
+(tests/e2e/test_webhook_delivery.py: a receiver that is down at first, and an API restart.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import httpx
 
 from bench.harness import wait_until
 from lcmq import access, api
+from lcmq.webhooks import verify
 from tests.support.api_server import start_api
+from tests.support.webhook_receiver import WebhookReceiver
 
 UPLOADED = 6
 LARGE = 160
@@ -41,19 +44,20 @@ def test_submit_watch_read_cancel_repeat_and_refuse_over_http(isolated_env, proc
     bob = access.create_key(repo, "bob")
     as_alice = {"Authorization": f"Bearer {alice.key}"}
     http = httpx.Client(base_url=server.url, headers=as_alice, timeout=30)
+    receiver = WebhookReceiver()
 
     # Upload a prompt file; its events go to `done`; the manifest has every image.
     prompts = "".join(f"a lighthouse number {i}\n" for i in range(UPLOADED)).encode()
     submitted = http.post(
         "/v1/batches",
         files={"file": ("lighthouses.txt", prompts, "text/plain")},
-        data={"model": "tiny", "steps": "2", "name": "uploaded", "webhook_url": "http://127.0.0.1:9/hook"},
+        data={"model": "tiny", "steps": "2", "name": "uploaded", "webhook_url": receiver.url},
         headers={"Idempotency-Key": "upload-1"},
     )
     assert submitted.status_code == 201, submitted.text
     batch = submitted.json()
     assert batch["total"] == UPLOADED
-    assert repo.get_batch(batch["batch_id"]).webhook_url == "http://127.0.0.1:9/hook"
+    assert repo.get_batch(batch["batch_id"]).webhook_url == receiver.url
     events = read_events(server.url + batch["links"]["events"], as_alice)
     assert events[-1][0] == "done" and [name for name, _ in events].count("done") == 1
     assert events[-1][1]["succeeded"] == UPLOADED and events[-1][1]["batch_id"] == batch["batch_id"]
@@ -63,6 +67,13 @@ def test_submit_watch_read_cancel_repeat_and_refuse_over_http(isolated_env, proc
     records = [json.loads(line) for line in manifest.text.splitlines()]
     assert [r["index"] for r in records] == list(range(UPLOADED))
     assert records[0]["prompt"] == "a lighthouse number 0" and records[0]["steps"] == 2
+    # The webhook: once, signed with alice's secret, carrying the final status.
+    wait_until(lambda: receiver.received, 30, what="the batch's webhook")
+    (hook,) = receiver.received
+    assert verify(alice.webhook_secret, hook.headers, hook.body)
+    assert not verify(bob.webhook_secret, hook.headers, hook.body)
+    sent = json.loads(hook.body)
+    assert (sent["event"], sent["batch_id"], sent["succeeded"]) == ("batch.final", batch["batch_id"], UPLOADED)
 
     # The same Idempotency-Key again, even with another body: the first batch, 200.
     repeat = http.post(
@@ -93,3 +104,5 @@ def test_submit_watch_read_cancel_repeat_and_refuse_over_http(isolated_env, proc
     # The access log names the key, never the key itself.
     assert f"path={large['links']['self']} status=200" in server.process.log
     assert "key=alice" in server.process.log and alice.key not in server.process.log
+    assert len(receiver.received) == 1  # still once
+    receiver.close()

@@ -11,7 +11,6 @@ import httpx
 
 from bench.harness import free_port, wait_until
 from lcmq import access, api
-from lcmq.access import Principal
 from lcmq.settings import reset_settings
 from lcmq.webhooks import verify
 from tests.support.api_server import start_api
@@ -44,12 +43,13 @@ def test_a_receiver_down_at_first_gets_the_final_status_once_after_an_api_restar
     first_api = start_api(procs, env)
     worker = procs(env, "worker", "--model", "null").wait_ready()
 
-    batch_id = api.submit(
-        ["a red fox", "a blue owl"],
-        model="null",
-        webhook_url=f"http://127.0.0.1:{port}/hook",
-        principal=Principal("shop", admin=False),
-    ).batch_id
+    submitted = httpx.post(
+        f"{first_api.url}/v1/batches",
+        json={"model": "null", "rows": ["a red fox", "a blue owl"], "webhook_url": f"http://127.0.0.1:{port}/hook"},
+        headers={"Authorization": f"Bearer {key.key}"},
+    )
+    assert submitted.status_code == 201, submitted.text
+    batch_id = submitted.json()["batch_id"]
     final = api.wait(batch_id, timeout_s=60)
     assert final.succeeded == 2
     wait_until(lambda: len(attempts_of(batch_id)) >= 2, 30, interval_s=0.1, what="two failed attempts")
