@@ -39,6 +39,12 @@ class Principal:
         return self.admin or (self.name is not None and owner == self.name)
 
     @property
+    def local_files(self) -> bool:
+        """Whether the caller may name files of the machine that runs lcmq (init images, LoRAs,
+        catalogs): the local caller may; an API key names s3:// objects only."""
+        return self.name is None
+
+    @property
     def owner(self) -> str | None:
         """What a batch or schedule this caller makes records as its owner."""
         return self.name

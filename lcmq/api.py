@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,8 @@ def submit(
     _check_flags(source, chunk_size, priority, idempotency_key)
     if webhook_url is not None:
         check_webhook_url(webhook_url, source, settings)
+        if principal.owner is None:  # a webhook is signed with its batch's key's secret
+            raise InputError(source, None, "webhook_url", "needs a batch submitted with an API key (lcmq api)")
     image_format, quality = check_output(source, image_format, quality)
     axes = check_matrix(matrix, source)
     options = BatchOptions(
@@ -200,7 +202,9 @@ def submit(
         loras=None if loras is None else tuple(_lora_entries(loras, source)),
     )
     profile = _resolve_profile(model, source)
-    validator = RowValidator(options, profile, source, base_dir=path.parent if path else None)
+    validator = RowValidator(
+        options, profile, source, base_dir=path.parent if path else None, local_files=principal.local_files
+    )
     specs: Iterable[JobSpec]
     if path is not None:
         # Validated while written, in one transaction: a bad row anywhere commits nothing.
@@ -495,7 +499,16 @@ def schedule_add(
     if image_format != DEFAULT_FORMAT:  # PNG schedules store what they stored before formats
         options |= {"image_format": image_format, "quality": quality}
     settings = get_settings()
-    load_items(location, template, BatchOptions(model=model, name=name, **options), profile, settings)
+    if not principal.local_files and not location.startswith("s3://"):
+        raise InputError(source, None, "catalog", "over the HTTP API a catalog must be an s3:// URL")
+    load_items(
+        location,
+        template,
+        BatchOptions(model=model, name=name, **options),
+        profile,
+        settings,
+        local_files=principal.local_files,
+    )
     repo = repository(settings)
     if not repo.add_schedule(
         {
@@ -568,6 +581,121 @@ def schedule_run(name: str, principal: Principal = LOCAL) -> BatchStatus | Uncha
     if result.batch_id is None:
         return UnchangedRun(name, result.counts)
     return status(result.batch_id)
+
+
+# --- webhooks: the deliveries of a batch's final-status call (lcmq.webhooks) -----------------
+
+
+def webhook_deliveries(batch_id: str, principal: Principal = LOCAL) -> list[dict[str, Any]]:
+    """A batch's webhook deliveries (`lcmq webhooks BATCH`): each one's state (pending, delivered
+    or failed), its body as sent, and every attempt with its HTTP status or error."""
+    import json
+
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    return [
+        {
+            "id": delivery.id,
+            "event": delivery.event,
+            "url": delivery.url,
+            "state": delivery.state,
+            "attempts": delivery.attempts,
+            "created_at": _iso(delivery.created_at),
+            "next_attempt_at": _iso(delivery.next_attempt_at),
+            "delivered_at": _iso(delivery.delivered_at),
+            "give_up_at": _iso(delivery.give_up_at),
+            "body": json.loads(delivery.body),
+            "history": [
+                {
+                    "attempted_at": _iso(attempt.attempted_at),
+                    "status_code": attempt.status_code,
+                    "error": attempt.error,
+                    "duration_ms": round(attempt.duration_ms, 1),
+                }
+                for attempt in attempts
+            ],
+        }
+        for delivery, attempts in repo.webhook_deliveries(batch_id)
+    ]
+
+
+# --- the dashboard (lcmq.http.dashboard) --------------------------------------------------
+
+RATE_WINDOW_S = 60.0
+PRESIGNED_URL_S = 900  # a gallery page's image links work this long after it was rendered
+
+
+def images_per_second(
+    listed: Sequence[Mapping[str, Any]], window_s: float = RATE_WINDOW_S, principal: Principal = LOCAL
+) -> dict[str, float]:
+    """Images per second of each listed batch (the dicts of `batches`) over the last `window_s`
+    (or over its age, when younger: a batch a few seconds old is not diluted over a minute).
+    One query for all of them."""
+    now = utcnow()
+    owner = ANY_OWNER if principal.admin else principal.owner
+    ids = [entry["batch_id"] for entry in listed]
+    counts = repository().images_since(ids, now - timedelta(seconds=window_s), owner=owner)
+    rates = {}
+    for entry in listed:
+        age_s = (now - datetime.fromisoformat(entry["created_at"])).total_seconds()
+        rates[entry["batch_id"]] = counts.get(entry["batch_id"], 0) / max(1.0, min(window_s, age_s))
+    return rates
+
+
+def gallery(
+    batch_id: str, *, after_index: int = -1, limit: int = 200, principal: Principal = LOCAL
+) -> list[dict[str, Any]]:
+    """Up to `limit` succeeded images after row `after_index`, in row order, each with what made
+    it (prompt, seed, parameters) and `src`: a presigned GET URL on S3, None on file:// (the
+    dashboard serves those by key)."""
+    repo = repository()
+    visible_batch(repo, batch_id, principal)
+    store = storage()
+    shown = []
+    for job in repo.jobs_page(batch_id, JobState.succeeded, after_index, limit):
+        assert job.key is not None  # a succeeded job has its image
+        shown.append(
+            {
+                "index": job.index,
+                "key": job.key,
+                "src": store.presigned_url(job.key, PRESIGNED_URL_S),
+                "prompt": job.prompt,
+                "negative_prompt": job.negative_prompt,
+                "seed": job.seed,
+                "steps": job.steps,
+                "guidance": job.guidance,
+                "width": job.width,
+                "height": job.height,
+                "metadata": job.meta,
+                "loras": job.loras,
+                "strength": job.strength,
+                "worker": job.worker,
+                "render_ms": job.render_ms,
+            }
+        )
+    return shown
+
+
+def stored_file(key: str, principal: Principal = LOCAL) -> Path:
+    """The local file of an image of a batch `principal` sees, on file:// storage. Anything else
+    is not found, alike: another key's image, a key of no job, a key that leaves the storage
+    root, S3 storage (its images are presigned URLs)."""
+    from lcmq.errors import PermanentStorageError
+    from lcmq.storage import FileStorage
+
+    store = storage()
+    missing = NotFoundError(f"no image {key!r}")
+    if not isinstance(store, FileStorage):
+        raise missing
+    try:
+        path = store.local_path(key)
+    except PermanentStorageError:
+        raise missing from None
+    repo = repository()
+    batch_id = repo.batch_of_object(key)
+    if batch_id is None or not principal.sees(repo.get_batch(batch_id).owner) or not path.is_file():
+        raise missing
+    return path
 
 
 # --- workers: the farm's rendering processes -------------------------------------------------

@@ -425,6 +425,22 @@ def cmd_jobs(args) -> int:
     return EXIT_OK
 
 
+def cmd_webhooks(args) -> int:
+    deliveries = api.webhook_deliveries(args.batch)
+    if args.json:
+        _print_json(deliveries)
+        return EXIT_OK
+    if not deliveries:
+        print(f"batch {args.batch}: no webhook delivery (none set, or the batch is not final yet)")
+    for d in deliveries:
+        when = f"delivered {d['delivered_at']}" if d["delivered_at"] else f"next attempt {d['next_attempt_at'] or '-'}"
+        print(f"{d['id']}  {d['event']}  {d['state']:<9}  attempts={d['attempts']}  {when}  {d['url']}")
+        for attempt in d["history"]:
+            outcome = attempt["error"] if attempt["error"] else f"HTTP {attempt['status_code']}"
+            print(f"    {attempt['attempted_at']}  {outcome}  {attempt['duration_ms']:.0f} ms")
+    return EXIT_OK
+
+
 def cmd_export(args) -> int:
     _print_json(api.export(args.batch, format=args.format, to=args.to, shard_size=args.shard_size))
     return EXIT_OK
@@ -791,6 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=JOB_STATES, help="only the jobs in this state")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("webhooks", help="a batch's webhook deliveries and every attempt (status code or error)")
+    p.add_argument("batch")
+    p.add_argument("--json", action="store_true", help="the deliveries, with their bodies and attempts, as JSON")
+    p.set_defaults(func=cmd_webhooks)
 
     p = sub.add_parser("export", help="write a finished batch as a dataset (imagefolder or webdataset)")
     p.add_argument("batch")

@@ -73,6 +73,14 @@ class Batch(Base):
     __table_args__ = (
         Index("ix_batches_created_at", "created_at"),
         Index("ix_batches_owner_created_at", "owner", "created_at"),
+        # The webhook sender's scan (Repository.queue_final_webhooks): only batches whose
+        # final webhook is still to be queued are in it.
+        Index(
+            "ix_batches_webhook_waiting",
+            "created_at",
+            postgresql_where=text("webhook_url IS NOT NULL AND webhook_queued_at IS NULL"),
+            sqlite_where=text("webhook_url IS NOT NULL AND webhook_queued_at IS NULL"),
+        ),
         UniqueConstraint("idempotency_key", name="uq_batches_idempotency_key"),
     )
 

@@ -49,7 +49,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from lcmq.errors import DatabaseError, LcmqError, NotFoundError, QueryError, RecordError, SchemaError
-from lcmq.models import ApiKey, Base, Batch, CatalogItem, Job, JobState, Schedule, WorkerProcess
+from lcmq.models import (
+    ApiKey,
+    Base,
+    Batch,
+    CatalogItem,
+    Job,
+    JobState,
+    Schedule,
+    WebhookAttempt,
+    WebhookDelivery,
+    WorkerProcess,
+)
 from lcmq.spec import render_shape
 
 
@@ -238,6 +249,42 @@ class WorkerBeat:
     load_s: float | None = None
     batch_size: int | None = None
     device: str | None = None  # the resolved device once loaded ("auto" becomes cpu/cuda/mps)
+
+
+@dataclass(frozen=True)
+class WebhookDeliveryRecord:
+    """A row of the webhook outbox (lcmq.models.WebhookDelivery)."""
+
+    id: str  # the webhook-id header: the same on every attempt, so receivers can drop repeats
+    batch_id: str
+    event: str
+    url: str
+    owner: str | None
+    body: str  # the exact text signed and sent
+    state: str  # WEBHOOK_PENDING, WEBHOOK_DELIVERED or WEBHOOK_FAILED
+    attempts: int
+    next_attempt_at: datetime | None
+    claimed_until: datetime | None
+    give_up_at: datetime
+    delivered_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WebhookAttemptRecord:
+    attempted_at: datetime
+    status_code: int | None  # None: no answer (refused URL, connection error, timeout)
+    error: str | None
+    duration_ms: float
+
+
+# The states of a webhook delivery: pending until a 2xx (delivered) or its give_up_at (failed).
+WEBHOOK_PENDING = "pending"
+WEBHOOK_DELIVERED = "delivered"
+WEBHOOK_FAILED = "failed"
+FINAL_EVENT = "batch.final"
+# Builds a delivery's body from the batch and its state counts (lcmq.webhooks.final_body).
+WebhookBody = Callable[[BatchRecord, dict[str, int]], str]
 
 
 @dataclass(frozen=True)
@@ -667,6 +714,12 @@ class Repository:
     @_translate_errors
     def get_batch(self, batch_id: str) -> BatchRecord:
         return self._get(Batch, batch_id, BatchRecord, "batch")
+
+    @_translate_errors
+    def ping(self) -> None:
+        """One trivial statement: the database answers (`GET /readyz`)."""
+        with self._session() as s:
+            s.execute(select(1))
 
     @_translate_errors
     def state_counts(self, batch_id: str) -> dict[str, int]:
@@ -1308,6 +1361,216 @@ class Repository:
     def webhook_secret(self, name: str) -> str | None:
         with self._session() as s:
             return s.scalar(select(ApiKey.webhook_secret).where(ApiKey.name == name))
+
+    # --- webhooks: the outbox of final-status calls (lcmq.webhooks, scheduler/webhooks.py) ----
+
+    @_translate_errors
+    def queue_final_webhooks(
+        self, now: datetime, limit: int, *, retry_for_s: float, body_of: WebhookBody, new_id: Callable[[], str]
+    ) -> list[str]:
+        """Write the delivery of each batch that has a webhook, none queued yet, and no queued or
+        running job; returns the new deliveries' ids. One transaction: the batches are taken by
+        one conditional UPDATE (webhook_queued_at from NULL to `now`; Postgres skips rows another
+        process holds), then their counts are read and their deliveries inserted, so a batch's
+        webhook is queued once, with its body, or not at all. The unique (batch_id, event)
+        holds that even against a second writer. The scan reads ix_batches_webhook_waiting (only
+        batches still waiting for their webhook) and, per batch, the jobs' (batch_id, state) index.
+        """
+        unfinished = select(Job.id).where(
+            Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
+        )
+        waiting = Batch.webhook_url.is_not(None) & Batch.webhook_queued_at.is_(None)
+        due = (
+            select(Batch.id)
+            .where(waiting, ~unfinished.exists())
+            .order_by(Batch.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # Postgres; SQLite serialises writers instead
+        )
+        table = _table_of(Batch)
+        with self._session() as s:
+            taken = s.execute(
+                update(table).where(table.c.id.in_(due), waiting).values(webhook_queued_at=now).returning(*table.c)
+            ).all()
+            if not taken:
+                return []
+            batches = [_record(BatchRecord, row) for row in taken]
+            counts = self._counts_of(s, [b.id for b in batches])
+            rows = [
+                {
+                    "id": new_id(),
+                    "batch_id": b.id,
+                    "event": FINAL_EVENT,
+                    "url": b.webhook_url,
+                    "owner": b.owner,
+                    "body": body_of(b, counts[b.id]),
+                    "state": WEBHOOK_PENDING,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "give_up_at": now + timedelta(seconds=retry_for_s),
+                    "created_at": now,
+                }
+                for b in batches
+            ]
+            statement = self._dialect_insert(s, WebhookDelivery).on_conflict_do_nothing(
+                index_elements=["batch_id", "event"]
+            )
+            return list(s.scalars(statement.returning(WebhookDelivery.id), rows))
+
+    @staticmethod
+    def _counts_of(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
+        rows = s.execute(
+            select(Job.batch_id, Job.state, func.count())
+            .where(Job.batch_id.in_(batch_ids))
+            .group_by(Job.batch_id, Job.state)
+        )
+        for batch_id, state, n in rows:
+            counts[batch_id][state] = n
+        return counts
+
+    @staticmethod
+    def _deliverable(now: datetime) -> ColumnElement[bool]:
+        return and_(
+            WebhookDelivery.state == WEBHOOK_PENDING,
+            WebhookDelivery.next_attempt_at <= now,
+            or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+        )
+
+    @_translate_errors
+    def claim_due_webhooks(self, now: datetime, claim_s: float, limit: int) -> list[WebhookDeliveryRecord]:
+        """Take up to `limit` pending deliveries whose next attempt is due and that no sender holds
+        (or whose sender's claim ran out: it died), for `claim_s`: one conditional UPDATE, so two
+        senders never send the same attempt. Oldest due first."""
+        due = (
+            select(WebhookDelivery.id)
+            .where(self._deliverable(now))
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        table = _table_of(WebhookDelivery)
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(table)
+                .where(table.c.id.in_(due), self._deliverable(now))
+                .values(claimed_until=now + timedelta(seconds=claim_s))
+                .returning(*table.c)
+            ).all()
+        return sorted((_record(WebhookDeliveryRecord, row) for row in rows), key=lambda d: d.created_at)
+
+    @_translate_errors
+    def record_webhook_attempt(
+        self,
+        delivery_id: str,
+        *,
+        status_code: int | None,
+        error: str | None,
+        duration_ms: float,
+        delivered: bool,
+        next_attempt_at: datetime | None,
+        gave_up: bool,
+        attempted_at: datetime | None = None,
+    ) -> bool:
+        """Keep one attempt and move its delivery on: delivered, failed (gave up), or pending until
+        `next_attempt_at`; the claim is released. False when the delivery was no longer pending
+        (another sender whose claim overlapped finished it first): the attempt is kept anyway."""
+        now = utcnow()
+        state = WEBHOOK_DELIVERED if delivered else WEBHOOK_FAILED if gave_up else WEBHOOK_PENDING
+        with self._session() as s:
+            s.execute(
+                insert(WebhookAttempt).values(
+                    delivery_id=delivery_id,
+                    attempted_at=attempted_at or now,
+                    status_code=status_code,
+                    error=None if error is None else error[:2000],
+                    duration_ms=duration_ms,
+                )
+            )
+            result = s.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == WEBHOOK_PENDING)
+                .values(
+                    state=state,
+                    attempts=WebhookDelivery.attempts + 1,
+                    claimed_until=None,
+                    next_attempt_at=None if state != WEBHOOK_PENDING else next_attempt_at,
+                    delivered_at=now if delivered else None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return _rowcount(result) == 1
+
+    @_translate_errors
+    def webhook_deliveries(self, batch_id: str) -> list[tuple[WebhookDeliveryRecord, list[WebhookAttemptRecord]]]:
+        """A batch's deliveries, oldest first, each with its attempts in the order they were made."""
+        with self._session() as s:
+            deliveries = [
+                _record(WebhookDeliveryRecord, row)
+                for row in s.scalars(
+                    select(WebhookDelivery)
+                    .where(WebhookDelivery.batch_id == batch_id)
+                    .order_by(WebhookDelivery.created_at)
+                )
+            ]
+            attempts: dict[str, list[WebhookAttemptRecord]] = {d.id: [] for d in deliveries}
+            if deliveries:
+                rows = s.scalars(
+                    select(WebhookAttempt)
+                    .where(WebhookAttempt.delivery_id.in_(attempts))
+                    .order_by(WebhookAttempt.attempted_at, WebhookAttempt.id)
+                )
+                for row in rows:
+                    attempts[row.delivery_id].append(_record(WebhookAttemptRecord, row))
+            return [(d, attempts[d.id]) for d in deliveries]
+
+    # --- the dashboard ----------------------------------------------------------------------
+
+    @_translate_errors
+    def images_since(
+        self, batch_ids: Sequence[str], since: datetime, *, owner: str | None | AnyOwner = ANY_OWNER
+    ) -> dict[str, int]:
+        """Images (succeeded jobs) of each batch finished at or after `since`, in one GROUP BY
+        for all the batches; `owner` leaves out the batches another key owns."""
+        if not batch_ids:
+            return {}
+        query = (
+            select(Job.batch_id, func.count())
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(
+                Job.batch_id.in_(list(batch_ids)),
+                Job.state == JobState.succeeded.value,
+                Job.finished_at >= since,
+            )
+            .group_by(Job.batch_id)
+        )
+        if not isinstance(owner, AnyOwner):
+            query = query.where(Batch.owner.is_(None) if owner is None else Batch.owner == owner)
+        with self._session() as s:
+            counts = {batch_id: 0 for batch_id in batch_ids}
+            counts.update({batch_id: n for batch_id, n in s.execute(query)})
+            return counts
+
+    @_translate_errors
+    def batch_of_object(self, key: str) -> str | None:
+        """The batch of the job whose image is stored at `key`, or None. Found through indexed
+        columns only: a batch image's key names its batch and row (`<batch>/<index>.<ext>`); a
+        catalog image's (`<schedule>/<item>.<ext>`) is the key of its item's current job. The
+        job's own `key` must equal `key` either way: the path is a hint, never trusted."""
+        folder, _, leaf = key.partition("/")
+        stem = leaf.rsplit(".", 1)[0]
+        with self._session() as s:
+            if stem.isdigit():
+                found = s.scalar(
+                    select(Job.batch_id).where(Job.batch_id == folder, Job.index == int(stem), Job.key == key)
+                )
+                if found is not None:
+                    return found
+            return s.scalar(
+                select(Job.batch_id)
+                .join(CatalogItem, CatalogItem.job_id == Job.id)
+                .where(CatalogItem.schedule_name == folder, CatalogItem.item_id == stem, Job.key == key)
+            )
 
     # --- worker rows (worker/presence.py writes them; `lcmq workers` and /metrics read them) ----
 

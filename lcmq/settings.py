@@ -145,6 +145,17 @@ class Settings(BaseSettings):
     webhook_retry_for_s: float = Field(
         6 * 3600, ge=3600, description="A webhook is retried with backoff for this long before it is given up."
     )
+    webhook_backoff_first_s: float = Field(
+        5,
+        gt=0,
+        le=3600,
+        description="Backoff after a webhook's first failed attempt; it doubles with each failure "
+        "(full jitter), up to webhook_backoff_max_s.",
+    )
+    webhook_backoff_max_s: float = Field(600, gt=0, le=3600, description="The longest wait between webhook attempts.")
+    webhook_poll_s: float = Field(
+        1, gt=0, le=60, description="How often the webhook sender looks for final batches and due deliveries."
+    )
     heartbeat_s: float = Field(
         10, gt=0, le=300, description="How often a worker updates its row; stale after 3x this without one."
     )
@@ -156,6 +167,9 @@ class Settings(BaseSettings):
     )
     api_events_min_interval_s: float = Field(
         0.5, ge=0.05, le=10, description="The events stream sends a batch's counts at most this often."
+    )
+    api_max_body_mb: float = Field(
+        256, gt=0, description="The largest request body `lcmq api` reads (a prompt file upload), in MiB; 413 beyond."
     )
     log_level: str = "INFO"
     log_json: bool = False

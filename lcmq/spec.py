@@ -392,10 +392,14 @@ class RowValidator:
         source: str,
         base_dir: Path | None = None,
         max_prompt_chars: int | None = None,
+        local_files: bool = True,
     ):
         import os
 
         self.source = source
+        # False for HTTP callers: the rows may name s3:// objects only, never a file of the
+        # machine that validates them (the API process's own disk is not theirs to read or probe).
+        self.local_files = local_files
         self.profile = profile
         # Relative LoRA paths and init images name files next to the batch file: made absolute
         # now (`lcmq submit rows.jsonl` gives "."), so what is stored is the same from any folder.
@@ -423,7 +427,9 @@ class RowValidator:
             self._check_name(options.name)
         try:  # batch LoRAs (--lora) replace the profile's, as any flag replaces a profile default
             loras = check_loras(
-                options.loras if options.loras is not None else profile.loras, None, exists=self._path_exists
+                options.loras if options.loras is not None else profile.loras,
+                None,
+                exists=self._given_path_exists if options.loras is not None else self._path_exists,
             )
         except LoraProblem as exc:
             where = "--lora" if options.loras is not None else f"profile {profile.name}: loras"
@@ -501,6 +507,17 @@ class RowValidator:
             self._exists[path] = os.path.exists(path)
         return self._exists[path]
 
+    def _given_path_exists(self, path: str) -> bool:
+        """A LoRA path the submitter gave (a profile's own, set by the operator, is always local)."""
+        if not self.local_files:
+            raise LoraProblem(f"path {path!r}: over the HTTP API a LoRA must be an s3:// URL")
+        return self._path_exists(path)
+
+    def _given_file_exists(self, path: str) -> bool:
+        if not self.local_files:
+            raise FieldProblem(f"over the HTTP API an init image must be an s3:// URL (got a file name: {path!r})")
+        return self._file_exists(path)
+
     def _file_exists(self, path: str) -> bool:
         """An init image must be a file: a folder would pass `exists` and fail its upload."""
         import os
@@ -519,13 +536,13 @@ class RowValidator:
         value = raw.get("loras")
         if value is not None and not (from_text and value == ""):
             try:  # the row's set replaces the batch's ([] renders without style LoRAs)
-                values["loras"] = check_loras(value, self.base_dir, from_text, exists=self._path_exists)
+                values["loras"] = check_loras(value, self.base_dir, from_text, exists=self._given_path_exists)
             except LoraProblem as exc:
                 fail("loras", str(exc))
         if "init_image" in values:
             try:
                 values["init_image"], values["upload_init"] = resolve_init_image(
-                    values["init_image"], self.base_dir, exists=self._file_exists
+                    values["init_image"], self.base_dir, exists=self._given_file_exists
                 )
             except FieldProblem as exc:
                 fail("init_image", str(exc))

@@ -115,6 +115,11 @@ class Storage(ABC):
     def url(self, key: str) -> str:
         """A URL a user can open or copy: s3://bucket/prefix/key or file:///abs/path."""
 
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """An https URL that lets whoever holds it GET the object for `expires_s` seconds, or
+        None where the storage has no such URLs (file://: the dashboard serves those itself)."""
+        return None
+
     def batch_key(self, batch_id: str, index: int, ext: str = "png") -> str:
         return check_key(f"{batch_id}/{index:06d}.{ext}")
 
@@ -198,6 +203,11 @@ class FileStorage(Storage):
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def local_path(self, key: str) -> Path:
+        """The file of `key`, symlinks resolved; PermanentStorageError for an unsafe key or one
+        whose file lies outside the root (`..`, an absolute path, a symlink out)."""
+        return self._path(key)
 
 
 class S3Storage(Storage):
@@ -325,6 +335,16 @@ class S3Storage(Storage):
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        # Signed locally (no request is made): the URL names the endpoint the API uses.
+        return self._call(
+            "presign",
+            self.client.generate_presigned_url,
+            ClientMethod="get_object",
+            Params={"Bucket": self.bucket, "Key": self._object_key(key)},
+            ExpiresIn=expires_s,
+        )
 
 
 def read_url(

@@ -16,15 +16,20 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
+import secrets
 import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from lcmq.access import WEBHOOK_SECRET_PREFIX
 from lcmq.errors import InputError
+from lcmq.models import JobState
+from lcmq.repository import FINAL_EVENT, BatchRecord
 from lcmq.settings import Settings
 
 MAX_WEBHOOK_URL_CHARS = 2000
+DELIVERY_ID_PREFIX = "msg_"
 Resolver = Callable[[str, int], list[str]]
 
 
@@ -86,3 +91,36 @@ def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
     """What a receiver does (used by the tests; shown in docs): any v1 signature that matches."""
     expected = signature(secret, headers["webhook-id"], int(headers["webhook-timestamp"]), body)
     return any(hmac.compare_digest(expected, candidate) for candidate in headers["webhook-signature"].split())
+
+
+def new_delivery_id() -> str:
+    """A delivery's id, the `webhook-id` header: the same on every attempt of one delivery."""
+    return DELIVERY_ID_PREFIX + secrets.token_urlsafe(18)
+
+
+def final_body(batch: BatchRecord, counts: dict[str, int]) -> str:
+    """The body of a batch's `batch.final` webhook: `{"event": "batch.final"}` followed by what
+    `lcmq batches --json` lists of the batch (the status object of `lcmq status --json` plus
+    name, profile and created_at). Written once, when the delivery is queued, and sent as is.
+
+    It is built here, not by lcmq.api (the sender runs in `lcmq scheduler` too, below the face);
+    tests/integration/test_webhooks.py holds it equal to lcmq.api.batch_summary.
+    """
+    # The fields of lcmq.api.BatchStatus.to_dict, in its order (JobState's order is its).
+    status: dict[str, object] = {
+        "batch_id": batch.id,
+        "total": batch.total,
+        **{state.value: counts.get(state.value, 0) for state in JobState},
+        "output": batch.output,
+    }
+    if batch.options.get("items") is not None:  # a schedule run's batch (as BatchStatus.to_dict)
+        status["items"] = batch.options["items"]
+    return json.dumps(
+        {
+            "event": FINAL_EVENT,
+            **status,
+            "name": batch.name,
+            "profile": batch.profile,
+            "created_at": batch.created_at.isoformat(),
+        }
+    )

@@ -193,10 +193,13 @@ def build_items(
     profile: Profile,
     source: str,
     from_text: bool,
+    local_files: bool = True,
 ) -> list[CatalogItem]:
-    """Every item checked and turned into a spec with its render key; raises on the first bad one."""
+    """Every item checked and turned into a spec with its render key; raises on the first bad one.
+    `local_files`: whether items may name files of this machine (a schedule made over the HTTP API
+    may not: lcmq.access.Principal.local_files)."""
     fields = template_fields(template, source)
-    validator = RowValidator(options, profile, source)
+    validator = RowValidator(options, profile, source, local_files=local_files)
     items: list[CatalogItem] = []
     seen: dict[str, int] = {}
     for line, raw in rows:
@@ -231,8 +234,14 @@ def build_items(
 
 
 def load_items(
-    location: str, template: str, options: BatchOptions, profile: Profile, settings: Settings
+    location: str,
+    template: str,
+    options: BatchOptions,
+    profile: Profile,
+    settings: Settings,
+    local_files: bool = True,
 ) -> list[CatalogItem]:
     """Read a catalog and check every item (see build_items)."""
     rows = read_catalog(location, settings)
-    return build_items(rows, template, options, profile, location, from_text=catalog_format(location) == "csv")
+    from_text = catalog_format(location) == "csv"
+    return build_items(rows, template, options, profile, location, from_text, local_files)

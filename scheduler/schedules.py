@@ -143,7 +143,10 @@ def run_schedule(
     now = now or utcnow()
     profile = get_profile(schedule.profile)
     options = schedule_options(schedule)
-    items = load_items(schedule.catalog, schedule.template, options, profile, settings)
+    # A schedule made with an API key reads s3:// only, at every run as at its creation.
+    items = load_items(
+        schedule.catalog, schedule.template, options, profile, settings, local_files=schedule.owner is None
+    )
     plan = plan_run(items, repo.catalog_state(schedule.name))
     counts = plan.counts
     next_run_at = parse_cron(schedule.cron, schedule.timezone).next_after(now) if scheduled else None

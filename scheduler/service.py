@@ -1,6 +1,7 @@
 """`lcmq scheduler`: the long-running producer service. Every tick it fires the schedules that
-are due; every `sweep_every_s` it runs the sweeper. Any number may run: a schedule fires once
-(see scheduler/schedules.py), and the sweeper is safe to run twice.
+are due; every `sweep_every_s` it runs the sweeper; beside them a thread sends webhooks
+(scheduler/webhooks.py). Any number may run: a schedule fires once (see scheduler/schedules.py),
+the sweeper is safe to run twice, and a webhook delivery is claimed by one sender at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lcmq.settings import Settings
 from lcmq.storage import Storage
 from scheduler.schedules import fire_due
 from scheduler.sweeper import sweep_once
+from scheduler.webhooks import DeliveryLoop
 
 log = logging.getLogger("lcmq.scheduler")
 
@@ -33,10 +35,14 @@ def run_scheduler(repo: Repository, storage: Storage, settings: Settings, stop: 
     """Tick until `stop` is set (SIGTERM/SIGINT); a tick in progress finishes first."""
     log.info("scheduler ready.", extra={"tick_s": settings.scheduler_tick_s, "sweep_every_s": settings.sweep_every_s})
     next_sweep = time.monotonic()
-    while not stop.is_set():
-        _guarded("firing schedules", lambda: fire_due(repo, storage, settings))
-        if time.monotonic() >= next_sweep:
-            _guarded("sweep", lambda: sweep_once(repo, settings))
-            next_sweep = time.monotonic() + settings.sweep_every_s
-        stop.wait(settings.scheduler_tick_s)
+    webhooks = DeliveryLoop(settings, repo).start()  # a farm without an API process still delivers
+    try:
+        while not stop.is_set():
+            _guarded("firing schedules", lambda: fire_due(repo, storage, settings))
+            if time.monotonic() >= next_sweep:
+                _guarded("sweep", lambda: sweep_once(repo, settings))
+                next_sweep = time.monotonic() + settings.sweep_every_s
+            stop.wait(settings.scheduler_tick_s)
+    finally:
+        webhooks.stop()
     log.info("scheduler stopped")

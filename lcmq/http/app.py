@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lcmq.api import repository
@@ -45,6 +46,17 @@ async def lcmq_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
 
 
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """A parameter FastAPI refused (a limit out of range, a state that is none): the same body
+    as lcmq's input errors, naming the parameter."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    location = [str(part) for part in errors[0]["loc"]] if errors else []
+    message = str(errors[0]["msg"]) if errors else "invalid request"
+    where, field = (location[0], ".".join(location[1:])) if len(location) > 1 else ("request", ".".join(location))
+    return JSONResponse(error_body(InputError(where, None, field or None, message)), status_code=422)
+
+
 class BackgroundLoop(Protocol):
     def stop(self) -> None: ...
 
@@ -52,7 +64,9 @@ class BackgroundLoop(Protocol):
 def start_background_loops(settings: Settings) -> list[BackgroundLoop]:
     """The loops an API process runs beside its requests (webhook delivery), started with the
     app and stopped with it."""
-    return []
+    from scheduler.webhooks import DeliveryLoop
+
+    return [DeliveryLoop(settings).start()]
 
 
 @asynccontextmanager
@@ -77,8 +91,16 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.run_background = run_background
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
-    from lcmq.http import farm, routes
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    from lcmq.http.middleware import AccessLog, BodyLimit
+
+    app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
+    app.add_middleware(AccessLog)  # outermost: a refused body is logged too
+    from lcmq.http import dashboard, farm, routes, webhook_routes
 
     app.include_router(routes.router)
-    app.include_router(farm.router)  # /v1/workers, /metrics
+    app.include_router(webhook_routes.router)
+    app.include_router(farm.router)  # /metrics
+    app.include_router(farm.v1)  # /v1/workers
+    dashboard.install(app)
     return app

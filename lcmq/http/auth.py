@@ -7,10 +7,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPBearer
 
 from lcmq.access import Principal, authenticate
 
 SESSION_COOKIE = "lcmq_session"
+
+# Documents the Bearer scheme in /openapi.json for the routers that need a key; the key itself
+# is checked by `Caller`.
+bearer = HTTPBearer(auto_error=False, description="an API key: `lcmq apikey create NAME`")
 
 
 def key_of(request: Request) -> str | None:

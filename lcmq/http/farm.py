@@ -14,15 +14,17 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
 
 from lcmq import api
 from lcmq.errors import LcmqError
-from lcmq.http.auth import Caller
+from lcmq.http.auth import Caller, bearer
+from lcmq.http.schemas import INVALID, UNAUTHORIZED
 from lcmq.models import FINAL_STATES, JobState
 from lcmq.profiles import load_profiles
 from lcmq.queue import queue_depths
@@ -32,16 +34,44 @@ from lcmq.settings import Settings
 log = logging.getLogger("lcmq.http")
 
 router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=UNAUTHORIZED | INVALID)
 
 UNFINISHED_STATES = (JobState.queued, JobState.running)
 
 
-@router.get("/v1/workers", tags=["workers"])
+class WorkerOut(BaseModel):
+    """A worker process as `lcmq workers --json` shows it (docs/cli.md#lcmq-workers)."""
+
+    node: str = Field(description="the Celery node name; a prefork pool process adds #<its pid>")
+    host: str
+    pid: int
+    profile: str
+    device: str = Field(description='cpu, cuda or mps once loaded ("auto" until then)')
+    batch_size: int | None
+    peak_memory_mb: float | None
+    load_s: float | None = Field(description="seconds the pipeline took to load; null while loading")
+    images: int
+    render_s: float
+    images_per_s: float | None = Field(description="images over the seconds from its start to its last heartbeat")
+    cost_per_hour: float | None = Field(description="as given to `lcmq worker --cost-per-hour`, any currency")
+    cost_per_1000_images: float | None
+    started_at: str
+    last_seen_at: str
+    stopped_at: str | None
+    state: str = Field(description="live, stale (no heartbeat for 3 intervals) or stopped")
+
+
+class WorkerList(BaseModel):
+    data: list[WorkerOut]
+
+
+@v1.get("/workers", tags=["workers"], response_model=WorkerList)
 def list_workers(
-    caller: Caller, include_stopped: Annotated[bool, Query(alias="all")] = False
+    caller: Caller,
+    include_stopped: Annotated[bool, Query(alias="all", description="stopped workers too")] = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The farm's worker processes, live and stale (stopped ones too with `all=true`): the objects
-    of `lcmq workers --json`. Workers belong to the farm: every valid key sees them all."""
+    """The farm's worker processes, live and stale (stopped ones too with `all=true`). Workers
+    belong to the farm: every valid key sees them all."""
     return {"data": api.workers(principal=caller, include_stopped=include_stopped)}
 
 

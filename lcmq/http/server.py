@@ -14,6 +14,7 @@ import sys
 from datetime import timedelta
 
 from lcmq import access
+from lcmq.logs import setup_logging
 from lcmq.repository import Repository, utcnow
 from lcmq.settings import Settings
 
@@ -32,6 +33,7 @@ def serve(settings: Settings, host: str, port: int, *, signin_link: bool = True)
 
     from lcmq.http.app import create_app
 
+    setup_logging(settings.log_level, settings.log_json)  # the access log (lcmq.http.middleware)
     app = create_app(settings)
     key = signin_key(app.state.repo) if signin_link else None
     shown_host = f"[{host}]" if ":" in host else host

@@ -83,3 +83,32 @@ def test_signature_is_the_standard_webhooks_one():
     headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330"}
     assert verify(secret, headers | {"webhook-signature": sig}, body)
     assert not verify(secret, headers | {"webhook-signature": sig}, body + b" ")
+
+
+def test_a_key_names_s3_objects_only_never_files_of_the_api_machine(services_env, tmp_path):
+    """Over HTTP, a row's init image, a LoRA and a schedule's catalog would otherwise make the API
+    process read (or probe for) its own files."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for a tenant")
+    key = Principal("tenant", admin=False)
+    for row, field in (
+        ({"prompt": "x", "init_image": str(secret)}, "init_image"),
+        ({"prompt": "x", "init_image": f"file://{secret}"}, "init_image"),
+        ({"prompt": "x", "loras": [{"name": "ink", "path": str(secret)}]}, "loras"),
+    ):
+        with pytest.raises(InputError, match="s3://") as refused:
+            api.submit([row], model="tiny", principal=key)
+        assert refused.value.field == field
+    with pytest.raises(InputError, match="s3://") as refused:
+        api.submit(["x"], model="tiny", loras=[{"name": "ink", "path": str(secret)}], principal=key)
+    assert refused.value.field == "--lora"
+    catalog = tmp_path / "items.csv"
+    catalog.write_text("id,name\na,mug\n")
+    with pytest.raises(InputError, match="s3://") as refused:
+        api.schedule_add(
+            "tenant-shop", catalog=str(catalog), template="{name}", cron="@daily", model="null", principal=key
+        )
+    assert refused.value.field == "catalog"
+    # The local caller (the CLI) still may, and an s3:// init image is fine for a key.
+    assert api.submit([{"prompt": "x", "init_image": str(secret)}], model="tiny").total == 1
+    assert api.submit([{"prompt": "x", "init_image": "s3://bucket/a.png"}], model="tiny", principal=key).total == 1

@@ -35,8 +35,9 @@ EXPECTED_SERVICES = {
     "worker-cpu",
     "scheduler",
     "flower",
+    "api",
 }
-LCMQ_SERVICES = ("migrate", "worker-gpu", "worker-cpu", "scheduler")
+LCMQ_SERVICES = ("migrate", "worker-gpu", "worker-cpu", "scheduler", "api")
 WORKERS = ("worker-gpu", "worker-cpu")
 ONE_SHOTS = ("migrate", "minio-init")
 
@@ -283,6 +284,22 @@ def test_lcmq_commands_parse_and_name_known_profiles(services):
     assert (gpu.command, gpu.model, gpu.device, gpu.pool) == ("worker", "sd15", "cuda", "prefork")
     assert (cpu.command, cpu.model, cpu.device) == ("worker", "tiny", "cpu")
     assert parsed["scheduler"].command == "scheduler"
+    assert (parsed["api"].command, parsed["api"].host, parsed["api"].port) == ("api", "0.0.0.0", 8000)
+
+
+def test_api_publishes_its_port_and_is_healthy_when_ready(services):
+    api = services["api"]
+    port = _parse_lcmq(_argv(api)).port
+    assert any(str(p).endswith(f":{port}:{port}") for p in api["ports"])
+    # The healthcheck asks /readyz (database, broker, storage) on the port the API listens on;
+    # urlopen raises on its 503, so the check fails until every part answers.
+    check = " ".join(api["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/readyz" in check and "urlopen" in check
+    deps = _depends_on(api)
+    assert deps.get("migrate") == "service_completed_successfully"
+    assert deps.get("postgres") == "service_healthy" and deps.get("redis") == "service_healthy"
+    assert deps.get("minio-init") == "service_completed_successfully"
+    assert api.get("restart") == "unless-stopped"
 
 
 def test_scheduler_starts_after_the_schema_and_stays_up(services):
