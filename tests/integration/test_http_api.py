@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import boto3
 import pytest
 from fastapi.testclient import TestClient
 
@@ -236,17 +237,23 @@ def test_readyz_is_200_then_503_naming_a_closed_broker(client, services_env, mon
     assert "cannot reach the broker" in body["checks"]["broker"]
 
 
-def test_schedules_are_scoped_to_their_key(client, keys, tmp_path):
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("id,name\nsku-1,a chair\nsku-2,a lamp\n")
+def test_schedules_are_scoped_to_their_key(client, keys, tmp_path, services_env):
+    # Over HTTP a catalog is an s3:// object (a key may not name the API machine's files).
+    bucket, prefix = services_env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=services_env["LCMQ_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.put_object(Bucket=bucket, Key=f"{prefix}-catalogs/items.csv", Body=b"id,name\nsku-1,a chair\nsku-2,a lamp\n")
+    local = tmp_path / "catalog.csv"
+    local.write_text("id,name\nsku-1,a chair\n")
     body = {
         "name": f"shop-{free_port()}",
-        "catalog": str(catalog),
+        "catalog": f"s3://{bucket}/{prefix}-catalogs/items.csv",
         "template": "a photo of {name}",
         "cron": "0 3 * * *",
         "model": "tiny",
         "steps": 4,
     }
+    refused = client.post("/v1/schedules", json=body | {"catalog": str(local)}, headers=auth(keys["alice"]))
+    assert refused.status_code == 422 and refused.json()["field"] == "catalog", refused.text
     added = client.post("/v1/schedules", json=body, headers=auth(keys["alice"]))
     assert added.status_code == 201, added.text
     assert added.json()["name"] == body["name"] and added.json()["model"] == "tiny"
