@@ -236,9 +236,8 @@ def push_model(name: str, source: Path, to: str | None, settings: Settings) -> P
     none: it refuses the model) rather than a manifest whose files are half replaced."""
     from lcmq.storage import S3Storage
 
-    check_model_name(name)
+    bucket, prefix = push_destination(check_model_name(name), to, settings.storage_url)  # before reading GBs
     manifest, files = build_manifest(name, source)
-    bucket, prefix = push_destination(name, to, settings.storage_url)
     store = S3Storage(
         bucket, prefix, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
     )
