@@ -419,6 +419,21 @@ def job_dict(job: JobRecord, store: Storage) -> dict[str, Any]:
     }
 
 
+def push_model(name: str, source: Path, to: str | None = None) -> dict[str, Any]:
+    """Upload a local model (a diffusers folder or one file) and its sha256 manifest to S3
+    (lcmq/modelpack.py); the URL to name in a profile, and what was pushed."""
+    from lcmq.modelpack import push_model as push
+
+    pushed = push(name, source, to, get_settings())
+    return {
+        "url": pushed.url,
+        "name": pushed.manifest.name,
+        "kind": pushed.manifest.kind,
+        "files": len(pushed.manifest.files),
+        "bytes": pushed.manifest.total_bytes,
+    }
+
+
 def models() -> list[dict[str, Any]]:
     return [p.to_dict() | {"queue": p.queue} for p in load_profiles().values()]
 
@@ -723,6 +738,8 @@ def worker_dict(worker: WorkerRecord, now: datetime) -> dict[str, Any]:
         "batch_size": worker.batch_size,
         "peak_memory_mb": worker.peak_memory_mb,
         "load_s": worker.load_s,
+        "model_cache": worker.model_cache,
+        "fetch_s": worker.fetch_s,
         "images": worker.images,
         "render_s": worker.render_s,
         "images_per_s": None if images_per_s is None else round(images_per_s, 4),

@@ -514,6 +514,16 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+def cmd_models_push(args) -> int:
+    pushed = api.push_model(args.name, Path(args.dir), args.to)
+    if args.json:
+        _print_json(pushed)
+        return EXIT_OK
+    print(f"pushed {pushed['name']}: {pushed['files']} file(s), {pushed['bytes']:,} bytes", file=sys.stderr)
+    print(pushed["url"])
+    return EXIT_OK
+
+
 def cmd_db(args) -> int:
     from lcmq.migrate import current, upgrade
 
@@ -546,13 +556,17 @@ def cmd_workers(args) -> int:
     if args.json:
         _print_json(rows)
         return EXIT_OK
-    print(f"{'node':40}  {'state':7}  {'profile':10}  {'device':6}  {'batch':>5}  {'images':>8}  {'img/s':>7}  cost/1k")
+    print(
+        f"{'node':40}  {'state':7}  {'profile':10}  {'device':6}  {'batch':>5}  {'images':>8}  {'img/s':>7}  "
+        f"{'cost/1k':>8}  {'load_s':>7}  models"
+    )
     for r in rows:
         rate = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
         cost = f"{r['cost_per_1000_images']:.4f}" if r["cost_per_1000_images"] is not None else "-"
+        load = f"{r['load_s']:.1f}" if r["load_s"] is not None else "-"
         print(
             f"{r['node']:40}  {r['state']:7}  {r['profile']:10}  {r['device']:6}  {r['batch_size'] or '-':>5}  "
-            f"{r['images']:>8}  {rate:>7}  {cost}"
+            f"{r['images']:>8}  {rate:>7}  {cost:>8}  {load:>7}  {r['model_cache'] or '-'}"
         )
     return EXIT_OK
 
@@ -844,9 +858,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.set_defaults(func=cmd_apikey)
 
-    p = sub.add_parser("models", help="model profiles this install knows")
+    p = sub.add_parser("models", help="model profiles this install knows; `models push` uploads a model to S3")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+    actions = p.add_subparsers(dest="action")  # optional: plain `lcmq models` lists the profiles
+    a = actions.add_parser("push", help="upload a local model and its sha256 manifest to S3; prints its s3:// URL")
+    a.add_argument("name", help="the model's name: its folder under <storage root>/models/")
+    a.add_argument("dir", help="a diffusers folder, a LoRA folder, or one .safetensors/.ckpt file")
+    a.add_argument("--to", metavar="URL", help="s3://bucket/prefix/ to push to (default <storage root>/models/NAME/)")
+    a.add_argument("--json", action="store_true", help="print url, name, kind, files and bytes as JSON")
+    a.set_defaults(func=cmd_models_push)
 
     p = sub.add_parser("db", help="database schema")
     p.add_argument("action", choices=["upgrade", "current"])

@@ -259,5 +259,8 @@ class WorkerProcess(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # s3:// models fetched at load (worker/model_fetch.py): hit, miss or partial; null without.
+    model_cache: Mapped[str | None] = mapped_column(String(10))
+    fetch_s: Mapped[float | None] = mapped_column(Float)  # of load_s: manifests, waits, downloads
 
     __table_args__ = (Index("ix_workers_last_seen_at", "last_seen_at"),)

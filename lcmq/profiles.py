@@ -306,6 +306,16 @@ def _check_model_index(where: str, field: str, ref: str, family: str) -> None:
         raise ProfileError(f"{where}: family {family!r} expects a {expected} but {index} holds a {class_name}")
 
 
+def _check_remote(where: str, field: str, ref: str) -> None:
+    """An s3:// model reference is well formed (its manifest is read when the worker loads it)."""
+    from lcmq.modelpack import locate
+
+    try:
+        locate(ref)
+    except ProfileError as exc:
+        raise ProfileError(f"{where}: {field} {exc}") from None
+
+
 def preflight(profile: Profile, device: str | None = None) -> None:
     """Cheap checks before a worker starts (no torch): paths exist, family matches the model,
     a single-file base has its config, and the dtype suits the device when it is known.
@@ -320,6 +330,9 @@ def preflight(profile: Profile, device: str | None = None) -> None:
         raise ProfileError(f"{where}: family must be one of {', '.join(FAMILIES)} (got {profile.family!r})")
     for field in ("base", "lcm_lora", "config", "vae"):
         ref = getattr(profile, field)
+        if ref is not None and ref.startswith("s3://"):
+            _check_remote(where, field, ref)  # fetched and verified when the worker loads it
+            continue
         if ref is None or ref.startswith(GENERATED_PREFIX) or not _looks_like_path(ref):
             continue  # unset, generated on demand, or a hub id resolved by diffusers when loading
         path = Path(ref).expanduser()
@@ -334,7 +347,7 @@ def preflight(profile: Profile, device: str | None = None) -> None:
                 "config = a diffusers folder of the same architecture (its model_index.json "
                 "and component configs; weights are not read)"
             )
-        if Path(profile.base).expanduser().is_dir():
+        if not profile.base.startswith("s3://") and Path(profile.base).expanduser().is_dir():
             raise ProfileError(f"{where}: base {profile.base} is a folder, not a single-file checkpoint")
     elif profile.config is not None:
         raise ProfileError(f"{where}: config is only used with a single-file base (.safetensors or .ckpt)")

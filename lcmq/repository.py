@@ -228,6 +228,8 @@ class WorkerRecord:
     started_at: datetime
     last_seen_at: datetime
     stopped_at: datetime | None
+    model_cache: str | None = None  # s3:// models at load: "hit", "miss", "partial"; None without
+    fetch_s: float | None = None
 
     def state(self, now: datetime) -> str:
         """ "stopped" (it said so), "stale" (no heartbeat for STALE_AFTER_BEATS intervals: killed,
@@ -249,6 +251,8 @@ class WorkerBeat:
     load_s: float | None = None
     batch_size: int | None = None
     device: str | None = None  # the resolved device once loaded ("auto" becomes cpu/cuda/mps)
+    model_cache: str | None = None  # s3:// models: "hit", "miss" or "partial" once loaded
+    fetch_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1592,6 +1596,8 @@ class Repository:
             "load_s": beat.load_s,
             "batch_size": beat.batch_size,
             "device": beat.device,
+            "model_cache": beat.model_cache,
+            "fetch_s": beat.fetch_s,
         }
         return values | {name: value for name, value in learned.items() if value is not None}
 

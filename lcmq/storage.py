@@ -336,6 +336,18 @@ class S3Storage(Storage):
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
+    def download_file(self, object_key: str, target: Path) -> None:
+        """The object at a full key of the bucket (no prefix, not checked) into a local file."""
+        from boto3.exceptions import S3TransferFailedError
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call("get", self.client.download_file, Bucket=self.bucket, Key=object_key, Filename=str(target))
+        except S3TransferFailedError as exc:  # wraps the ClientError that says whether to retry
+            if isinstance(exc.__context__, ClientError):
+                self._raise_client_error("get", object_key, exc.__context__)
+            raise StorageError(f"s3 get s3://{self.bucket}/{object_key}: {exc}") from exc
+
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         # Signed locally (no request is made): the URL names the endpoint the API uses.
         return self._call(
@@ -365,6 +377,23 @@ def read_url(
         store = S3Storage(parsed.netloc, "", endpoint_url, region, timeout_s, max_attempts)
         return store._call("get", store._get_body, Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))
     raise ConfigError(f"{url!r}: use s3://bucket/key or file:///path")
+
+
+def download_url(
+    url: str,
+    target: Path,
+    endpoint_url: str | None = None,
+    region: str = "us-east-1",
+    timeout_s: float = 30,
+    max_attempts: int = 3,
+) -> None:
+    """One s3:// object (a user's key, not checked) into a local file, streamed; boto3 splits a
+    large one into parallel ranged GETs. The caller owns `target`'s folder (a temporary one)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
+        raise ConfigError(f"{url!r}: use s3://bucket/key")
+    store = S3Storage(parsed.netloc, "", endpoint_url, region, timeout_s, max_attempts)
+    store.download_file(parsed.path.lstrip("/"), target)
 
 
 def storage_from_settings(settings) -> Storage:

@@ -19,7 +19,8 @@ styles disable the adapters rather than delete them.
 Adapter names inside the pipeline are not the user's names (two batches may call different
 files "ink"): they are `style_<hash>` of the file's identity (path, size and mtime; for s3://
 the object's ETag). s3:// LoRAs are downloaded once into `<models dir>/loras/`, keyed by the
-hash of URL and ETag.
+hash of URL and ETag; ones pushed with `lcmq models push` (a folder URL, or a file with the
+push's manifest beside it) are fetched and verified like models (worker/model_fetch.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from urllib.parse import urlparse
 
 from lcmq.errors import PermanentError
 from lcmq.loras import LCM_ADAPTER
+from lcmq.profiles import SINGLE_FILE_SUFFIXES
 from lcmq.settings import Settings
 
 log = logging.getLogger("lcmq.worker")
@@ -108,6 +110,29 @@ def _from_s3(url: str, cache: Path, settings: Settings) -> LocalLora:
     return LocalLora(_adapter_name(f"{url}:{etag}"), str(folder), target.name)
 
 
+def _pushed(url: str, settings: Settings) -> LocalLora | None:
+    """A LoRA pushed with `lcmq models push` (a manifest beside it): fetched and verified like a
+    model (worker/model_fetch.py). None for a plain object with no manifest (a file URL), which
+    `_from_s3` downloads as before; a folder URL must have its manifest."""
+    from lcmq.modelpack import ManifestMissingError, ModelFetchError
+    from worker.model_fetch import S3Source, fetch_model
+
+    try:
+        fetched = fetch_model(url, settings.models_path, S3Source(settings))
+    except ManifestMissingError:
+        if url.endswith(SINGLE_FILE_SUFFIXES) and not url.endswith("/"):
+            return None
+        raise LoraLoadError(
+            f"LoRA {url}: a folder URL needs the lcmq-model.json that `lcmq models push` writes"
+        ) from None
+    except ModelFetchError as exc:
+        raise LoraLoadError(f"LoRA {exc}") from exc
+    folder, name = (
+        (fetched.path.parent, fetched.path.name) if fetched.path.is_file() else (fetched.path, LORA_WEIGHT_NAME)
+    )
+    return LocalLora(_adapter_name(f"{fetched.path}"), str(folder), name)
+
+
 class AdapterCache:
     """The style adapters of one pipeline. Not thread-safe by itself: render calls hold `lock`."""
 
@@ -140,7 +165,7 @@ class AdapterCache:
     def _resolve(self, path: str) -> LocalLora:
         if path.startswith("s3://"):
             if path not in self._resolved:
-                self._resolved[path] = _from_s3(path, self.cache_dir, self.settings)
+                self._resolved[path] = _pushed(path, self.settings) or _from_s3(path, self.cache_dir, self.settings)
             return self._resolved[path]
         return _local(path)
 

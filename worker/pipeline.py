@@ -13,14 +13,18 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lcmq.errors import LcmqError, ModelLoadError
+from lcmq.errors import LcmqError, ModelLoadError, ProfileError
 from lcmq.loras import LCM_ADAPTER
+from lcmq.modelpack import is_remote
 from lcmq.profiles import FAMILY_PIPELINE_CLASS, GENERATED_PREFIX, NULL_FAMILY, Profile, preflight, resolve_dtype
 from lcmq.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.model_fetch import ObjectSource
 
 log = logging.getLogger("lcmq.worker")
 
@@ -35,6 +39,9 @@ class LoadedPipeline:
     # The images per pipeline call this process uses: settings.batch_size, or less when
     # --max-memory made the load probe a smaller one (worker/memory.py).
     batch_size: int | None = None
+    # s3:// models (worker/model_fetch.py): "hit", "miss" or "partial"; None when there is none.
+    model_cache: str | None = None
+    fetch_s: float | None = None  # seconds of load_s spent reading manifests and downloading
 
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -126,6 +133,35 @@ def plan_load(profile: Profile, device: str) -> LoadPlan:
     )
 
 
+REMOTE_FIELDS = ("base", "config", "vae", "lcm_lora")  # the plan's fields that may name s3:// models
+
+
+def fetch_remote(
+    plan: LoadPlan, settings: Settings, source: ObjectSource | None = None
+) -> tuple[LoadPlan, str | None, float | None]:
+    """The plan with each s3:// model replaced by its verified local copy, the cache outcome
+    ("hit", "miss", "partial"; None without s3:// models) and the seconds it took.
+
+    A model that cannot be used (no manifest, a file that does not match it) is a
+    ModelLoadError naming the field and the file; a store that is away stays a StorageError
+    (transient: the next task tries the load again)."""
+    remote = {field: getattr(plan, field) for field in REMOTE_FIELDS if is_remote(getattr(plan, field))}
+    if not remote:
+        return plan, None, None
+    from worker.model_fetch import S3Source, cache_summary, fetch_model
+
+    source = source or S3Source(settings)
+    fetched = {}
+    for field, url in remote.items():
+        try:
+            fetched[field] = fetch_model(url, settings.models_path, source)
+        except ProfileError as exc:
+            raise ModelLoadError(f"{field}: {exc}") from exc
+    paths: dict[str, Any] = {field: str(f.path) for field, f in fetched.items()}
+    local = replace(plan, **paths)
+    return local, cache_summary(fetched.values()), round(sum(f.seconds for f in fetched.values()), 3)
+
+
 def _resolve(ref: str, settings: Settings) -> str:
     """A generated ref (`lcmq-generated:<model>[-lcm-lora|-vae]`) becomes its folder, built on first use."""
     if ref.startswith(GENERATED_PREFIX):
@@ -213,9 +249,12 @@ class NullPipeline:
         return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127)) for _ in prompt])
 
 
-def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
-    """Load, swap the scheduler, load and fuse the LCM-LoRA, apply the memory modes, and with a
-    memory budget probe the batch size; ModelLoadError on any failure."""
+def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | None = None) -> LoadedPipeline:
+    """Fetch s3:// models, load, swap the scheduler, load and fuse the LCM-LoRA, apply the memory
+    modes, and with a memory budget probe the batch size; ModelLoadError on any failure.
+
+    `source` reads s3:// models (default: this process's S3 credentials); an edge worker would
+    pass one that downloads through presigned GETs (worker/model_fetch.py)."""
     if profile.family == NULL_FAMILY:
         return LoadedPipeline(profile, NullPipeline(), "cpu", None, 0.0)
     import torch
@@ -228,6 +267,11 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
     dtype = getattr(torch, plan.dtype)
     if device == "cpu" and settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    try:
+        # 0. s3:// models: downloaded once per host into the models dir, verified, then local.
+        plan, model_cache, fetch_s = fetch_remote(plan, settings, source)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"profile {profile.name!r}: {exc}") from exc
     try:
         # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint (+ its config).
         extra = {"safety_checker": None, "requires_safety_checker": False} if profile.family == "sd15" else {}
@@ -256,11 +300,13 @@ def load_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
             "vae": plan.vae,
             "memory_modes": ",".join(plan.memory_modes) or None,
             "cpu_offload": plan.cpu_offload,
+            "model_cache": model_cache,
+            "fetch_s": fetch_s,
             "load_s": round(load_s, 2),
             "pid": os.getpid(),
         },
     )
-    loaded = LoadedPipeline(profile, pipe, device, dtype, load_s)
+    loaded = LoadedPipeline(profile, pipe, device, dtype, load_s, model_cache=model_cache, fetch_s=fetch_s)
     if settings.max_memory_mb:
         from worker.memory import probe_batch_size
 

@@ -43,13 +43,15 @@ class Learned:
     device: str | None = None
     load_s: float | None = None
     batch_size: int | None = None
+    model_cache: str | None = None  # s3:// models: hit, miss or partial
+    fetch_s: float | None = None
 
 
 def learned(profile: str) -> Learned:
     loaded = loaded_pipeline(profile)
     if loaded is None:
         return Learned()
-    return Learned(loaded.device, round(loaded.load_s, 3), loaded.batch_size)
+    return Learned(loaded.device, round(loaded.load_s, 3), loaded.batch_size, loaded.model_cache, loaded.fetch_s)
 
 
 def current_beat(profile: str, settings: Settings) -> WorkerBeat:
@@ -61,6 +63,8 @@ def current_beat(profile: str, settings: Settings) -> WorkerBeat:
         load_s=load.load_s,
         batch_size=load.batch_size or (settings.batch_size if load.load_s is not None else None),
         device=load.device,
+        model_cache=load.model_cache,
+        fetch_s=load.fetch_s,
     )
 
 

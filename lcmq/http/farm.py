@@ -50,6 +50,10 @@ class WorkerOut(BaseModel):
     batch_size: int | None
     peak_memory_mb: float | None
     load_s: float | None = Field(description="seconds the pipeline took to load; null while loading")
+    model_cache: str | None = Field(
+        None, description="s3:// models at load: hit (cached on the host), miss (downloaded) or partial; null without"
+    )
+    fetch_s: float | None = Field(None, description="of load_s, the seconds spent fetching s3:// models")
     images: int
     render_s: float
     images_per_s: float | None = Field(description="images over the seconds from its start to its last heartbeat")
