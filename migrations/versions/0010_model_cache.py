@@ -1,14 +1,14 @@
 """worker rows: how the load found its s3:// models (cache hit, miss or partial) and the fetch time
 
-Revision ID: 0012
+Revision ID: 0010
 Revises: 0009
-Create Date: 2026-12-10
+Create Date: 2026-12-02
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
