@@ -1190,15 +1190,20 @@ class Repository:
         candidate = table.alias("candidate")
         expired = (candidate.c.state == JobState.running.value) & (candidate.c.lease_until < now)
         expired = expired & (candidate.c.attempts < max_attempts)
-        local_file = "file:%"
+        # Stored init images are s3:// or file:// URLs; stored LoRA paths s3:// URLs or absolute
+        # local paths (lcmq.loras, serialised with json.dumps' default separators).
+        lora_paths = cast(candidate.c.loras, String)
         picked = (
             select(candidate.c.id)
             .join(Batch, Batch.id == candidate.c.batch_id)
             .where(
                 Batch.profile == profile,
                 or_(candidate.c.state == JobState.queued.value, expired),
-                or_(candidate.c.init_image.is_(None), ~candidate.c.init_image.like(local_file)),
-                or_(candidate.c.loras.is_(None), ~cast(candidate.c.loras, String).like(f'%"{local_file}')),
+                or_(candidate.c.init_image.is_(None), candidate.c.init_image.like("s3://%")),
+                or_(
+                    candidate.c.loras.is_(None),
+                    ~lora_paths.like('%"path": "/%') & ~lora_paths.like('%"path": "file:%'),
+                ),
             )
             .order_by(Batch.priority.desc(), candidate.c.created_at, candidate.c.index)
             .limit(max_jobs)
@@ -1820,6 +1825,12 @@ class Repository:
         with self._session() as s:
             statement = update(WorkerProcess).where(WorkerProcess.node == node)
             return _rowcount(s.execute(statement.values(**self._beat_values(beat, now), stopped_at=now))) == 1
+
+    @_translate_errors
+    def worker_row(self, node: str) -> WorkerRecord | None:
+        with self._session() as s:
+            row = s.get(WorkerProcess, node)
+            return None if row is None else _record(WorkerRecord, row)
 
     @_translate_errors
     def workers(self, include_stopped: bool = False) -> list[WorkerRecord]:
