@@ -14,7 +14,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Self, TextIO
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
 from lcmq.errors import InputError, LcmqError, NotFoundError, PermanentError
 from lcmq.logs import setup_logging
@@ -514,7 +514,7 @@ def cmd_workertoken(args) -> int:
         print("Worker token (shown once; `lcmq worker --gateway URL --token <token>`):", file=sys.stderr)
         print(new.token)
     elif args.action == "list":
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "name": t.name,
                 "profiles": t.profiles,
