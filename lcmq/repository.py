@@ -1178,8 +1178,8 @@ class Repository:
         lease and attempts rule, so Celery workers and pulling workers share one queue (a message
         for a job taken here finds it taken: its claim is a no-op).
 
-        One conditional UPDATE over candidates picked `FOR UPDATE SKIP LOCKED` (Postgres): two
-        gateways never wait on, nor take, each other's rows. Jobs naming a file of the API's
+        Candidates are picked `FOR UPDATE SKIP LOCKED` (Postgres), then taken with one conditional
+        UPDATE in the same transaction: two gateways never wait on, nor take, each other's rows. Jobs naming a file of the API's
         machine (an init image or LoRA given on the CLI) are left to Celery workers: nothing can
         presign a local file. With `token`, nothing is claimed unless that worker token is valid
         and not paused, checked under a lock on its row in the same transaction, so a revocation
@@ -1222,10 +1222,13 @@ class Repository:
                 ).first()
                 if valid is None:
                     return []
+            order = {job_id: place for place, job_id in enumerate(conn.scalars(picked))}
+            if not order:
+                return []
             claimed = _job_records(
                 conn.execute(
                     update(table)
-                    .where(table.c.id.in_(picked.scalar_subquery()), still_free)
+                    .where(table.c.id.in_(list(order)), still_free)
                     .values(
                         state=JobState.running.value,
                         attempts=table.c.attempts + 1,
@@ -1236,9 +1239,9 @@ class Repository:
                     .returning(*_JOB_RECORD_COLUMNS)
                 )
             )
-            if token is not None:
+            if token is not None and claimed:  # the last claim that got work (polls write nothing)
                 conn.execute(update(WorkerToken).where(WorkerToken.name == token).values(last_claim_at=now))
-        return sorted(claimed, key=lambda j: (j.created_at, j.index))
+        return sorted(claimed, key=lambda j: order[j.id])
 
     @_translate_errors
     def jobs_by_id(self, job_ids: Sequence[str]) -> list[JobRecord]:
