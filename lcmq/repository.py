@@ -1179,11 +1179,12 @@ class Repository:
         for a job taken here finds it taken: its claim is a no-op).
 
         Candidates are picked `FOR UPDATE SKIP LOCKED` (Postgres), then taken with one conditional
-        UPDATE in the same transaction: two gateways never wait on, nor take, each other's rows. Jobs naming a file of the API's
-        machine (an init image or LoRA given on the CLI) are left to Celery workers: nothing can
-        presign a local file. With `token`, nothing is claimed unless that worker token is valid
-        and not paused, checked under a lock on its row in the same transaction, so a revocation
-        (which updates the row, then releases the token's jobs) is never overtaken by a claim.
+        UPDATE in the same transaction: two gateways never wait on, nor take, each other's rows.
+        Jobs naming a file of the API's machine (an init image or LoRA given on the CLI) are left
+        to Celery workers: nothing can presign a local file. With `token`, nothing is claimed
+        unless that worker token is valid and not paused, checked under a share lock on its row in
+        the same transaction, so a revocation (which updates the row, then releases the token's
+        jobs) is never overtaken by a claim.
         """
         now = utcnow()
         table = JOBS_TABLE
