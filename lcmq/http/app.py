@@ -96,11 +96,12 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
 
     app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
     app.add_middleware(AccessLog)  # outermost: a refused body is logged too
-    from lcmq.http import dashboard, farm, routes, webhook_routes
+    from lcmq.http import dashboard, farm, report_routes, routes, webhook_routes
 
     app.include_router(routes.router)
     app.include_router(webhook_routes.router)
     app.include_router(farm.router)  # /metrics
     app.include_router(farm.v1)  # /v1/workers
+    app.include_router(report_routes.router)  # /v1/batches/{id}/report
     dashboard.install(app)
     return app
