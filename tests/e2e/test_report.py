@@ -57,7 +57,7 @@ def test_report_prices_each_worker_and_the_batch_from_the_rows(services_env, pro
         solo = rows.get(nodes["solo"])
         return bool(prefork and solo and prefork[0]["load_s"] and solo["load_s"])
 
-    wait_until(loaded, 60, interval_s=0.2, what="both workers' rows with their load time")
+    wait_until(loaded, 120, interval_s=0.2, what="both workers' rows with their load time")
     batch = api.submit([f"a lighthouse at dusk {i}" for i in range(12)], model="tiny", chunk_size=1)
     assert api.wait(batch.batch_id, timeout_s=120).succeeded == 12
 
