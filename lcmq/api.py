@@ -17,6 +17,7 @@ from typing import Any
 
 from lcmq import keys
 from lcmq.access import LOCAL, Principal
+from lcmq.costs import batch_costs, worker_costs
 from lcmq.errors import InputError, NotFoundError, ProfileError
 from lcmq.formats import DEFAULT_FORMAT, check_output
 from lcmq.matrix import check_matrix
@@ -758,3 +759,26 @@ def workers(principal: Principal = LOCAL, *, include_stopped: bool = False) -> l
     the farm, not to a key: any valid key sees them all (`principal` is who asks)."""
     now = utcnow()
     return [worker_dict(w, now) for w in repository().workers(include_stopped=include_stopped)]
+
+
+# --- report: images per dollar ------------------------------------------------------------
+
+
+def report(batch_id: str, principal: Principal = LOCAL) -> dict[str, Any]:
+    """What the batch's images took and cost, per worker and in total (formulas: lcmq.costs).
+
+    Covers the images recorded so far: a batch still rendering reports its finished part."""
+    repo = repository()
+    batch = visible_batch(repo, batch_id, principal)
+    sums = repo.worker_job_sums(batch_id)
+    per_worker = worker_costs(sums, repo.workers_named([s.worker for s in sums]))
+    counts = repo.state_counts(batch_id)
+    return {
+        "batch_id": batch.id,
+        "profile": batch.profile,
+        "total": batch.total,
+        "failed": counts.get(JobState.failed.value, 0),
+        "done": counts.get(JobState.queued.value, 0) + counts.get(JobState.running.value, 0) == 0,
+        **batch_costs(per_worker),
+        "workers": [w.to_dict() for w in per_worker],
+    }

@@ -619,6 +619,41 @@ def cmd_workers(args) -> int:
     return EXIT_OK
 
 
+def _figure(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def cmd_report(args) -> int:
+    report = api.report(args.batch)
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    state = "done" if report["done"] else "still rendering: the images so far"
+    print(f"batch {report['batch_id']} ({report['profile']}, {state})")
+    print(
+        f"images {report['images']}/{report['total']}  failed {report['failed']}  "
+        f"wall {_figure(report['wall_s'], '{:.1f}')} s  GPU-busy {report['gpu_busy_s']:.1f} s  "
+        f"images/s {_figure(report['images_per_s'], '{:.3f}')}"
+    )
+    print(
+        f"cost {_figure(report['cost'], '{:.4f}')}  "
+        f"per 1,000 images {_figure(report['cost_per_1000_images'], '{:.4f}')}  "
+        f"images per dollar {_figure(report['images_per_dollar'], '{:.1f}')}"
+    )
+    if report["unpriced_workers"] and report["cost"] is not None:
+        print(f"(without the images of {len(report['unpriced_workers'])} worker(s) that have no --cost-per-hour)")
+    print(
+        f"\n{'worker':40}  {'images':>7}  {'busy s':>8}  {'GPU s':>8}  {'img/s':>7}  {'cost/h':>7}  {'cost':>9}  img/$"
+    )
+    for w in report["workers"]:
+        print(
+            f"{w['worker']:40}  {w['images']:>7}  {w['busy_s']:>8.1f}  {w['gpu_busy_s']:>8.1f}  "
+            f"{_figure(w['images_per_s'], '{:.3f}'):>7}  {_figure(w['cost_per_hour'], '{:.3f}'):>7}  "
+            f"{_figure(w['cost'], '{:.5f}'):>9}  {_figure(w['images_per_dollar'], '{:.1f}')}"
+        )
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     """Render a prompt file on this machine in one command: submit, a worker, progress, stop."""
     return _render_here(Path(args.file), _batch_options(args), args.timeout)
@@ -971,6 +1006,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="stopped workers too")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per worker process")
     p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("report", help="a batch's images per second and, with worker costs, images per dollar")
+    p.add_argument("batch")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="render a prompt file on this machine: submit, a worker, progress, stop")
     _add_batch_flags(p)

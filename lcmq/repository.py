@@ -264,6 +264,18 @@ class WorkerRecord:
 
 
 @dataclass(frozen=True)
+class WorkerJobSums:
+    """One worker's images of one batch (Repository.worker_job_sums): what `lcmq report` prices."""
+
+    worker: str  # jobs.worker
+    images: int  # succeeded jobs
+    failed: int
+    render_ms: float  # Σ render_ms of its images: its pipeline seconds × 1000
+    first_started_at: datetime | None  # of its images; None when it has none
+    last_finished_at: datetime | None
+
+
+@dataclass(frozen=True)
 class WorkerBeat:
     """What a heartbeat writes: the process's counters and what its load has found out."""
 
@@ -342,6 +354,11 @@ def _job_records(rows) -> list[JobRecord]:
             values[name] = _aware(values[name])
         records.append(JobRecord(**values))
     return records
+
+
+def _like_escaped(text: str) -> str:
+    """`text` matched literally by LIKE ... ESCAPE '\\' (its % and _ are not wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _record(cls, row) -> Any:
@@ -1851,6 +1868,55 @@ class Repository:
             query = query.where(WorkerProcess.stopped_at.is_(None))
         with self._session() as s:
             return [_record(WorkerRecord, row) for row in s.scalars(query)]
+
+    @_translate_errors
+    def workers_named(self, names: Sequence[str]) -> list[WorkerRecord]:
+        """The rows (stopped ones too) of the workers whose jobs carry these names in
+        jobs.worker: the name itself, or `<name>#<pid>` for a prefork pool child (lcmq.costs.
+        job_worker_of tells which name a row serves; a row that merely starts alike is kept
+        out there)."""
+        if not names:
+            return []
+        children = [WorkerProcess.node.like(_like_escaped(name) + "#%", escape="\\") for name in names]
+        query = select(WorkerProcess).where(or_(WorkerProcess.node.in_(list(names)), *children))
+        with self._session() as s:
+            return [_record(WorkerRecord, row) for row in s.scalars(query.order_by(WorkerProcess.started_at))]
+
+    @_translate_errors
+    def worker_job_sums(self, batch_id: str) -> list[WorkerJobSums]:
+        """Per worker, the batch's images and failures, its images' render time and the span
+        from its first image's claim to its last image's record: one GROUP BY over the batch's
+        settled jobs (the (batch_id, state) index finds them)."""
+        succeeded = Job.state == JobState.succeeded.value
+        query = (
+            select(
+                Job.worker,
+                func.sum(case((succeeded, 1), else_=0)),
+                func.sum(case((succeeded, 0), else_=1)),
+                func.sum(case((succeeded, Job.render_ms), else_=0.0)),
+                func.min(case((succeeded, Job.started_at), else_=None)),
+                func.max(case((succeeded, Job.finished_at), else_=None)),
+            )
+            .where(
+                Job.batch_id == batch_id,
+                Job.state.in_([JobState.succeeded.value, JobState.failed.value]),
+                Job.worker.is_not(None),
+            )
+            .group_by(Job.worker)
+            .order_by(Job.worker)
+        )
+        with self._session() as s:
+            return [
+                WorkerJobSums(
+                    worker=worker,
+                    images=int(images or 0),
+                    failed=int(failed or 0),
+                    render_ms=float(render_ms or 0.0),
+                    first_started_at=_aware(first),
+                    last_finished_at=_aware(last),
+                )
+                for worker, images, failed, render_ms, first, last in s.execute(query)
+            ]
 
     # --- farm metrics (lcmq/http/farm.py, scraped every ~15 s) ----------------------------------
 

@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    from lcmq.http import dashboard, farm, gateway, routes, webhook_routes
+    from lcmq.http import dashboard, farm, gateway, report_routes, routes, webhook_routes
     from lcmq.http.middleware import AccessLog, BodyLimit
 
     app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.include_router(webhook_routes.router)
     app.include_router(farm.router)  # /metrics
     app.include_router(farm.v1)  # /v1/workers
+    app.include_router(report_routes.router)  # /v1/batches/{id}/report
     gateway.install(app, settings, app.state.repo)  # /gateway/v1: edge workers, worker tokens only
     dashboard.install(app)
     return app

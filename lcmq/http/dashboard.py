@@ -230,6 +230,7 @@ def batch_page(request: Request, batch_id: str, after: int = -1) -> Response:
         batch = api.visible_batch(api.repository(), batch_id, principal)
         status = api.status(batch_id, principal).to_dict()
         parts = batch_parts(batch_id, after, principal)
+        report = api.report(batch_id, principal)
     except NotFoundError:
         return not_found(request, principal, "such batch")
     finished = status["succeeded"] + status["failed"] + status["canceled"]
@@ -243,6 +244,7 @@ def batch_page(request: Request, batch_id: str, after: int = -1) -> Response:
             "finished": finished,
             "percent": 100 if status["total"] == 0 else int(100 * finished / status["total"]),
             "done": status["queued"] == 0 and status["running"] == 0,
+            "report": report,
             **parts,
         },
     )
