@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Self, TextIO
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
 from lcmq.errors import InputError, LcmqError, NotFoundError, PermanentError
 from lcmq.logs import setup_logging
@@ -502,6 +502,54 @@ def cmd_apikey(args) -> int:
     return EXIT_OK
 
 
+def cmd_workertoken(args) -> int:
+    """Tokens of edge workers (docs/edge.md). `create` prints the token once, as its last line;
+    only its hash is stored."""
+    from lcmq import workertokens
+
+    repo = api.repository()
+    if args.action == "create":
+        new = workertokens.create_token(repo, args.name, workertokens.parse_profiles(args.profiles), args.cost_per_hour)
+        cost = "" if new.cost_per_hour is None else f", {new.cost_per_hour:g} per hour"
+        print(f"Worker token {new.name!r} created (profiles {', '.join(new.profiles)}{cost}).", file=sys.stderr)
+        print("Worker token (shown once; `lcmq worker --gateway URL --token <token>`):", file=sys.stderr)
+        print(new.token)
+    elif args.action == "list":
+        rows: list[dict[str, Any]] = [
+            {
+                "name": t.name,
+                "profiles": t.profiles,
+                "cost_per_hour": t.cost_per_hour,
+                "state": t.state,
+                "failures_in_a_row": t.failures_in_a_row,
+                "created_at": t.created_at.isoformat(),
+                "last_claim_at": t.last_claim_at.isoformat() if t.last_claim_at else None,
+                "paused_at": t.paused_at.isoformat() if t.paused_at else None,
+                "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+            }
+            for t in workertokens.list_tokens(repo)
+        ]
+        if args.json:
+            _print_json(rows)
+        for r in [] if args.json else rows:
+            cost = "-" if r["cost_per_hour"] is None else f"{r['cost_per_hour']:g}/h"
+            print(
+                f"{r['name']:24} {r['state']:8} {','.join(r['profiles']):20} {cost:>8} "
+                f"failures={r['failures_in_a_row']:<3} last claim {r['last_claim_at'] or '-'}"
+            )
+    elif args.action == "revoke":
+        released = workertokens.revoke_token(repo, args.name)
+        print(
+            f"Worker token {args.name!r} revoked: its next request is refused; "
+            f"{released} running job(s) released to the queue.",
+            file=sys.stderr,
+        )
+    else:
+        workertokens.resume_token(repo, args.name)
+        print(f"Worker token {args.name!r} resumed: its workers claim jobs again.", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     rows = api.models()
     if args.json:
@@ -888,6 +936,23 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("revoke", help="refuse the key from its next request on, in every API process")
     a.add_argument("name")
     a.set_defaults(func=cmd_apikey)
+
+    p = sub.add_parser("workertoken", help="tokens of edge workers (lcmq worker --gateway)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("create", help="make a token; prints it once, as the last line")
+    a.add_argument("name", help="names the token in lists, logs and its workers' names")
+    a.add_argument("--profiles", required=True, help="the profiles its workers may claim, e.g. sd15,sdxl")
+    a.add_argument("--cost-per-hour", type=float, help="what one of its machines costs an hour (images per dollar)")
+    a.set_defaults(func=cmd_workertoken)
+    a = actions.add_parser("list", help="tokens with their state (never the tokens themselves)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_workertoken)
+    a = actions.add_parser("revoke", help="refuse the token at once and release its running jobs")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_workertoken)
+    a = actions.add_parser("resume", help="unpause a token paused after too many failed jobs in a row")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_workertoken)
 
     p = sub.add_parser("models", help="model profiles this install knows")
     p.add_argument("--json", action="store_true")

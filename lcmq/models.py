@@ -35,6 +35,9 @@ class JobState(str, enum.Enum):
 FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.canceled)
 STATE_LENGTH = 16
 API_KEY_NAME_LENGTH = 100
+# An edge worker's jobs.worker is `edge/<token name>/<node>` (lcmq.workertokens): with a node of
+# up to 100 characters it fits the 200 of jobs.worker and workers.node.
+WORKER_TOKEN_NAME_LENGTH = 64
 
 
 class Base(DeclarativeBase):
@@ -261,3 +264,21 @@ class WorkerProcess(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_workers_last_seen_at", "last_seen_at"),)
+
+
+class WorkerToken(Base):
+    """A token of edge workers (lcmq.workertokens): machines that reach the farm only through the
+    gateway. Only the token's sha256 is stored. The token claims jobs of `profiles` only, and is
+    paused (maintenance) after too many failed jobs in a row until `lcmq workertoken resume`."""
+
+    __tablename__ = "worker_tokens"
+
+    name: Mapped[str] = mapped_column(String(WORKER_TOKEN_NAME_LENGTH), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    profiles: Mapped[list[str]] = mapped_column(JSON)
+    cost_per_hour: Mapped[float | None] = mapped_column(Float)  # of each of its workers, any currency
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: valid
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # NULL: may claim
+    failures_in_a_row: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_claim_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

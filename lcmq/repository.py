@@ -60,6 +60,7 @@ from lcmq.models import (
     WebhookAttempt,
     WebhookDelivery,
     WorkerProcess,
+    WorkerToken,
 )
 from lcmq.spec import render_shape
 
@@ -203,6 +204,27 @@ class ApiKeyRecord:
     revoked_at: datetime | None
     last_used_at: datetime | None
     expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class WorkerTokenRecord:
+    """A worker token's row (lcmq.models.WorkerToken), never the token itself."""
+
+    name: str
+    profiles: list[str]
+    cost_per_hour: float | None
+    created_at: datetime
+    revoked_at: datetime | None
+    paused_at: datetime | None
+    failures_in_a_row: int
+    last_claim_at: datetime | None
+
+    @property
+    def state(self) -> str:
+        """ "revoked", "paused" (too many failed jobs in a row) or "active"."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "paused" if self.paused_at is not None else "active"
 
 
 # A worker is stale after this many of its own heartbeat intervals without a heartbeat.
@@ -1140,6 +1162,96 @@ class Repository:
             )
         return sorted(claimed, key=lambda j: j.index)
 
+    @_translate_errors
+    def claim_next(
+        self,
+        profile: str,
+        max_jobs: int,
+        worker: str,
+        lease_s: float,
+        max_attempts: int,
+        *,
+        token: str | None = None,
+    ) -> list[JobRecord]:
+        """Take up to `max_jobs` free jobs of a profile for a worker that pulls (the edge
+        gateway): the most urgent batch first, then the oldest jobs, with `Repository.claim`'s
+        lease and attempts rule, so Celery workers and pulling workers share one queue (a message
+        for a job taken here finds it taken: its claim is a no-op).
+
+        Candidates are picked `FOR UPDATE SKIP LOCKED` (Postgres), then taken with one conditional
+        UPDATE in the same transaction: two gateways never wait on, nor take, each other's rows.
+        Jobs naming a file of the API's machine (an init image or LoRA given on the CLI) are left
+        to Celery workers: nothing can presign a local file. With `token`, nothing is claimed
+        unless that worker token is valid and not paused, checked under a share lock on its row in
+        the same transaction, so a revocation (which updates the row, then releases the token's
+        jobs) is never overtaken by a claim.
+        """
+        now = utcnow()
+        table = JOBS_TABLE
+        candidate = table.alias("candidate")
+        expired = (candidate.c.state == JobState.running.value) & (candidate.c.lease_until < now)
+        expired = expired & (candidate.c.attempts < max_attempts)
+        # Stored init images are s3:// or file:// URLs; stored LoRA paths s3:// URLs or absolute
+        # local paths (lcmq.loras, serialised with json.dumps' default separators).
+        lora_paths = cast(candidate.c.loras, String)
+        picked = (
+            select(candidate.c.id)
+            .join(Batch, Batch.id == candidate.c.batch_id)
+            .where(
+                Batch.profile == profile,
+                or_(candidate.c.state == JobState.queued.value, expired),
+                or_(candidate.c.init_image.is_(None), candidate.c.init_image.like("s3://%")),
+                or_(
+                    candidate.c.loras.is_(None),
+                    ~lora_paths.like('%"path": "/%') & ~lora_paths.like('%"path": "file:%'),
+                ),
+            )
+            .order_by(Batch.priority.desc(), candidate.c.created_at, candidate.c.index)
+            .limit(max_jobs)
+            .with_for_update(of=candidate, skip_locked=True)
+        )
+        still_free = or_(
+            table.c.state == JobState.queued.value,
+            (table.c.state == JobState.running.value) & (table.c.lease_until < now) & (table.c.attempts < max_attempts),
+        )
+        with self.engine.begin() as conn:
+            if token is not None:
+                valid = conn.execute(
+                    select(WorkerToken.name)
+                    .where(WorkerToken.name == token, WorkerToken.revoked_at.is_(None), WorkerToken.paused_at.is_(None))
+                    .with_for_update(read=True)
+                ).first()
+                if valid is None:
+                    return []
+            order = {job_id: place for place, job_id in enumerate(conn.scalars(picked))}
+            if not order:
+                return []
+            claimed = _job_records(
+                conn.execute(
+                    update(table)
+                    .where(table.c.id.in_(list(order)), still_free)
+                    .values(
+                        state=JobState.running.value,
+                        attempts=table.c.attempts + 1,
+                        worker=worker,
+                        lease_until=now + timedelta(seconds=lease_s),
+                        started_at=now,
+                    )
+                    .returning(*_JOB_RECORD_COLUMNS)
+                )
+            )
+            if token is not None and claimed:  # the last claim that got work (polls write nothing)
+                conn.execute(update(WorkerToken).where(WorkerToken.name == token).values(last_claim_at=now))
+        return sorted(claimed, key=lambda j: order[j.id])
+
+    @_translate_errors
+    def jobs_by_id(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The rows of these jobs (those that exist), in no order."""
+        if not job_ids:
+            return []
+        with self.engine.connect() as conn:
+            return _job_records(conn.execute(select(*_JOB_RECORD_COLUMNS).where(Job.id.in_(list(job_ids)))))
+
     def _held(self, job_ids: Sequence[str], worker: str):
         return Job.id.in_(list(job_ids)) & (Job.state == JobState.running.value) & (Job.worker == worker)
 
@@ -1221,14 +1333,24 @@ class Repository:
             )
 
     @_translate_errors
-    def release(self, job_ids: Sequence[str], worker: str, error: str | None, *, max_handbacks: int) -> HandBack:
+    def release(
+        self,
+        job_ids: Sequence[str],
+        worker: str,
+        error: str | None,
+        *,
+        max_handbacks: int,
+        publish_later: bool = False,
+    ) -> HandBack:
         """Hand jobs back to the queue after a transient fault, or fail those handed back
         `max_handbacks` times already, with the fault as the reason: one conditional update.
 
         A hand-back does not count an attempt (attempts - 1): max_attempts bounds the workers a
         job takes down, not the outages of S3 or the database; `handbacks` bounds those, so a
         fault that only looks passing (a bug) cannot loop. The caller publishes a message for
-        the requeued jobs (a task retry, or a new chunk) after a backoff, hence dispatched_at.
+        the requeued jobs (a task retry, or a new chunk) after a backoff, hence dispatched_at;
+        with `publish_later` (a caller with no broker: the edge gateway) they are left without a
+        message, which the sweeper sends (dispatched_at NULL).
         """
         now = utcnow()
         table = JOBS_TABLE
@@ -1243,7 +1365,7 @@ class Repository:
                 finished_at=case((spent, now), else_=None),
                 attempts=case((spent, table.c.attempts), else_=table.c.attempts - 1),
                 handbacks=case((spent, table.c.handbacks), else_=table.c.handbacks + 1),
-                dispatched_at=case((spent, table.c.dispatched_at), else_=now),
+                dispatched_at=case((spent, table.c.dispatched_at), else_=None if publish_later else now),
                 lease_until=None,
             )
             .returning(table.c.id, table.c.state, table.c.handbacks)
@@ -1361,6 +1483,103 @@ class Repository:
     def webhook_secret(self, name: str) -> str | None:
         with self._session() as s:
             return s.scalar(select(ApiKey.webhook_secret).where(ApiKey.name == name))
+
+    # --- worker tokens (lcmq.workertokens; the edge gateway, lcmq/http/gateway.py) -------------
+
+    @_translate_errors
+    def add_worker_token(self, name: str, token_sha256: str, profiles: list[str], cost_per_hour: float | None) -> bool:
+        """Insert a token; False when a token of that name exists (revoked ones too: names are
+        not reused, so an old worker string never names a new token's jobs)."""
+        with self._session() as s:
+            statement = self._dialect_insert(s, WorkerToken).values(
+                name=name,
+                token_sha256=token_sha256,
+                profiles=profiles,
+                cost_per_hour=cost_per_hour,
+                created_at=utcnow(),
+                failures_in_a_row=0,
+            )
+            statement = statement.on_conflict_do_nothing(index_elements=["name"]).returning(WorkerToken.name)
+            return s.execute(statement).first() is not None
+
+    @_translate_errors
+    def worker_token_by_hash(self, token_sha256: str) -> WorkerTokenRecord | None:
+        """The valid (not revoked) token with this hash; read on every gateway request."""
+        with self._session() as s:
+            row = s.scalars(
+                select(WorkerToken).where(WorkerToken.token_sha256 == token_sha256, WorkerToken.revoked_at.is_(None))
+            ).first()
+            return None if row is None else _record(WorkerTokenRecord, row)
+
+    @_translate_errors
+    def worker_tokens(self) -> list[WorkerTokenRecord]:
+        with self._session() as s:
+            return [_record(WorkerTokenRecord, r) for r in s.scalars(select(WorkerToken).order_by(WorkerToken.name))]
+
+    @_translate_errors
+    def revoke_worker_token(self, name: str, worker_prefix: str) -> int | None:
+        """Revoke a token and, in the same transaction, put every job running under
+        `worker_prefix` (its edge workers' jobs) back in the queue at once, attempts unchanged and
+        without a message (the sweeper sends one for Celery workers; pulling workers see them at
+        their next claim). None when no valid token has that name; else the jobs released.
+        The token row is updated first: a claim in flight holds a share lock on it, so the
+        release runs after that claim's commit and takes its jobs back too."""
+        with self._session() as s:
+            revoked = s.execute(
+                update(WorkerToken)
+                .where(WorkerToken.name == name, WorkerToken.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            if _rowcount(revoked) != 1:
+                return None
+            return _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(Job.state == JobState.running.value, Job.worker.startswith(worker_prefix, autoescape=True))
+                    .values(state=JobState.queued.value, lease_until=None, dispatched_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+
+    @_translate_errors
+    def resume_worker_token(self, name: str) -> bool:
+        """Unpause a valid token (its failure count starts again at 0); False when none has that name."""
+        with self._session() as s:
+            statement = (
+                update(WorkerToken)
+                .where(WorkerToken.name == name, WorkerToken.revoked_at.is_(None))
+                .values(paused_at=None, failures_in_a_row=0)
+            )
+            return _rowcount(s.execute(statement)) == 1
+
+    @_translate_errors
+    def count_token_failures(self, name: str, failed: int, pause_at: int) -> bool:
+        """Add `failed` jobs to the token's failures in a row, pausing it once they reach
+        `pause_at`; True when the token is paused now."""
+        with self._session() as s:
+            total = WorkerToken.failures_in_a_row + failed
+            paused_at = s.execute(
+                update(WorkerToken)
+                .where(WorkerToken.name == name)
+                .values(
+                    failures_in_a_row=total,
+                    paused_at=case(
+                        (total >= pause_at, func.coalesce(WorkerToken.paused_at, utcnow())), else_=WorkerToken.paused_at
+                    ),
+                )
+                .returning(WorkerToken.paused_at)
+            ).scalar()
+            return paused_at is not None
+
+    @_translate_errors
+    def reset_token_failures(self, name: str) -> None:
+        """A recorded success ends a run of failures (a no-op write when there was none)."""
+        with self._session() as s:
+            s.execute(
+                update(WorkerToken)
+                .where(WorkerToken.name == name, WorkerToken.failures_in_a_row != 0)
+                .values(failures_in_a_row=0)
+            )
 
     # --- webhooks: the outbox of final-status calls (lcmq.webhooks, scheduler/webhooks.py) ----
 
@@ -1610,6 +1829,12 @@ class Repository:
         with self._session() as s:
             statement = update(WorkerProcess).where(WorkerProcess.node == node)
             return _rowcount(s.execute(statement.values(**self._beat_values(beat, now), stopped_at=now))) == 1
+
+    @_translate_errors
+    def worker_row(self, node: str) -> WorkerRecord | None:
+        with self._session() as s:
+            row = s.get(WorkerProcess, node)
+            return None if row is None else _record(WorkerRecord, row)
 
     @_translate_errors
     def workers(self, include_stopped: bool = False) -> list[WorkerRecord]:

@@ -171,6 +171,29 @@ class Settings(BaseSettings):
     api_max_body_mb: float = Field(
         256, gt=0, description="The largest request body `lcmq api` reads (a prompt file upload), in MiB; 413 beyond."
     )
+    # --- the edge gateway (lcmq/http/gateway.py): abuse limits, per API process -------------
+    gateway_max_body_kb: int = Field(
+        1024, ge=1, description="The largest request body the gateway reads from an edge worker, in KiB; 413 beyond."
+    )
+    gateway_max_claim: int = Field(32, ge=1, le=1000, description="The most jobs one gateway claim may ask for.")
+    gateway_claims_per_s: float = Field(
+        5, gt=0, description="Claims per second one worker token may make, per API process; 429 beyond."
+    )
+    gateway_max_failures_in_a_row: int = Field(
+        20,
+        ge=1,
+        description="Failed jobs in a row (no success between) that pause a worker token until "
+        "`lcmq workertoken resume`.",
+    )
+    gateway_url_ttl_s: int = Field(
+        900, ge=60, le=7 * 86400, description="How long the presigned upload and download URLs of a claim live."
+    )
+    gateway_wait_max_s: float = Field(
+        25, ge=0, le=120, description="The longest an idle edge worker's claim waits (long-poll) for a job."
+    )
+    gateway_max_object_mb: float = Field(
+        64, gt=0, description="An uploaded image larger than this is refused at record without being read."
+    )
     log_level: str = "INFO"
     log_json: bool = False
 

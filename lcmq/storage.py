@@ -120,8 +120,32 @@ class Storage(ABC):
         None where the storage has no such URLs (file://: the dashboard serves those itself)."""
         return None
 
+    def presigned_put_url(self, key: str, expires_s: int, content_type: str) -> str | None:
+        """An https URL that lets whoever holds it PUT the object at `key` (that key only) for
+        `expires_s` seconds, sending `Content-Type: content_type`; None where the storage has no
+        such URLs (file://). Edge workers upload their images through these."""
+        return None
+
+    def read_sha256(self, key: str, max_bytes: int) -> str | None:
+        """The sha256 of the object's bytes, read back in blocks (not its metadata: whoever
+        uploaded it chose that); None when there is no object. PermanentStorageError for an
+        object over `max_bytes` (an upload that is no image of ours)."""
+        try:
+            data = self.get(key)
+        except MissingObjectError:
+            return None
+        if len(data) > max_bytes:
+            raise PermanentStorageError(f"object {key!r} is larger than {max_bytes} bytes")
+        return sha256_hex(data)
+
     def batch_key(self, batch_id: str, index: int, ext: str = "png") -> str:
         return check_key(f"{batch_id}/{index:06d}.{ext}")
+
+    def job_image_key(self, job_key: str | None, batch_id: str, index: int, ext: str) -> str:
+        """Where a job's image goes, the one rule Celery workers and the edge gateway share:
+        catalog jobs carry a stable per-item key (set by the producer), other jobs get one made
+        of ids. Deterministic, so a retried upload lands on the same object."""
+        return check_key(job_key) if job_key else self.batch_key(batch_id, index, ext)
 
     def batch_url(self, batch_id: str) -> str:
         return self.url(check_key(batch_id)) + "/"
@@ -178,6 +202,15 @@ class FileStorage(Storage):
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise _reading_error(path, exc) from exc
+
+    def read_sha256(self, key: str, max_bytes: int) -> str | None:
+        path = self._path(key)
+        try:
+            if path.stat().st_size > max_bytes:
+                raise PermanentStorageError(f"object {key!r} is larger than {max_bytes} bytes")
+        except FileNotFoundError:
+            return None
+        return self.stored_sha256(key)
 
     def stored_sha256(self, key: str) -> str | None:
         path = self._path(key)
@@ -338,13 +371,46 @@ class S3Storage(Storage):
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         # Signed locally (no request is made): the URL names the endpoint the API uses.
+        return self.presigned_get(self.bucket, self._object_key(key), expires_s)
+
+    def presigned_get(self, bucket: str, object_key: str, expires_s: int) -> str:
+        """A GET URL of any object these credentials may read (an init image or a LoRA named
+        by its s3:// URL, in this bucket or another)."""
         return self._call(
             "presign",
             self.client.generate_presigned_url,
             ClientMethod="get_object",
-            Params={"Bucket": self.bucket, "Key": self._object_key(key)},
+            Params={"Bucket": bucket, "Key": object_key},
             ExpiresIn=expires_s,
         )
+
+    def presigned_put_url(self, key: str, expires_s: int, content_type: str) -> str | None:
+        # The Content-Type is signed: the upload must send that header, and nothing but an
+        # object at exactly this key can be written with the URL.
+        return self._call(
+            "presign",
+            self.client.generate_presigned_url,
+            ClientMethod="put_object",
+            Params={"Bucket": self.bucket, "Key": self._object_key(key), "ContentType": content_type},
+            ExpiresIn=expires_s,
+        )
+
+    def read_sha256(self, key: str, max_bytes: int) -> str | None:
+        head = self._head(key)
+        if head is None:
+            return None
+        if head.get("ContentLength", 0) > max_bytes:  # refused before a byte is read
+            raise PermanentStorageError(f"object {key!r} is larger than {max_bytes} bytes")
+        return self._call("get", self._hash_body, Bucket=self.bucket, Key=self._object_key(key), max_bytes=max_bytes)
+
+    def _hash_body(self, max_bytes: int, **request) -> str:
+        digest, seen = hashlib.sha256(), 0
+        for block in self.client.get_object(**request)["Body"].iter_chunks(1 << 20):
+            seen += len(block)
+            if seen > max_bytes:  # replaced by a larger object since the HEAD
+                raise PermanentStorageError(f"object {request['Key']!r} is larger than {max_bytes} bytes")
+            digest.update(block)
+        return digest.hexdigest()
 
 
 def read_url(

@@ -68,8 +68,8 @@ class DirectObjectStore:
     def stored_sha256(self, key: str) -> str | None:
         return self.storage.stored_sha256(key)
 
-    def batch_key(self, batch_id: str, index: int, ext: str = "png") -> str:
-        return self.storage.batch_key(batch_id, index, ext)
+    def job_image_key(self, job_key: str | None, batch_id: str, index: int, ext: str) -> str:
+        return self.storage.job_image_key(job_key, batch_id, index, ext)
 
     def read(self, url: str) -> bytes:
         s = self.settings

@@ -68,7 +68,9 @@ class ObjectStore(Protocol):
         """The sha256 of the object at key; None when there is none or it cannot be told."""
         ...
 
-    def batch_key(self, batch_id: str, index: int, ext: str = "png") -> str: ...
+    def job_image_key(self, job_key: str | None, batch_id: str, index: int, ext: str) -> str:
+        """Where a job's image goes (lcmq.storage.Storage.job_image_key: deterministic)."""
+        ...
 
     def read(self, url: str) -> bytes:
         """The bytes of an input the job names (an init image): s3://, file:// or a presigned URL."""

@@ -138,8 +138,8 @@ class StorePipeline:
         digest = sha256_hex(data)
         self.add_time("encode_ms", started)
         started = time.perf_counter()
-        # Catalog items have a stable key, set by the producer; other jobs one made of ids.
-        key = job.key or ctx.objects.batch_key(job.batch_id, job.index, ext)
+        # The contract's rule, shared with the edge gateway (a catalog item's key, or one of ids).
+        key = ctx.objects.job_image_key(job.key, job.batch_id, job.index, ext)
         # Keys are deterministic: an earlier attempt that uploaded and then died left this very
         # object (only a retried job can find one, so first attempts skip the check).
         if job.attempts == 1 or ctx.objects.stored_sha256(key) != digest:

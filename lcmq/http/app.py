@@ -92,15 +92,22 @@ def create_app(settings: Settings | None = None, *, run_background: bool = True)
     app.state.repo = repository(settings)
     app.add_exception_handler(LcmqError, lcmq_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    from lcmq.http import dashboard, farm, gateway, routes, webhook_routes
     from lcmq.http.middleware import AccessLog, BodyLimit
 
     app.add_middleware(BodyLimit, max_bytes=int(settings.api_max_body_mb * (1 << 20)))
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.gateway_max_body_kb << 10,
+        path_prefix=f"{gateway.PREFIX}/",
+        limit_text=f"{settings.gateway_max_body_kb} KiB (LCMQ_GATEWAY_MAX_BODY_KB)",
+    )
     app.add_middleware(AccessLog)  # outermost: a refused body is logged too
-    from lcmq.http import dashboard, farm, routes, webhook_routes
 
     app.include_router(routes.router)
     app.include_router(webhook_routes.router)
     app.include_router(farm.router)  # /metrics
     app.include_router(farm.v1)  # /v1/workers
+    gateway.install(app, settings, app.state.repo)  # /gateway/v1: edge workers, worker tokens only
     dashboard.install(app)
     return app

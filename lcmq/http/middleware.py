@@ -54,12 +54,14 @@ class BodyLimit:
     """413 for a body over `max_bytes`: at once by its Content-Length, or, sent in chunks,
     when the bytes read pass the limit (the route stops reading; nothing was submitted)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, *, path_prefix: str = "", limit_text: str | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_prefix = path_prefix  # only requests under it (the gateway has its own limit)
+        self.limit_text = limit_text or f"{max_bytes / (1 << 20):g} MiB (LCMQ_API_MAX_BODY_MB)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope["path"].startswith(self.path_prefix):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
@@ -89,8 +91,7 @@ class BodyLimit:
                 await self.too_large(send)
 
     async def too_large(self, send: Send) -> None:
-        mib = self.max_bytes / (1 << 20)
-        body = f'{{"error":"the request body is larger than {mib:g} MiB (LCMQ_API_MAX_BODY_MB)"}}'.encode()
+        body = f'{{"error":"the request body is larger than {self.limit_text}"}}'.encode()
         await send(
             {
                 "type": "http.response.start",
