@@ -17,7 +17,8 @@ def test_a_celery_worker_and_an_edge_worker_render_one_batch(isolated_env, procs
     env = edge_env(isolated_env, tmp_path / "rented-box")
     assert not any(key.startswith(SECRET_PREFIXES) for key in env)  # no database, broker or bucket
     edge = start_edge(procs, env, gateway.url, token, "box1")
-    celery = procs(isolated_env, "worker", "--model", "tiny").wait_ready()
+    celery = procs(isolated_env, "worker", "--model", "tiny")
+    edge.wait_ready(), celery.wait_ready()
     batch_id = api.submit(write_prompts(tmp_path / "p.jsonl", 24), model="tiny", width=128, height=128).batch_id
 
     wait_until(lambda: done(batch_id), 120, interval_s=0.2, what=f"batch {batch_id} to finish")

@@ -51,12 +51,13 @@ def test_kill_9_an_edge_worker_mid_micro_batch(fault_env, procs, tmp_path):
     gateway = _gateway(procs, fault_env)
     token = worker_token("spot")
     victim = start_edge(procs, edge_env(fault_env, tmp_path / "a"), gateway.url, token, "victim")
+    survivor = start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "survivor")
+    victim.wait_ready(), survivor.wait_ready()
     batch_id = _submit(tmp_path / "p.jsonl", 16)
     when_rendering(batch_id, "edge/spot/victim")
     victim.kill()
     held = running_of(batch_id, "edge/spot/victim")
     assert held  # its leases: the only thing a hard kill costs
-    start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "survivor")
     _exactly_once(batch_id, attempts_bound=2)
     rows = {j.id: j for j in api.repository().jobs(batch_id)}
     # the jobs it held came back after their lease (LCMQ_LEASE_S=3) and were redone by the other
@@ -68,7 +69,7 @@ def test_the_gateway_away_mid_batch(fault_env, procs, tmp_path):
     env = fault_env | {"LCMQ_LEASE_S": "60"}
     first = _gateway(procs, env)
     token = worker_token("steady")
-    edge = start_edge(procs, edge_env(fault_env, tmp_path / "box"), first.url, token, "box")
+    edge = start_edge(procs, edge_env(fault_env, tmp_path / "box"), first.url, token, "box").wait_ready()
     batch_id = _submit(tmp_path / "p.jsonl", 16)
     when_rendering(batch_id, "edge/steady/box")
     first.process.kill()  # kill -9: no answer from that moment on
@@ -87,6 +88,8 @@ def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back_at_once(fault_
     gateway = _gateway(procs, env)
     token = worker_token("preempted")
     stopping = start_edge(procs, edge_env(fault_env, tmp_path / "a"), gateway.url, token, "a", "--grace-s", "15")
+    other = start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "b")
+    stopping.wait_ready(), other.wait_ready()
     batch_id = _submit(tmp_path / "p.jsonl", 12)
     when_rendering(batch_id, "edge/preempted/a")
     assert stopping.terminate() == 0
@@ -95,5 +98,4 @@ def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back_at_once(fault_
     rows = api.repository().jobs(batch_id)
     assert any(j.state == "succeeded" and j.worker == "edge/preempted/a" for j in rows)
     assert "edge worker stopped" in stopping.log
-    start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "b")
-    _exactly_once(batch_id, attempts_bound=1)  # handed back, not redone after a lease
+    _exactly_once(batch_id, attempts_bound=1)  # handed back and rendered by the other, not redone after a lease
