@@ -112,8 +112,8 @@ class EdgeWorker:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.jobs = jobs = self.hello()  # first: a token the gateway refuses stops the start at once
         loaded = pinned_pipeline(self.profile, self.settings)  # before the first claim: leases are short
-        self.jobs = jobs = self.hello()
         size = min(loaded.batch_size or self.settings.batch_size, self.max_claim)
         ledger = LeaseLedger(self.lease_s).start()
         self.store = store = StorePipeline(ledger)

@@ -11,11 +11,16 @@ from bench.harness import done, outcome, wait_until, worker_node, write_prompts
 from lcmq import api
 
 
-def test_a_celery_worker_and_an_edge_worker_render_one_batch(isolated_env, procs, tmp_path):
+def test_a_celery_worker_and_an_edge_worker_render_one_batch(isolated_env, procs, cli, tmp_path):
     gateway = start_api(procs, isolated_env)
     token = worker_token("rented")
     env = edge_env(isolated_env, tmp_path / "rented-box")
     assert not any(key.startswith(SECRET_PREFIXES) for key in env)  # no database, broker or bucket
+    # A token for another profile is refused at hello: exit 1, the reason, never the token.
+    other = worker_token("other", profiles="sd15")
+    refused = cli(env, "worker", "--model", "tiny", "--gateway", gateway.url, "--token", other, timeout_s=120)
+    assert refused.returncode == 1 and "may not serve profile 'tiny'" in refused.stderr, refused.stderr[-2000:]
+    assert other not in refused.stderr + refused.stdout
     edge = start_edge(procs, env, gateway.url, token, "box1")
     celery = procs(isolated_env, "worker", "--model", "tiny")
     edge.wait_ready(), celery.wait_ready()
