@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -379,9 +379,10 @@ class RecordIn(BaseModel):
 
 @dataclass
 class Verdicts:
-    recorded: list[str]
-    refused: list[dict[str, str]]
-    to_record: list[StoredImage]
+    recorded: list[str] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    to_record: list[StoredImage] = field(default_factory=list)
+    batch_of: dict[str, str] = field(default_factory=dict)  # of the jobs to record
 
     def refuse(self, job_id: str, reason: str) -> None:
         self.refused.append({"job_id": job_id, "reason": reason})
@@ -395,7 +396,7 @@ def judge(gateway: Gateway, results: list[ResultIn], worker: str) -> Verdicts:
     max_bytes = int(gateway.settings.gateway_max_object_mb * (1 << 20))
     jobs = {job.id: job for job in repo.jobs_by_id([r.job_id for r in results])}
     batches: dict[str, BatchRecord] = {}
-    verdicts = Verdicts([], [], [])
+    verdicts = Verdicts()
     for result in results:
         job = jobs.get(result.job_id)
         if job is None or job.worker != worker:
@@ -405,8 +406,9 @@ def judge(gateway: Gateway, results: list[ResultIn], worker: str) -> Verdicts:
         elif job.state != "running":
             verdicts.refuse(result.job_id, NOT_HELD)
         else:
-            batch = batches.setdefault(job.batch_id, repo.get_batch(job.batch_id))
-            key, _ = image_key(storage, job, batch)
+            if job.batch_id not in batches:
+                batches[job.batch_id] = repo.get_batch(job.batch_id)
+            key, _ = image_key(storage, job, batches[job.batch_id])
             if result.key != key:
                 verdicts.refuse(job.id, f"wrong key: this job's image goes to {key!r}")
                 continue
@@ -423,6 +425,7 @@ def judge(gateway: Gateway, results: list[ResultIn], worker: str) -> Verdicts:
                 verdicts.to_record.append(
                     StoredImage(job.id, key, result.sha256, result.render_ms, result.batch_size, result.warning)
                 )
+                verdicts.batch_of[job.id] = job.batch_id
     return verdicts
 
 
@@ -457,7 +460,7 @@ def record(body: RecordIn, token: Token, gateway: GatewayDep, background: Backgr
         verdicts.recorded.extend(stored)
         if stored:
             repo.reset_token_failures(token.name)
-            batch_ids = {job.batch_id for job in repo.jobs_by_id(list(stored))}
+            batch_ids = {verdicts.batch_of[job_id] for job_id in stored}
             background.add_task(write_manifests, repo, gateway.storage, batch_ids)
     all_not_held = bool(verdicts.refused) and all(r["reason"] == NOT_HELD for r in verdicts.refused)
     status = 409 if all_not_held and not verdicts.recorded else 200
