@@ -141,8 +141,10 @@ class EdgeWorker:
                     attempt += 1
                     continue
                 if claimed:
+                    started = time.perf_counter()
                     ledger.hold(jobs, [c.job.id for c in claimed], self)
                     self._render(loaded, renderer, claimed, size)
+                    COUNTERS.busy(time.perf_counter() - started)
         finally:
             self._stop(ledger, store)
 
@@ -224,8 +226,9 @@ class EdgeWorker:
         store = self.store
         if store is not None and (held := store.leases.held_by(self) + store.leases.held_by(store)):
             log.error("grace period over, handing back what is still held", extra={"jobs": len(held)})
-            try:
-                store.leases.hand_back(held, "worker stopping: grace period over", self.settings.max_handbacks)
+            try:  # one short try: the machine is about to go, a gateway that is away gets the leases
+                body = {"job_ids": held, "error": "worker stopping: grace period over"}
+                self.client.call("/handback", body, timeout_s=5)
             except LcmqError as exc:
                 log.error("jobs not handed back", extra={"jobs": len(held), "error": str(exc)})
         self._say_stopped()
