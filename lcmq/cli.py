@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -583,6 +584,8 @@ def cmd_db(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    if args.gateway or args.token:
+        return _edge_worker(args)
     from worker.main import run_worker  # the CLI is the one place that reaches into worker/
 
     run_worker(
@@ -595,6 +598,48 @@ def cmd_worker(args) -> int:
         max_memory_mb=args.max_memory,
         cost_per_hour=args.cost_per_hour,
         metrics_port=args.metrics_port,
+    )
+    return EXIT_OK
+
+
+EDGE_NODE_PATTERN = r"[A-Za-z0-9._@-]{1,100}"  # the gateway's rule for the node an edge worker names
+# Flags of a Celery worker that an edge worker has no use for (its gateway decides, or the token's cost).
+CELERY_ONLY_FLAGS = {
+    "concurrency": 1,
+    "pool": "prefork",
+    "cost_per_hour": None,
+    "metrics_port": None,
+    "max_memory": None,
+}
+
+
+def _edge_worker(args) -> int:
+    """`lcmq worker --gateway URL --token T`: no Celery, no database, no broker, no bucket."""
+    from worker.main import run_edge
+
+    if not (args.gateway and args.token):
+        raise InputError(
+            "lcmq worker",
+            None,
+            "--gateway" if args.token else "--token",
+            "an edge worker needs both --gateway URL and --token T",
+        )
+    if not args.gateway.startswith(("https://", "http://")):
+        raise InputError("lcmq worker", None, "--gateway", f"must be an http(s):// URL (got {args.gateway!r})")
+    if extra := [f"--{k.replace('_', '-')}" for k, default in CELERY_ONLY_FLAGS.items() if getattr(args, k) != default]:
+        raise InputError(
+            "lcmq worker", None, extra[0], "is for Celery workers; an edge worker's gateway and token decide"
+        )
+    if args.name is not None and not re.fullmatch(EDGE_NODE_PATTERN, args.name):
+        raise InputError("lcmq worker", None, "--name", "an edge worker's name is 1-100 of A-Z a-z 0-9 . _ @ -")
+    run_edge(
+        args.model,
+        gateway=args.gateway,
+        token=args.token,
+        grace_s=args.grace_s,
+        batch_size=args.batch_size,
+        device=args.device,
+        name=args.name,
     )
     return EXIT_OK
 
@@ -999,6 +1044,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_port,
         metavar="N",
         help="serve Prometheus metrics on 0.0.0.0:N (prefork: pool process i on N+i)",
+    )
+    p.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="an edge worker: pull jobs from this lcmq api over HTTP(S) (no database, broker or bucket "
+        "settings; needs --token)",
+    )
+    p.add_argument("--token", metavar="T", help="the edge worker's token (`lcmq workertoken create`)")
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="edge worker: on SIGTERM, seconds to finish, upload and record the micro-batch being rendered",
     )
     p.set_defaults(func=cmd_worker)
 

@@ -20,7 +20,10 @@ Adapter names inside the pipeline are not the user's names (two batches may call
 files "ink"): they are `style_<hash>` of the file's identity (path, size and mtime; for s3://
 the object's ETag). s3:// LoRAs are downloaded once into `<models dir>/loras/`, keyed by the
 hash of URL and ETag; ones pushed with `lcmq models push` (a folder URL, or a file with the
-push's manifest beside it) are fetched and verified like models (worker/model_fetch.py).
+push's manifest beside it) are fetched and verified like models (worker/model_fetch.py). An edge
+worker's LoRAs come as presigned https:// URLs (the gateway's claim): downloaded the same way,
+named by the URL without its signature (stable across claims) and the ETag the GET answers with;
+errors show the URL without its signature.
 """
 
 from __future__ import annotations
@@ -133,6 +136,41 @@ def _pushed(url: str, settings: Settings) -> LocalLora | None:
     return LocalLora(_adapter_name(f"{fetched.path}"), str(folder), name)
 
 
+def _shown(path: str) -> str:
+    """A LoRA's name in messages: a presigned URL without its query (the signature)."""
+    return path.split("?", 1)[0] if path.startswith(("https://", "http://")) else path
+
+
+def _from_presigned(url: str, cache: Path) -> LocalLora:
+    """Download a LoRA from a presigned GET URL into the cache (once per object and ETag)."""
+    import httpx
+
+    shown = _shown(url)
+    try:
+        with httpx.stream("GET", url, timeout=60) as response:
+            if response.status_code != 200:
+                raise LoraLoadError(f"LoRA {shown}: {response.status_code} from the presigned URL")
+            etag = response.headers.get("ETag", "").strip('"')
+            folder = cache / hashlib.sha256(f"{shown}:{etag}".encode()).hexdigest()[:16]
+            name = Path(urlparse(shown).path).name
+            target = folder / (name if name.endswith(".safetensors") else LORA_WEIGHT_NAME)
+            if not target.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        for block in response.iter_bytes(1 << 20):
+                            fh.write(block)
+                    os.replace(tmp, target)  # concurrent workers: the last rename wins, same bytes
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                log.info("lora downloaded", extra={"url": shown, "etag": etag, "bytes": target.stat().st_size})
+    except httpx.HTTPError as exc:
+        raise LoraLoadError(f"LoRA {shown}: {type(exc).__name__}") from exc
+    return LocalLora(_adapter_name(f"{shown}:{etag}"), str(folder), target.name)
+
+
 class AdapterCache:
     """The style adapters of one pipeline. Not thread-safe by itself: render calls hold `lock`."""
 
@@ -167,6 +205,11 @@ class AdapterCache:
             if path not in self._resolved:
                 self._resolved[path] = _pushed(path, self.settings) or _from_s3(path, self.cache_dir, self.settings)
             return self._resolved[path]
+        if path.startswith(("https://", "http://")):
+            shown = _shown(path)  # a new signature each claim, the same object
+            if shown not in self._resolved:
+                self._resolved[shown] = _from_presigned(path, self.cache_dir)
+            return self._resolved[shown]
         return _local(path)
 
     def _adapters_now(self) -> set[str]:
@@ -223,7 +266,7 @@ class AdapterCache:
         for entry in loras:
             local = self._resolve(entry["path"])
             if local.adapter not in weights:
-                wanted.append((local, entry["path"]))
+                wanted.append((local, _shown(entry["path"])))
             # The same file under two names: one adapter with the summed weight.
             weights[local.adapter] = weights.get(local.adapter, 0.0) + float(entry["weight"])
         keep = set(weights)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lcmq.errors import PermanentError, PermanentStorageError
@@ -52,15 +52,22 @@ def _decode(data: bytes, url: str):
         raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
 
 
-def load_init_image(url: str, width: int, height: int, settings: Settings):
-    """The job's init image as an RGB PIL image of exactly width x height. Transient storage
-    errors propagate (the task retries); everything else is an InitImageError."""
+Reader = Callable[[str], bytes]  # an object store's `read` (worker/ports.py)
+
+
+def load_init_image(url: str, width: int, height: int, settings: Settings, read: Reader | None = None):
+    """The job's init image as an RGB PIL image of exactly width x height, read by `read` (by
+    default with this machine's own credentials). Transient storage errors propagate (the task
+    retries); everything else is an InitImageError."""
     from PIL import Image, ImageOps
 
     try:
-        data = read_url(
-            url, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
-        )
+        if read is None:
+            data = read_url(
+                url, settings.s3_endpoint_url, settings.s3_region, settings.s3_timeout_s, settings.s3_max_attempts
+            )
+        else:
+            data = read(url)
     except PermanentStorageError as exc:
         raise InitImageError(f"init image {url} cannot be read: {exc}") from exc
     if len(data) > settings.max_init_image_bytes:
@@ -72,7 +79,7 @@ def load_init_image(url: str, width: int, height: int, settings: Settings):
 
 
 def load_init_images(
-    jobs: Sequence[JobRecord], settings: Settings
+    jobs: Sequence[JobRecord], settings: Settings, read: Reader | None = None
 ) -> tuple[list[JobRecord], list[Any] | None, list[tuple[JobRecord, str]]]:
     """(jobs that can render, their init images or None for text2img, (job, reason) of bad ones).
     A micro-batch is all img2img or all text2img: strength is part of the render shape."""
@@ -85,7 +92,7 @@ def load_init_images(
             assert job.init_image is not None  # the caller passes img2img jobs only
             key = f"{job.init_image}@{job.width}x{job.height}"
             if key not in cache:
-                cache[key] = load_init_image(job.init_image, job.width, job.height, settings)
+                cache[key] = load_init_image(job.init_image, job.width, job.height, settings, read)
             ready.append(job)
             images.append(cache[key])
         except InitImageError as exc:

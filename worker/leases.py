@@ -23,7 +23,8 @@ from typing import Self
 
 from celery.utils.time import get_exponential_backoff_interval
 
-from lcmq.repository import HandBack, JobRecord, Repository, StoredImage
+from lcmq.repository import HandBack, JobRecord, StoredImage
+from worker.ports import JobStore
 
 log = logging.getLogger("lcmq.worker")
 
@@ -41,8 +42,7 @@ def handback_delay_s(handbacks: int) -> int:
 
 @dataclass(frozen=True)
 class Lease:
-    repo: Repository
-    worker: str
+    jobs: JobStore  # the port the job was claimed through (it names the worker that holds it)
     holder: object  # who settles the job: the task that claimed it, or the store pipeline
 
 
@@ -91,27 +91,37 @@ class LeaseLedger:
             self.renew()
 
     def renew(self) -> None:
-        for repo, worker, ids in self._by_owner(self._leases_now()):
+        for jobs, ids in self._by_owner(self._leases_now()):
             try:
-                repo.extend_leases(ids, worker, self.lease_s)
+                still_held = jobs.renew(ids, self.lease_s)
             except Exception as exc:  # noqa: BLE001 - a missed renewal must not stop the next ones
                 log.warning("lease renewal failed", extra={"jobs": len(ids), "error": str(exc)})
+                continue
+            if still_held is not None and (lost := [job_id for job_id in ids if job_id not in still_held]):
+                # Canceled, or taken by another worker after the lease ran out: not ours to
+                # store or record any more.
+                log.warning("leases lost, jobs dropped", extra={"jobs": len(lost), "worker": jobs.worker})
+                self.drop(lost)
 
     # --- claim, hold ----------------------------------------------------------------------------
 
     def claim(
-        self, repo: Repository, worker: str, job_ids: Sequence[str], holder: object, max_attempts: int | None = None
+        self, jobs: JobStore, job_ids: Sequence[str], holder: object, max_attempts: int | None = None
     ) -> list[JobRecord]:
-        """Take the free jobs among `job_ids` (the repository's conditional claim), held by `holder`."""
-        claimed = repo.claim(job_ids, worker, self.lease_s, max_attempts)
-        with self._lock:
-            self._leases.update((job.id, Lease(repo, worker, holder)) for job in claimed)
+        """Take the free jobs among `job_ids` (the store's conditional claim), held by `holder`."""
+        claimed = jobs.claim(job_ids, self.lease_s, max_attempts)
+        self.hold(jobs, [job.id for job in claimed], holder)
         return claimed
 
-    def hold(self, repo: Repository, worker: str, job_ids: Sequence[str], holder: object) -> None:
-        """`holder` settles these jobs (claimed by `worker` through `repo`) from now on."""
+    def hold(self, jobs: JobStore, job_ids: Sequence[str], holder: object) -> None:
+        """`holder` settles these jobs (claimed through `jobs`: by ids above, or by an edge
+        worker's claim by profile) from now on."""
         with self._lock:
-            self._leases.update((job_id, Lease(repo, worker, holder)) for job_id in job_ids)
+            self._leases.update((job_id, Lease(jobs, holder)) for job_id in job_ids)
+
+    def holds(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._leases
 
     def held_by(self, holder: object) -> list[str]:
         with self._lock:
@@ -128,18 +138,15 @@ class LeaseLedger:
         If the record fails they stay held: the caller settles that failure (fail, hand back)."""
         ids = [image.job_id for image in stored]
         recorded = 0
-        for repo, worker, group in self._by_owner(self._leases_of(ids)):
+        for jobs, group in self._by_owner(self._leases_of(ids)):
             mine = set(group)
-            recorded += repo.record_successes([image for image in stored if image.job_id in mine], worker)
+            recorded += jobs.record([image for image in stored if image.job_id in mine])
         self.drop(ids)
         return recorded
 
     def fail(self, job_ids: Sequence[str], reason: str) -> int:
         try:
-            return sum(
-                repo.record_failure(ids, worker, reason)
-                for repo, worker, ids in self._by_owner(self._leases_of(job_ids))
-            )
+            return sum(jobs.fail(ids, reason) for jobs, ids in self._by_owner(self._leases_of(job_ids)))
         finally:
             self.drop(job_ids)
 
@@ -150,8 +157,8 @@ class LeaseLedger:
         failed: list[str] = []
         handbacks = 0
         try:
-            for repo, worker, ids in self._by_owner(self._leases_of(job_ids)):
-                handed = repo.release(ids, worker, reason, max_handbacks=max_handbacks)
+            for jobs, ids in self._by_owner(self._leases_of(job_ids)):
+                handed = jobs.hand_back(ids, reason, max_handbacks)
                 requeued += handed.requeued
                 failed += handed.failed
                 handbacks = max(handbacks, handed.handbacks)
@@ -175,11 +182,13 @@ class LeaseLedger:
             return {job_id: self._leases[job_id] for job_id in job_ids if job_id in self._leases}
 
     @staticmethod
-    def _by_owner(leases: dict[str, Lease]) -> list[tuple[Repository, str, list[str]]]:
-        """The job ids grouped by the repository and worker name that claimed them (one statement each)."""
-        groups: dict[tuple[int, str], tuple[Repository, str, list[str]]] = {}
+    def _by_owner(leases: dict[str, Lease]) -> list[tuple[JobStore, list[str]]]:
+        """The job ids grouped by the job store (and so the worker name) that claimed them: one
+        statement or request each."""
+        groups: dict[JobStore, tuple[JobStore, list[str]]] = {}  # equal stores (same repository
+        # and worker: one per task of a Celery worker) make one group
         for job_id, lease in leases.items():
-            _, _, ids = groups.setdefault((id(lease.repo), lease.worker), (lease.repo, lease.worker, []))
+            _, ids = groups.setdefault(lease.jobs, (lease.jobs, []))
             ids.append(job_id)
         return list(groups.values())
 

@@ -121,4 +121,33 @@ def run_worker(
     )
 
 
-__all__ = ["run_worker", "ProfileError"]
+def run_edge(
+    profile_name: str,
+    *,
+    gateway: str,
+    token: str,
+    grace_s: float = 20.0,
+    batch_size: int | None = None,
+    device: str | None = None,
+    name: str | None = None,
+) -> None:
+    """`lcmq worker --gateway URL --token T`: an edge worker (worker/edge.py). It reads no
+    database, broker or bucket setting and imports no Celery: the gateway is its only door."""
+    if batch_size is not None:
+        os.environ["LCMQ_BATCH_SIZE"] = str(batch_size)
+    if device is not None:
+        os.environ["LCMQ_DEVICE"] = device
+    reset_settings()
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    profile = get_profile(profile_name)
+    preflight(profile, settings.device if settings.device != "auto" else None)
+    from worker.edge import EdgeOptions, run_edge_worker
+    from worker.lifecycle import install_test_hooks
+
+    install_test_hooks()
+    node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
+    run_edge_worker(profile, settings, EdgeOptions(gateway=gateway, token=token, node=node, grace_s=grace_s))
+
+
+__all__ = ["run_worker", "run_edge", "ProfileError"]

@@ -34,12 +34,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lcmq.errors import LcmqError, is_transient
-from lcmq.manifest import write_manifest
-from lcmq.queue import publish_chunks
-from lcmq.repository import BatchRecord, JobRecord, Repository, StoredImage
-from lcmq.storage import Storage, sha256_hex
+from lcmq.repository import BatchRecord, JobRecord, StoredImage
+from lcmq.storage import sha256_hex
 from worker.encode import encode_job
 from worker.leases import LeaseLedger, handback_delay_s, process_leases, stop_process_leases
+from worker.ports import JobStore, ObjectStore
 
 log = logging.getLogger("lcmq.worker")
 
@@ -57,11 +56,10 @@ class Outcome:
 
 @dataclass
 class StoreContext:
-    """Where a micro-batch goes: the clients, the worker that holds its jobs, its batch."""
+    """Where a micro-batch goes: the ports (the job store names the worker that holds its jobs), its batch."""
 
-    repo: Repository
-    storage: Storage
-    worker: str
+    jobs: JobStore
+    objects: ObjectStore
     batch: BatchRecord
     max_handbacks: int  # a transient fault past this many hand-backs fails the jobs
 
@@ -99,7 +97,7 @@ class StorePipeline:
 
     def submit(self, ctx: StoreContext, group: list[JobRecord], images, warnings, render_ms: float) -> None:
         """Store a rendered micro-batch in the background (call `make_room` first)."""
-        self.leases.hold(ctx.repo, ctx.worker, [job.id for job in group], self)
+        self.leases.hold(ctx.jobs, [job.id for job in group], self)
         uploads = [
             self._uploads.submit(self._upload, ctx, job, image, warning, render_ms, len(group))
             for job, image, warning in zip(group, images, warnings, strict=True)
@@ -141,11 +139,11 @@ class StorePipeline:
         self.add_time("encode_ms", started)
         started = time.perf_counter()
         # The contract's rule, shared with the edge gateway (a catalog item's key, or one of ids).
-        key = ctx.storage.job_image_key(job.key, job.batch_id, job.index, ext)
+        key = ctx.objects.job_image_key(job.key, job.batch_id, job.index, ext)
         # Keys are deterministic: an earlier attempt that uploaded and then died left this very
         # object (only a retried job can find one, so first attempts skip the check).
-        if job.attempts == 1 or ctx.storage.stored_sha256(key) != digest:
-            ctx.storage.put(
+        if job.attempts == 1 or ctx.objects.stored_sha256(key) != digest:
+            ctx.objects.put(
                 key,
                 data,
                 content_type,
@@ -197,12 +195,7 @@ class StorePipeline:
         batch = ctx.batch
         handed = self.leases.hand_back(ids, reason, ctx.max_handbacks)
         if handed.requeued:
-            publish_chunks(
-                batch.profile,
-                [(batch.id, handed.requeued)],
-                batch.priority,
-                countdown_s=handback_delay_s(handed.handbacks),
-            )
+            ctx.jobs.requeue(batch, handed.requeued, handback_delay_s(handed.handbacks))
             log.warning(
                 "storing failed, jobs handed back",
                 extra={
@@ -218,15 +211,9 @@ class StorePipeline:
                 extra={"batch_id": batch.id, "jobs": len(handed.failed), "error": reason},
             )
 
-    def _write_manifest(self, ctx: StoreContext) -> None:
-        """If the batch finished, write its manifest.jsonl (one indexed query when it did not).
-        Left to the sweeper on failure."""
-        try:
-            write_manifest(ctx.repo, ctx.storage, ctx.batch.id)
-        except Exception as exc:  # noqa: BLE001 - the images are recorded; the sweeper writes it later
-            log.warning(
-                "manifest not written", extra={"batch_id": ctx.batch.id, "error": f"{type(exc).__name__}: {exc}"}
-            )
+    @staticmethod
+    def _write_manifest(ctx: StoreContext) -> None:
+        ctx.jobs.batch_stored(ctx.batch)  # never raises
 
 
 _PIPELINES: dict[int, StorePipeline] = {}

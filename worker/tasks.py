@@ -19,20 +19,20 @@ import logging
 import os
 import time
 
-from lcmq.errors import LcmqError, ModelLoadError, StorageError, is_transient
+from lcmq.errors import LcmqError, ModelLoadError, is_transient
 from lcmq.profiles import get_profile
 from lcmq.queue import RENDER_TASK, get_app, publish_chunks
-from lcmq.repository import BatchRecord, JobRecord, Repository
+from lcmq.repository import BatchRecord, Repository
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
+from worker.batch_render import MicroBatchRenderer
 from worker.counters import COUNTERS
-from worker.img2img import load_init_images
+from worker.direct import DirectJobStore, DirectObjectStore
 from worker.leases import handback_delay_s
 from worker.lifecycle import shutting_down
-from worker.memory import PeakMemory
-from worker.pipeline import pinned_pipeline, truncation_warnings
-from worker.render import micro_batches, render
-from worker.store import Outcome, StoreContext, pipeline
+from worker.pipeline import pinned_pipeline
+from worker.render import micro_batches
+from worker.store import StoreContext, pipeline
 
 log = logging.getLogger("lcmq.worker")
 app = get_app()
@@ -76,12 +76,19 @@ class ChunkRun:
         self.batch_id = batch_id
         self.worker = worker
         self.repo, self.storage = process_clients()
+        # The direct adapters of the worker's ports (worker/ports.py): this machine's database
+        # and bucket, as this Celery node.
+        self.jobs = DirectJobStore(self.repo, worker, self.storage)
+        self.objects = DirectObjectStore(self.storage, self.settings)
         self.store = pipeline(self.settings.lease_s)
         self.leases = self.store.leases
+        self.renderer = MicroBatchRenderer(self.store, self.settings)
         self.next_start = 0  # position in the chunk of the first job not yet claimed
-        self.succeeded = 0
         self._timings_before = self.store.timings_snapshot()
-        self.render_peak_mb: float | None = None  # the highest micro-batch peak (worker/memory.py)
+
+    @property
+    def succeeded(self) -> int:
+        return self.renderer.succeeded
 
     def held_ids(self) -> list[str]:
         """The jobs this run claimed and has not handed to the store pipeline nor settled."""
@@ -101,7 +108,7 @@ class ChunkRun:
         except ModelLoadError as exc:  # permanent: the chunk's jobs fail now, with the reason
             failed = self._fail_now(job_ids, f"{type(exc).__name__}: {exc}")
             return {"claimed": failed, "succeeded": 0}
-        context = StoreContext(self.repo, self.storage, self.worker, batch, self.settings.max_handbacks)
+        context = StoreContext(self.jobs, self.objects, batch, self.settings.max_handbacks)
         size = loaded.batch_size or self.settings.batch_size  # smaller when --max-memory probed it
         claim_size = claim_step(batch, size, len(job_ids))
         claimed = 0
@@ -112,23 +119,21 @@ class ChunkRun:
                 break
             # Jobs already taken, done or canceled are skipped by the claim itself.
             started = time.perf_counter()
-            group = self.leases.claim(
-                self.repo, self.worker, job_ids[start : start + claim_size], self, self.settings.max_attempts
-            )
+            group = self.leases.claim(self.jobs, job_ids[start : start + claim_size], self, self.settings.max_attempts)
             self.store.add_time("claim_ms", started)
             self.next_start = start + claim_size
             claimed += len(group)
             if any(job.attempts > 1 for job in group):
                 # A retried job may be a poison one (it took a worker down before): nothing
                 # of another job may be storing in this process when it renders.
-                self._absorb(self.store.drain())
+                self.renderer.absorb(self.store.drain())
             for same_shape in micro_batches(group, size):
-                self._render_then_store(loaded, context, same_shape)
+                self.renderer.render_then_store(loaded, context, same_shape)
         else:
             self.next_start = len(job_ids)
         self.store.finish_chunk(context)  # the manifest, if this chunk finished the batch
         if shutting_down():  # the process is about to exit: nothing may be left storing
-            self._absorb(self.store.drain())
+            self.renderer.absorb(self.store.drain())
         # The last micro-batches are still storing: the next task renders meanwhile.
         timings = self.store.timings_snapshot()
         log.info(
@@ -142,7 +147,7 @@ class ChunkRun:
                 "worker": self.worker,
                 "pid": os.getpid(),
                 "batch_size": size,
-                "render_peak_mb": self.render_peak_mb,
+                "render_peak_mb": self.renderer.render_peak_mb,
                 **{k: round(timings[k] - self._timings_before[k], 2) for k in timings},
             },
         )
@@ -160,58 +165,10 @@ class ChunkRun:
 
     # --- settling jobs ----------------------------------------------------------------------
 
-    def _fail_jobs(self, jobs: list[JobRecord], reason: str) -> None:
-        log.error("micro-batch failed", extra={"batch_id": self.batch_id, "jobs": len(jobs), "error": reason})
-        self.leases.fail([job.id for job in jobs], reason)
-
     def _fail_now(self, job_ids: list[str], reason: str) -> int:
-        claimed = self.leases.claim(self.repo, self.worker, job_ids, self)
+        claimed = self.leases.claim(self.jobs, job_ids, self)
         log.error("jobs failed", extra={"batch_id": self.batch_id, "jobs": len(claimed), "error": reason})
         return self.leases.fail([job.id for job in claimed], reason)
-
-    # --- render, then store in the background -----------------------------------------------
-
-    def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
-        """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
-        try:
-            group, init_images = self._init_images(loaded, group)
-            if not group:
-                return
-            warnings = truncation_warnings(loaded, [job.prompt for job in group])
-            started = time.perf_counter()
-            with PeakMemory(loaded.device) as peak:
-                images = render(loaded, group, init_images)
-            self.store.add_time("render_ms", started)
-            COUNTERS.rendered(len(images), time.perf_counter() - started, peak.mb)  # the worker's row and metrics
-            if peak.mb is not None:
-                self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
-            render_ms = round((time.perf_counter() - started) * 1000 / len(group), 2)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            self._fail_jobs(group, f"{type(exc).__name__}: {exc}")
-            return
-        started = time.perf_counter()
-        outcomes = self.store.make_room()  # backpressure
-        self.store.add_time("wait_store_ms", started)
-        self.store.submit(context, group, images, warnings, render_ms)  # the store pipeline holds them now
-        self._absorb(outcomes)
-
-    def _absorb(self, outcomes: list[Outcome]) -> None:
-        """Count what was stored; a transient storing fault stops this task (its jobs were
-        handed back by the pipeline) so that the rest of the chunk retries after a backoff."""
-        self.succeeded += sum(outcome.recorded for outcome in outcomes)
-        if errors := [outcome.transient_error for outcome in outcomes if outcome.transient_error]:
-            raise StorageError(f"storing failed: {errors[0]}")
-
-    def _init_images(self, loaded, group: list[JobRecord]):
-        """img2img: read and check each job's init image; a bad one fails its own job only."""
-        if loaded.dtype is None:  # the null renderer draws no image from them
-            return group, None
-        ready, images, bad = load_init_images(group, self.settings)
-        for job, reason in bad:
-            self._fail_jobs([job], reason)
-        return ready, images
 
     # --- after a failure ----------------------------------------------------------------------
 

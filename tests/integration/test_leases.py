@@ -16,6 +16,8 @@ from PIL import Image
 
 from lcmq.errors import DatabaseError, QueryError
 from lcmq.repository import Repository
+from lcmq.settings import get_settings
+from worker.direct import DirectJobStore, DirectObjectStore
 from worker.leases import LeaseLedger, handback_delay_s
 from worker.store import StoreContext, StorePipeline
 
@@ -51,6 +53,13 @@ def _batch(repo: Repository, n: int = 1) -> tuple[str, list[str]]:
     return create_test_batch(repo, n)
 
 
+def _context(repo: Repository, storage, batch) -> StoreContext:
+    """The direct adapters as a Celery worker named "w" has them."""
+    return StoreContext(
+        DirectJobStore(repo, "w", storage), DirectObjectStore(storage, get_settings()), batch, max_handbacks=3
+    )
+
+
 def _heartbeats() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "lcmq-heartbeat"]
 
@@ -62,7 +71,7 @@ def test_one_heartbeat_renews_what_is_held_until_it_is_stopped(repo):
     _, job_ids = _batch(repo, 2)
     before = len(_heartbeats())
     ledger = LeaseLedger(lease_s=0.6).start()
-    assert [job.id for job in ledger.claim(repo, "w", job_ids, TASK)] == job_ids
+    assert [job.id for job in ledger.claim(DirectJobStore(repo, "w"), job_ids, TASK)] == job_ids
     assert ledger.held_by(TASK) == job_ids and len(_heartbeats()) == before + 1
     time.sleep(1.2)  # twice the lease: only the heartbeat keeps the jobs this worker's
     assert repo.claim(job_ids, "thief", lease_s=60) == []
@@ -76,8 +85,8 @@ def test_claim_hold_settle_drop(repo):
     batch_id, job_ids = _batch(repo, 3)
     store = object()
     with LeaseLedger(lease_s=60) as ledger:
-        ledger.claim(repo, "w", job_ids, TASK)
-        ledger.hold(repo, "w", job_ids[:2], store)  # the task hands a micro-batch to the store pipeline
+        ledger.claim(DirectJobStore(repo, "w"), job_ids, TASK)
+        ledger.hold(DirectJobStore(repo, "w"), job_ids[:2], store)  # the task hands a micro-batch to the store pipeline
         assert (ledger.held_by(TASK), ledger.held_by(store)) == (job_ids[2:], job_ids[:2])
         assert ledger.fail(job_ids[:2], "bad") == 2
         assert ledger.hand_back(job_ids[2:], "s3 down", max_handbacks=5).requeued == job_ids[2:]
@@ -88,7 +97,7 @@ def test_claim_hold_settle_drop(repo):
 def test_a_settle_the_database_refuses_still_drops_the_lease(repo):
     _, job_ids = _batch(repo, 1)
     with LeaseLedger(lease_s=60) as ledger:
-        ledger.claim(repo, "w", job_ids, TASK)
+        ledger.claim(DirectJobStore(repo, "w"), job_ids, TASK)
         with pytest.raises(Exception):  # noqa: B017 - Postgres text cannot hold a NUL byte
             ledger.fail(job_ids, "bad\x00reason")
         assert ledger.count() == 0  # not renewed forever: the lease runs out, the sweeper recovers it
@@ -114,7 +123,7 @@ class RecordingFails(Repository):
 
 
 def _store_once(store: StorePipeline, ctx: StoreContext, job_id: str):
-    (job,) = store.leases.claim(ctx.repo, ctx.worker, [job_id], TASK)
+    (job,) = store.leases.claim(ctx.jobs, [job_id], TASK)
     store.submit(ctx, [job], [Image.new("RGB", (64, 64))], [None], render_ms=1.0)
     (outcome,) = store.drain()
     return outcome
@@ -138,12 +147,12 @@ def test_a_storing_fault_ends_with_the_job_failed(migrated_pg_url, broker, tmp_p
     stub = RecordingFails(migrated_pg_url)
     stub.fault = fault
     batch_id, (job_id,) = _batch(stub)
-    ctx = StoreContext(stub, FileStorage(tmp_path / "renders"), "w", stub.get_batch(batch_id), max_handbacks=3)
+    ctx = _context(stub, FileStorage(tmp_path / "renders"), stub.get_batch(batch_id))
     with LeaseLedger(lease_s=60) as ledger:
         store = StorePipeline(ledger)
         outcomes = [_store_once(store, ctx, job_id) for _ in range(handbacks + 1)]
         assert store.leases.count() == 0
-        assert store.leases.claim(stub, "w", [job_id], TASK) == []  # failed, not queued again
+        assert store.leases.claim(DirectJobStore(stub, "w"), [job_id], TASK) == []  # failed, not queued again
     transient = fault.transient
     assert [outcome.transient_error is not None for outcome in outcomes] == [transient] * (handbacks + 1)
     (job,) = stub.jobs(batch_id)
@@ -164,7 +173,7 @@ def test_worker_shutdown_stops_the_store_pipelines_heartbeat(repo, tmp_path):
 
     batch_id, (job_id,) = _batch(repo)
     store = pipeline(lease_s=60)
-    ctx = StoreContext(repo, FileStorage(tmp_path / "renders"), "w", repo.get_batch(batch_id), 3)
+    ctx = _context(repo, FileStorage(tmp_path / "renders"), repo.get_batch(batch_id))
     (job,) = repo.claim([job_id], "w", lease_s=60)
     store.submit(ctx, [job], [Image.new("RGB", (64, 64))], [None], 1.0)
     drain_on_exit()

@@ -28,10 +28,10 @@ def kill_on_prompt_env(marker: str) -> dict[str, str]:
 
 
 def install() -> None:
-    """Wrap the render the task body calls (in the worker, before its pool forks)."""
-    from worker import tasks
+    """Wrap the render the render loop calls (in the worker, before its pool forks)."""
+    from worker import batch_render
 
-    tasks.render = _crashing_on_marker(tasks.render)
+    batch_render.render = _crashing_on_marker(batch_render.render)
 
 
 def _crashing_on_marker(render):

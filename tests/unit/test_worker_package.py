@@ -29,12 +29,12 @@ def test_test_hooks_are_imported_only_when_named(monkeypatch):
         install_test_hooks()
 
 
-def test_the_fault_hook_wraps_the_render_the_task_calls(monkeypatch):
+def test_the_fault_hook_wraps_the_render_the_render_loop_calls(monkeypatch):
     from support import fault_hooks
 
-    import worker.tasks
+    import worker.batch_render
 
-    monkeypatch.setattr(worker.tasks, "render", worker.tasks.render)  # undone after the test
+    monkeypatch.setattr(worker.batch_render, "render", worker.batch_render.render)  # undone after the test
     monkeypatch.setenv(fault_hooks.FAULT_KILL_PROMPT_ENV, "POISON")
     fault_hooks.install()
-    assert worker.tasks.render.__name__ == "render_or_crash"
+    assert worker.batch_render.render.__name__ == "render_or_crash"
