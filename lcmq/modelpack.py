@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from lcmq.errors import ProfileError
-from lcmq.profiles import SINGLE_FILE_SUFFIXES
+from lcmq.profiles import SINGLE_FILE_SUFFIXES, Profile
 from lcmq.settings import Settings
 from lcmq.storage import file_sha256
 
@@ -246,3 +246,14 @@ def push_model(name: str, source: Path, to: str | None, settings: Settings) -> P
         store.put_file(entry.path, path, "application/octet-stream")
     store.put(MANIFEST_FILE, manifest.to_bytes(), "application/json", {"sha256": manifest_digest(manifest.to_bytes())})
     return Pushed(pushed_url(bucket, prefix, manifest), manifest)
+
+
+PROFILE_MODEL_FIELDS = ("base", "config", "vae", "lcm_lora")  # the profile fields that may name s3:// models
+
+
+def profile_model_urls(profile: Profile) -> set[str]:
+    """Every s3:// model a profile names: base, config, vae, LCM-LoRA and its style LoRAs. The
+    gateway presigns GETs for these and nothing else (docs/edge.md, "Models")."""
+    refs = [getattr(profile, field) for field in PROFILE_MODEL_FIELDS]
+    refs += [lora.get("path") for lora in profile.loras]
+    return {str(ref) for ref in refs if is_remote(ref)}

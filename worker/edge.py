@@ -40,6 +40,7 @@ from worker.gateway_client import (
     GatewayUnavailable,
     backoff_s,
 )
+from worker.gateway_models import GatewaySource
 from worker.leases import LeaseLedger
 from worker.pipeline import check_device, pinned_pipeline
 from worker.presence import current_beat
@@ -113,7 +114,9 @@ class EdgeWorker:
 
     def run(self) -> None:
         self.jobs = jobs = self.hello()  # first: a token the gateway refuses stops the start at once
-        loaded = pinned_pipeline(self.profile, self.settings)  # before the first claim: leases are short
+        # Before the first claim (leases are short); s3:// models come through the gateway.
+        loaded = pinned_pipeline(self.profile, self.settings, GatewaySource(self.client, self.profile))
+        self._send_beat()  # the row shows the load (load_s, model_cache) at once, not a beat later
         size = min(loaded.batch_size or self.settings.batch_size, self.max_claim)
         ledger = LeaseLedger(self.lease_s).start()
         self.store = store = StorePipeline(ledger)
@@ -240,20 +243,25 @@ class EdgeWorker:
     def _beat(self) -> None:
         """The worker's row: counters every heartbeat_s; a row that is gone is written again by hello."""
         while not self._beats.wait(self.heartbeat_s):
-            beat = current_beat(self.profile.name, self.settings)
-            body = {
-                "images": beat.images,
-                "render_s": beat.render_s,
-                "peak_memory_mb": beat.peak_memory_mb,
-                "load_s": beat.load_s,
-                "batch_size": beat.batch_size,
-                "device": beat.device,
-            }
-            try:
-                if not self.client.call("/heartbeat", body, timeout_s=10).get("ok", True):
-                    self.client.call("/hello", self._hello_body(), timeout_s=10)
-            except LcmqError as exc:
-                log.warning("edge heartbeat not written", extra={"error": str(exc)})
+            self._send_beat()
+
+    def _send_beat(self) -> None:
+        beat = current_beat(self.profile.name, self.settings)
+        body = {
+            "images": beat.images,
+            "render_s": beat.render_s,
+            "peak_memory_mb": beat.peak_memory_mb,
+            "load_s": beat.load_s,
+            "batch_size": beat.batch_size,
+            "device": beat.device,
+            "model_cache": beat.model_cache,
+            "fetch_s": beat.fetch_s,
+        }
+        try:
+            if not self.client.call("/heartbeat", body, timeout_s=10).get("ok", True):
+                self.client.call("/hello", self._hello_body(), timeout_s=10)
+        except LcmqError as exc:
+            log.warning("edge heartbeat not written", extra={"error": str(exc)})
 
 
 def run_edge_worker(profile: Profile, settings: Settings, options: EdgeOptions) -> None:

@@ -253,8 +253,8 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
     """Fetch s3:// models, load, swap the scheduler, load and fuse the LCM-LoRA, apply the memory
     modes, and with a memory budget probe the batch size; ModelLoadError on any failure.
 
-    `source` reads s3:// models (default: this process's S3 credentials); an edge worker would
-    pass one that downloads through presigned GETs (worker/model_fetch.py)."""
+    `source` reads s3:// models (default: this process's S3 credentials); an edge worker passes
+    a GatewaySource, which downloads through presigned GETs (worker/gateway_models.py)."""
     if profile.family == NULL_FAMILY:
         return LoadedPipeline(profile, NullPipeline(), "cpu", None, 0.0)
     import torch
@@ -335,8 +335,9 @@ _PINNED: dict[str, LoadedPipeline] = {}
 _PIN_LOCK = threading.Lock()
 
 
-def pinned_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
-    """This process's pipeline for the profile, loaded on first use and never again.
+def pinned_pipeline(profile: Profile, settings: Settings, source: ObjectSource | None = None) -> LoadedPipeline:
+    """This process's pipeline for the profile, loaded on first use and never again. `source`
+    reads its s3:// models (None: this process's S3 credentials; an edge worker's GatewaySource).
 
     The lock makes a task that arrives while `preload` is still loading wait for that load
     instead of starting a second one.
@@ -344,7 +345,7 @@ def pinned_pipeline(profile: Profile, settings: Settings) -> LoadedPipeline:
     with _PIN_LOCK:
         loaded = _PINNED.get(profile.name)
         if loaded is None:
-            loaded = _PINNED[profile.name] = load_pipeline(profile, settings)
+            loaded = _PINNED[profile.name] = load_pipeline(profile, settings, source)
         return loaded
 
 
@@ -353,7 +354,7 @@ def loaded_pipeline(profile_name: str) -> LoadedPipeline | None:
     return _PINNED.get(profile_name)
 
 
-def preload(profile: Profile, settings: Settings) -> threading.Thread:
+def preload(profile: Profile, settings: Settings, source: ObjectSource | None = None) -> threading.Thread:
     """Load the pipeline in the background as soon as a worker process starts.
 
     Celery kills process-init handlers after 4 s, so the load runs in a thread; the first task
@@ -362,7 +363,7 @@ def preload(profile: Profile, settings: Settings) -> threading.Thread:
 
     def load():
         try:
-            pinned_pipeline(profile, settings)
+            pinned_pipeline(profile, settings, source)
         except Exception as exc:  # noqa: BLE001 - the first task reports it against its jobs
             log.error("pipeline preload failed", extra={"profile": profile.name, "error": str(exc)})
 

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -211,9 +211,20 @@ class HeartbeatIn(BaseModel):
     load_s: float | None = Field(None, ge=0)
     batch_size: int | None = Field(None, ge=1)
     device: str | None = Field(None, max_length=40)
+    model_cache: Literal["hit", "miss", "partial"] | None = None  # s3:// models at load
+    fetch_s: float | None = Field(None, ge=0)  # of load_s, the seconds spent fetching them
 
     def beat(self) -> WorkerBeat:
-        return WorkerBeat(self.images, self.render_s, self.peak_memory_mb, self.load_s, self.batch_size, self.device)
+        return WorkerBeat(
+            self.images,
+            self.render_s,
+            self.peak_memory_mb,
+            self.load_s,
+            self.batch_size,
+            self.device,
+            self.model_cache,
+            self.fetch_s,
+        )
 
 
 @router.post("/heartbeat")
@@ -508,3 +519,6 @@ def install(app: FastAPI, settings: Settings, repo: Repository) -> None:
     app.state.gateway = Gateway(settings, repo, ClaimRate(settings.gateway_claims_per_s))
     app.add_exception_handler(GatewayRefusal, refusal_response)
     app.include_router(router)
+    from lcmq.http import gateway_models  # its routes import this module's dependencies
+
+    app.include_router(gateway_models.router)
