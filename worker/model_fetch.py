@@ -18,9 +18,9 @@ find the entry there. The kernel drops a dead holder's lock, and the next holder
 leftover temporary folder.
 
 Where the bytes come from is an `ObjectSource`: `S3Source` reads with this worker's
-credentials. An edge worker (no credentials) would pass a source that asks the gateway for a
-presigned GET per URL and downloads it over HTTPS; that is the seam
-(`load_pipeline(..., source=)` in worker/pipeline.py), not built here.
+credentials. An edge worker (no credentials) passes a `GatewaySource`
+(worker/gateway_models.py), which asks the gateway for the manifest and a presigned GET per file
+(`load_pipeline(..., source=)` in worker/pipeline.py); the checks here are the same.
 """
 
 from __future__ import annotations
