@@ -18,6 +18,7 @@ from lcmq.modelpack import (
     locate,
     manifest_digest,
     parse_manifest,
+    profile_model_urls,
     push_destination,
     pushed_url,
 )
@@ -171,3 +172,24 @@ def test_preflight_takes_s3_models_and_names_a_malformed_one():
     preflight(single, "cpu")
     with pytest.raises(ProfileError, match="profile 'p': lcm_lora .*s3://b/"):
         preflight(Profile("p", "sd15", "s3://b/models/base/", "s3://b/"), "cpu")
+
+
+def test_the_models_a_profile_names_are_its_s3_fields_and_style_loras_only():
+    """What the gateway presigns for a token's profile (403 for anything else)."""
+    profile = Profile(
+        "p",
+        "sd15",
+        "s3://b/models/base/",
+        "s3://b/models/lcm/pytorch_lora_weights.safetensors",
+        vae="/local/vae",
+        loras=(
+            {"name": "ink", "path": "s3://b/models/ink/", "weight": 0.8},
+            {"name": "oil", "path": "/x.safetensors", "weight": 1.0},
+        ),
+    )
+    assert profile_model_urls(profile) == {
+        "s3://b/models/base/",
+        "s3://b/models/lcm/pytorch_lora_weights.safetensors",
+        "s3://b/models/ink/",
+    }
+    assert profile_model_urls(Profile("q", "sd15", "/models/base", "/models/lcm")) == set()
