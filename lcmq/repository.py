@@ -109,7 +109,7 @@ class PendingJob:
 
     id: str
     batch_id: str
-    shape: tuple  # lcmq.spec.render_shape: size, steps, guidance, LoRA set, img2img strength
+    shape: tuple  # lcmq.spec.render_shape: size, steps, guidance, LoRA set, img2img strength, controls
     attempts: int
 
 
@@ -160,6 +160,8 @@ class JobRecord:
     # img2img: s3:// or file:// URL of the init image
     init_image: str | None = field(default=None, metadata=FROM_ROW)
     strength: float | None = field(default=None, metadata=FROM_ROW)  # img2img strength; None: text2img
+    # ControlNets / T2I-Adapters, sorted by name (lcmq.controls)
+    control: list[dict[str, Any]] | None = field(default=None, metadata=FROM_ROW)
     lease_until: datetime | None = None  # while running: when another worker may take the job
     handbacks: int = 0  # times handed back after a transient fault (capped by max_handbacks)
 
@@ -270,7 +272,7 @@ def _record(cls, row) -> Any:
 
 
 def _shape(row) -> tuple:
-    return render_shape(row.width, row.height, row.steps, row.guidance, row.loras, row.strength)
+    return render_shape(row.width, row.height, row.steps, row.guidance, row.loras, row.strength, row.control)
 
 
 def normalize_url(url: str) -> str:
@@ -740,7 +742,16 @@ class Repository:
     ) -> list[PendingJob]:
         """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
         query = select(
-            Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras, Job.strength, Job.attempts
+            Job.id,
+            Job.batch_id,
+            Job.width,
+            Job.height,
+            Job.steps,
+            Job.guidance,
+            Job.loras,
+            Job.strength,
+            Job.control,
+            Job.attempts,
         ).where(Job.state == JobState.queued.value)
         if dispatched_before is not None:
             query = query.where(Job.dispatched_at < dispatched_before)
@@ -769,6 +780,7 @@ class Repository:
                 Job.guidance,
                 Job.loras,
                 Job.strength,
+                Job.control,
                 Job.attempts,
             )
             .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)

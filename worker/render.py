@@ -15,7 +15,7 @@ from worker.pipeline import LoadedPipeline
 
 
 def job_shape(job: JobRecord) -> tuple:
-    return render_shape(job.width, job.height, job.steps, job.guidance, job.loras, job.strength)
+    return render_shape(job.width, job.height, job.steps, job.guidance, job.loras, job.strength, job.control)
 
 
 def micro_batches(jobs: Sequence[JobRecord], batch_size: int) -> Iterator[list[JobRecord]]:
