@@ -25,6 +25,7 @@ from lcmq.queue import RENDER_TASK, get_app, publish_chunks
 from lcmq.repository import BatchRecord, JobRecord, Repository
 from lcmq.settings import get_settings
 from lcmq.storage import Storage, storage_from_settings
+from worker.control import load_control_images
 from worker.img2img import load_init_images
 from worker.leases import handback_delay_s
 from worker.lifecycle import shutting_down
@@ -173,13 +174,13 @@ class ChunkRun:
     def _render_then_store(self, loaded, context: StoreContext, group: list[JobRecord]) -> None:
         """Transient faults propagate (the task retries); anything else fails that micro-batch only."""
         try:
-            group, init_images = self._init_images(loaded, group)
+            group, init_images, control_images = self._init_images(loaded, group)
             if not group:
                 return
             warnings = truncation_warnings(loaded, [job.prompt for job in group])
             started = time.perf_counter()
             with PeakMemory(loaded.device) as peak:
-                images = render(loaded, group, init_images)
+                images = render(loaded, group, init_images, control_images)
             self.store.add_time("render_ms", started)
             if peak.mb is not None:
                 self.render_peak_mb = max(self.render_peak_mb or 0.0, peak.mb)
@@ -203,13 +204,18 @@ class ChunkRun:
             raise StorageError(f"storing failed: {errors[0]}")
 
     def _init_images(self, loaded, group: list[JobRecord]):
-        """img2img: read and check each job's init image; a bad one fails its own job only."""
+        """img2img and controls: read and check each job's init and control images; a bad one
+        fails its own job only."""
         if loaded.dtype is None:  # the null renderer draws no image from them
-            return group, None
+            return group, None, None
         ready, images, bad = load_init_images(group, self.settings)
-        for job, reason in bad:
+        ready_too, controls, bad_control = load_control_images(ready, self.settings)
+        if images is not None and len(ready_too) != len(ready):  # keep init images in step
+            by_id = {job.id: image for job, image in zip(ready, images, strict=True)}
+            images = [by_id[job.id] for job in ready_too]
+        for job, reason in bad + bad_control:
             self._fail_jobs([job], reason)
-        return ready, images
+        return ready_too, images, controls
 
     # --- after a failure ----------------------------------------------------------------------
 
