@@ -5,7 +5,6 @@ declared in lcmq.toml as users declare theirs. One worker serves every batch of 
 
 from __future__ import annotations
 
-import io
 import json
 
 import boto3
