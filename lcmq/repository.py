@@ -101,6 +101,8 @@ class StoredImage:
     render_ms: float
     batch_size: int
     warning: str | None = None
+    # The job's controls as rendered: each entry with the sha256 of its preprocessed image.
+    control: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -1128,6 +1130,7 @@ class Repository:
                 "b_render_ms": r.render_ms,
                 "b_batch_size": r.batch_size,
                 "b_warning": r.warning,
+                "b_control": r.control,
             }
             for r in results
         ]
@@ -1141,6 +1144,7 @@ class Repository:
                 render_ms=bindparam("b_render_ms"),
                 batch_size=bindparam("b_batch_size"),
                 warning=bindparam("b_warning"),
+                control=bindparam("b_control", type_=Job.__table__.c.control.type),
                 finished_at=now,
                 lease_until=None,
                 error=None,

@@ -22,7 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,14 @@ def control_image(entry: Mapping[str, Any], width: int, height: int, settings: S
     return image
 
 
+def pixels_sha256(image: Any) -> str:
+    """The sha256 of an RGB image's pixels as rendered from (width x height x 3 bytes, row by
+    row): what the manifest records of a control image after fitting and preprocessing."""
+    import hashlib
+
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
 def load_control_images(
     jobs: Sequence[JobRecord], settings: Settings
 ) -> tuple[list[JobRecord], list[list[Any]] | None, list[tuple[JobRecord, str]]]:
@@ -155,11 +163,11 @@ def load_control_images(
     if not jobs or not jobs[0].control:
         return list(jobs), None, []
     ready, images, bad = [], [], []
-    cache: dict[str, Any] = {}  # a catalog's items often share a control image: processed once
+    cache: dict[str, tuple[Any, str]] = {}  # a catalog's items often share a control image: processed once
     for job in jobs:
         try:
             assert job.control is not None
-            mine = []
+            mine, entries = [], []
             for entry in job.control:
                 key = json.dumps(
                     [
@@ -172,9 +180,11 @@ def load_control_images(
                     ]
                 )
                 if key not in cache:
-                    cache[key] = control_image(entry, job.width, job.height, settings)
-                mine.append(cache[key])
-            ready.append(job)
+                    image = control_image(entry, job.width, job.height, settings)
+                    cache[key] = (image, pixels_sha256(image))
+                mine.append(cache[key][0])
+                entries.append(dict(entry) | {"sha256": cache[key][1]})
+            ready.append(replace(job, control=entries))  # recorded with the job (the manifest's)
             images.append(mine)
         except InitImageError as exc:
             bad.append((job, f"ControlImageError: {exc}"))

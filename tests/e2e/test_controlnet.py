@@ -115,7 +115,12 @@ def test_controlled_renders_through_a_worker(services_env, procs, cli, tmp_path,
     data = s3.get_object(Bucket=bucket, Key=f"{prefix}/{jobs[0].key}")["Body"].read()
     assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 1' in read_parameters(data)
     manifest = [json.loads(line) for line in cli(env, "manifest", result["batch_id"]).stdout.splitlines()]
-    assert manifest[0]["control"][0] | {"image": None} == jobs[0].control[0] | {"image": None}
+    assert manifest[0]["control"] == jobs[0].control
+    # Each control records the sha256 of its image as rendered from (fitted, canny applied): the
+    # same for the same bytes from S3 or from a file, another for another preprocessing.
+    digests = {m["index"]: m["control"][0]["sha256"] for m in manifest}
+    assert digests[0] == digests[2] == digests[3] and len(digests[0]) == 64
+    assert digests[10] != digests[0]  # the same shape, not preprocessed
     assert "control" not in manifest[-1] or manifest[-1]["control"][0]["name"] == "depth"
 
     if model == "tiny":  # a catalog whose item's control image changes re-renders that item only
