@@ -551,9 +551,14 @@ class RowValidator:
     def _controls(
         self, value: Any, init_image: str | None, from_text: bool, base_dir: Path | None
     ) -> tuple[dict[str, Any], ...]:
+        def exists(path: str) -> bool:
+            if not self.local_files:
+                raise FieldProblem("over the HTTP API a control image must be an s3:// URL (got a file name)")
+            return self._file_exists(path)
+
         def resolve(ref: str) -> tuple[str, bool]:
             try:
-                return resolve_init_image(ref, base_dir, exists=self._given_file_exists)
+                return resolve_init_image(ref, base_dir, exists=exists)
             except FieldProblem as exc:
                 raise ControlProblem(f"image {ref!r}: {exc}") from None
 
