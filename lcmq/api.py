@@ -122,6 +122,15 @@ def _check_flags(source: str, chunk_size: Any, priority: Any, idempotency_key: A
         raise InputError(source, None, "--idempotency-key", "must be 1-64 printable characters")
 
 
+def _control_entries(controls: Any, source: str) -> list[Any]:
+    """`controls` as given in Python: a list of mappings, checked by the row validator."""
+    if isinstance(controls, (str, bytes, Mapping)) or not isinstance(controls, Iterable):
+        raise InputError(
+            source, None, "--control", f"must be a list of {{name, image, ...}} (got {type(controls).__name__})"
+        )
+    return [dict(entry) if isinstance(entry, Mapping) else entry for entry in controls]
+
+
 def _lora_entries(loras: Any, source: str) -> list[dict[str, Any]]:
     """The batch's LoRA list as plain dicts (checked by the validator, as `--lora`)."""
     if isinstance(loras, (str, bytes, Mapping)) or not isinstance(loras, Iterable):
@@ -149,6 +158,7 @@ def submit(
     quality: int | None = None,
     matrix: Mapping[str, Sequence[Any]] | Sequence[tuple[str, Sequence[Any]]] | None = None,
     loras: Sequence[Mapping[str, Any]] | None = None,
+    controls: Sequence[Mapping[str, Any]] | None = None,
     webhook_url: str | None = None,
     principal: Principal = LOCAL,
 ) -> BatchStatus:
@@ -163,9 +173,10 @@ def submit(
     or text that fills `{style}` in the prompt); identical cells of a row collapse (lcmq.matrix).
     `loras` (`[{"name": "ink", "path": "ink.safetensors", "weight": 0.8}]`) are the style LoRAs of
     every row that lists none of its own (a row's `loras` replaces them; lcmq.loras). Rows may
-    also give `init_image` and `strength` (img2img); relative file names in a batch file are
-    resolved against its folder. `webhook_url` is called, signed, once every job is final
-    (lcmq.webhooks). `principal` is who submits: the batch belongs to it (lcmq.access).
+    also give `init_image` and `strength` (img2img) and `control` (ControlNets, T2I-Adapters:
+    lcmq.controls); `controls` is the control set of every row without its own (`--control`).
+    Relative file names in a batch file are resolved against its folder. `webhook_url` is called,
+    signed, once every job is final (lcmq.webhooks). `principal` is who submits: the batch belongs to it (lcmq.access).
     """
     from lcmq.webhooks import check_webhook_url
     from scheduler.batches import create_and_enqueue  # the producer side; the API is its door
@@ -201,6 +212,7 @@ def submit(
         quality=quality,
         matrix=axes,
         loras=None if loras is None else tuple(_lora_entries(loras, source)),
+        controls=None if controls is None else tuple(_control_entries(controls, source)),
     )
     profile = _resolve_profile(model, source)
     validator = RowValidator(
@@ -685,6 +697,7 @@ def gallery(
                 "metadata": job.meta,
                 "loras": job.loras,
                 "strength": job.strength,
+                "control": job.control,
                 "worker": job.worker,
                 "render_ms": job.render_ms,
             }

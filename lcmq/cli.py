@@ -207,6 +207,7 @@ def _batch_options(args) -> dict:
         "quality": args.quality,
         "matrix": [parse_axis(axis, args.file) for axis in args.matrix or ()],
         "loras": None if args.lora is None else [_lora_flag(text, args.file) for text in args.lora],
+        "controls": None if args.control is None else [_control_flag(text, args.file) for text in args.control],
     }
 
 
@@ -217,6 +218,15 @@ def _lora_flag(text: str, source: str) -> dict:
         return parse_lora_flag(text)
     except LoraProblem as exc:
         raise InputError(source, None, "--lora", str(exc)) from None
+
+
+def _control_flag(text: str, source: str) -> dict:
+    from lcmq.controls import ControlProblem, parse_control_flag
+
+    try:
+        return parse_control_flag(text)
+    except ControlProblem as exc:
+        raise InputError(source, None, "--control", str(exc)) from None
 
 
 def cmd_status(args) -> int:
@@ -856,6 +866,13 @@ def _add_batch_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH[:WEIGHT]",
         help="a style LoRA for every row without its own `loras` (a .safetensors file or folder, "
         "local or s3://; weight -2..2, default 1); repeat for more",
+    )
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="NAME=IMAGE[:SCALE]",
+        help="a ControlNet / T2I-Adapter of the profile's [controls] with its control image (a file "
+        "or s3://; scale 0..2) for every row without its own `control`; repeat for more",
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,7 @@ IDEMPOTENCY_KEY_V1: tuple[KeyField, ...] = (
     KeyField("quality", absent=(_PNG,), absent_while="image_format"),
     KeyField("matrix", absent=((), [], None)),
     KeyField("loras", absent=(None,)),
+    KeyField("controls", absent=(None,)),
 )
 
 # A job's fields in its catalog item's render key: what decides its pixels, not its index, row or
@@ -110,6 +111,13 @@ RENDER_KEY_V1: tuple[KeyField, ...] = (
     KeyField("init_image", absent=(None, "")),
     KeyField("strength", absent=(None, 0)),
 )
+
+# The render key of a job with controls: V1's fields and the control set (models, scales,
+# start/end, preprocessing; not the images' URLs), with the sha256 of each control image's bytes
+# beside it, so a changed image re-renders its item and a moved one does not. Jobs without
+# controls keep V1 (their keys never change); V2's own keys carry their version.
+RENDER_KEY_V2: tuple[KeyField, ...] = (*RENDER_KEY_V1, KeyField("control"))
+_CONTROL_URL_FIELDS = ("image", "upload")
 
 # A job's fields in the content hash of rows given as objects: every field JobSpec had when it was
 # first stored, always hashed.
@@ -128,6 +136,7 @@ CONTENT_KEY_V1: tuple[KeyField, ...] = (
     KeyField("init_image"),
     KeyField("strength"),
     KeyField("upload_init"),
+    KeyField("control", absent=((),)),
 )
 
 # The model a manifest record names: what a reader needs to reproduce the image's model.
@@ -160,10 +169,21 @@ def idempotency_key(content: str, options: BatchOptions, profile: Profile, chunk
     return _sha256_json(parts, default=str)
 
 
-def render_key(spec: JobSpec, profile: Profile, output_format: str) -> str:
+def render_key(spec: JobSpec, profile: Profile, output_format: str, control_sha256: Sequence[str] | None = None) -> str:
     """A hash of what decides a catalog item's image: its job's fields, the profile (model and LoRA
-    identity) and the output format ("png", or "webp:85": a quality change re-renders)."""
-    parts = _pick(spec, RENDER_KEY_V1) | {"profile": profile_identity(profile), "format": output_format}
+    identity) and the output format ("png", or "webp:85": a quality change re-renders). A job
+    with controls needs `control_sha256`: each control image's sha256, in the order of its set."""
+    if not spec.control:
+        parts = _pick(spec, RENDER_KEY_V1) | {"profile": profile_identity(profile), "format": output_format}
+        return _sha256_json(parts)
+    if control_sha256 is None or len(control_sha256) != len(spec.control):
+        raise ValueError("a render key of a job with controls needs each control image's sha256")
+    picked = _pick(spec, RENDER_KEY_V2)
+    picked["control"] = [
+        {k: v for k, v in entry.items() if k not in _CONTROL_URL_FIELDS} | {"image_sha256": digest}
+        for entry, digest in zip(spec.control, control_sha256, strict=True)
+    ]
+    parts = picked | {"profile": profile_identity(profile), "format": output_format, "version": 2}
     return _sha256_json(parts)
 
 

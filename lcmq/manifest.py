@@ -80,6 +80,8 @@ def records(repo: Repository, storage: Storage, batch_id: str) -> Iterator[dict[
             record["loras"] = job.loras
         if job.init_image is not None:
             record |= {"init_image": job.init_image, "strength": job.strength}
+        if job.control:
+            record["control"] = job.control
         yield record
 
 

@@ -1,7 +1,8 @@
 """Sweeps: axes that multiply every row of a batch into cells (`--matrix seed=0..3`).
 
 An axis is a job field (`seed`, `steps`, `guidance`), a style LoRA's weight (`lora_weight` for
-the one style LoRA of a job's set, `lora_weight.NAME` for the one named NAME), or a text field
+the one style LoRA of a job's set, `lora_weight.NAME` for the one named NAME), a control's scale
+(`control_scale` for every control of a job, `control_scale.NAME` for the one named NAME), or a text field
 that fills `{name}` in the row's prompt and negative prompt. Cells are the product of the axes in the order given; cells
 of one row that come out identical (a repeated value, or a text field the prompt never uses)
 collapse to one job. Each job keeps its axis values in its metadata under `matrix`, so the
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from lcmq.controls import MAX_SCALE, ControlProblem, control_key, with_scale
 from lcmq.errors import InputError
 from lcmq.loras import MAX_WEIGHT, lora_key
 from lcmq.spec import FieldProblem, JobSpec, check_field, parse_number
@@ -24,9 +26,10 @@ from lcmq.spec import FieldProblem, JobSpec, check_field, parse_number
 # Job fields an axis may set, and the style-LoRA weight axis (alone, or `lora_weight.NAME`).
 FIELD_AXES = ("seed", "steps", "guidance")
 LORA_WEIGHT = "lora_weight"
+CONTROL_SCALE = "control_scale"
 MATRIX_KEY = "matrix"  # the metadata key that holds a job's axis values
 MAX_CELLS = 10_000  # per row: a typo like seed=0..99999999 is refused, not enqueued
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$|^lora_weight\.[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$|^(lora_weight|control_scale)\.[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 
 Matrix = tuple[tuple[str, tuple[Any, ...]], ...]
@@ -77,6 +80,17 @@ def _is_lora_axis(name: str) -> bool:
     return name == LORA_WEIGHT or name.startswith(LORA_WEIGHT + ".")
 
 
+def _is_control_axis(name: str) -> bool:
+    return name == CONTROL_SCALE or name.startswith(CONTROL_SCALE + ".")
+
+
+def _control_scale(value: Any) -> float:
+    scale = parse_number(value, from_text=True)
+    if not 0 <= scale <= MAX_SCALE:
+        raise FieldProblem(f"must be between 0 and {MAX_SCALE:g} (got {scale:g})")
+    return scale
+
+
 def _lora_weight(value: Any) -> float:
     weight = parse_number(value, from_text=True)
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
@@ -90,6 +104,8 @@ def _check_value(name: str, value: Any, source: str, where: str) -> Any:
             return check_field(name, value, from_text=True)
         if _is_lora_axis(name):
             return _lora_weight(value)
+        if _is_control_axis(name):
+            return _control_scale(value)
         if not isinstance(value, str) or not value.strip():
             raise FieldProblem(f"values must be non-empty text (got {value!r})")
         return check_field("negative_prompt", value, from_text=True)  # text: no control characters
@@ -103,7 +119,9 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         yield from specs
         return
     names = [name for name, _ in matrix]
-    unused = {name for name in names if name not in FIELD_AXES and not _is_lora_axis(name)}  # text axes unused yet
+    unused = {
+        name for name in names if name not in FIELD_AXES and not _is_lora_axis(name) and not _is_control_axis(name)
+    }  # text axes unused yet
     index = 0
     for row, spec in enumerate(specs):
         # A text axis this row's prompts do not use changes nothing in it: not part of its cells.
@@ -120,7 +138,15 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
         for cell in itertools.product(*(values for _, values in matrix)):
             values = dict(zip(names, cell, strict=False))
             job = _apply(spec, values, source, row)
-            identity = (job.prompt, job.negative_prompt, job.seed, job.steps, job.guidance, lora_key(job.loras))
+            identity = (
+                job.prompt,
+                job.negative_prompt,
+                job.seed,
+                job.steps,
+                job.guidance,
+                lora_key(job.loras),
+                control_key(job.control),
+            )
             if identity in seen:
                 continue
             seen.add(identity)
@@ -145,7 +171,7 @@ def expand(specs: Iterable[JobSpec], matrix: Matrix, source: str) -> Iterator[Jo
 def _axis_used(name: str, spec: JobSpec) -> bool:
     """Whether an axis can change a job of this row: a field or LoRA weight always; a text axis
     when the row's prompt or negative prompt has its `{name}`."""
-    if name in FIELD_AXES or _is_lora_axis(name):
+    if name in FIELD_AXES or _is_lora_axis(name) or _is_control_axis(name):
         return True
     placeholder = "{" + name + "}"
     return placeholder in spec.prompt or placeholder in spec.negative_prompt
@@ -159,6 +185,14 @@ def _apply(spec: JobSpec, values: dict[str, Any], source: str, row: int) -> JobS
             fields[name] = value
         elif _is_lora_axis(name):
             fields["loras"] = _with_weight(fields.get("loras", spec.loras), name, value, source, row)
+        elif _is_control_axis(name):
+            controls = fields.get("control", spec.control)
+            if not controls:
+                raise InputError(source, None, f"--matrix {name}", f"row {row + 1}: it has no control to scale")
+            try:
+                fields["control"] = with_scale(controls, name.partition(".")[2] or None, value)
+            except ControlProblem as exc:
+                raise InputError(source, None, f"--matrix {name}", f"row {row + 1}: {exc}") from None
         else:
             prompt = prompt.replace("{" + name + "}", value)
             negative = negative.replace("{" + name + "}", value)

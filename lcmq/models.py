@@ -129,6 +129,9 @@ class Job(Base):
     loras: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
     init_image: Mapped[str | None] = mapped_column(Text)
     strength: Mapped[float | None] = mapped_column(Float)
+    # ControlNets / T2I-Adapters ([{name, type, model, image, scale, ...}], lcmq.controls; NULL:
+    # none). Part of the render shape without the images, which are per job.
+    control: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_jobs_batch_index"),

@@ -51,7 +51,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload")
 # Options `lcmq models` shows only when set, so a plain profile reads as it always did. (Display
 # only: the keys that hash a profile list their own fields, lcmq.keys.PROFILE_KEY_V1.)
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": ()} | dict.fromkeys(MEMORY_OPTIONS, False)
+_OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": (), "controls": ()} | dict.fromkeys(
+    MEMORY_OPTIONS, False
+)
 
 
 def queue_name(profile: str) -> str:
@@ -81,6 +83,13 @@ class Profile:
     cpu_offload: bool = False  # model offload to CPU between components; CUDA only
     # Style LoRAs every job of the profile gets unless its batch or row sets others (lcmq.loras).
     loras: tuple[dict[str, Any], ...] = ()
+    # Conditioning models jobs may name in their `control` ([profiles.X.controls]): each
+    # {"name", "path"} and, for a single-file ControlNet, "config" (lcmq.controls).
+    controls: tuple[dict[str, str], ...] = ()
+
+    @property
+    def control_models(self) -> dict[str, dict[str, str]]:
+        return {entry["name"]: entry for entry in self.controls}
 
     @property
     def queue(self) -> str:
@@ -172,6 +181,7 @@ class ProfileTable(BaseModel):
     vae_slicing: bool | None = None
     cpu_offload: bool | None = None
     loras: Any = None  # checked by lcmq.loras.check_loras, whose messages name the entry
+    controls: Any = None  # a table of name = "path" or {path, config} (_check_controls)
 
 
 # What a field must hold, as a refused value's message says it.
@@ -232,9 +242,43 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
             values["loras"] = check_loras(values["loras"], Path(source).parent, exists=lambda _: True)
         except LoraProblem as exc:
             raise ProfileError(f"{where}.loras: {exc}") from None
+    if "controls" in values:
+        values["controls"] = _check_controls(values["controls"], where, Path(source).parent)
     if base_profile is not None:
         return replace(base_profile, **values)
     return Profile(name=name, **values)
+
+
+def _control_path(ref: str, folder: Path) -> str:
+    """A declared model's reference: `./x` and `../x` relative to lcmq.toml, `~` expanded; hub
+    ids, s3:// and absolute paths as they are."""
+    if ref.startswith(("./", "../")):
+        return str((folder / ref).resolve())
+    return str(Path(ref).expanduser()) if ref.startswith("~") else ref
+
+
+def _check_controls(table: Any, where: str, folder: Path) -> tuple[dict[str, str], ...]:
+    """`[profiles.X.controls]`: name = "path", or name = {path = "...", config = "..."} for a
+    single-file ControlNet whose config folder is not beside it."""
+    import re
+
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where}.controls: must be a table of name = path")
+    out = []
+    for name, value in sorted(table.items()):
+        spot = f"{where}.controls.{name}"
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", name):
+            raise ProfileError(f"{spot}: a name must be an identifier of letters, digits and _")
+        entry = {"path": value} if isinstance(value, str) else value
+        if not isinstance(entry, dict) or set(entry) - {"path", "config"} or not isinstance(entry.get("path"), str):
+            raise ProfileError(f'{spot}: must be a path, or {{path = "...", config = "..."}}')
+        if not entry["path"].strip() or not isinstance(entry.get("config", ""), str):
+            raise ProfileError(f"{spot}: path and config must be non-empty strings")
+        model = {"name": name, "path": _control_path(entry["path"].strip(), folder)}
+        if entry.get("config"):
+            model["config"] = _control_path(entry["config"].strip(), folder)
+        out.append(model)
+    return tuple(out)
 
 
 def _file_version(path: Path) -> tuple[str, int | None, int | None]:

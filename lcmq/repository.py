@@ -113,6 +113,8 @@ class StoredImage:
     render_ms: float
     batch_size: int
     warning: str | None = None
+    # The job's controls as rendered: each entry with the sha256 of its preprocessed image.
+    control: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class PendingJob:
 
     id: str
     batch_id: str
-    shape: tuple  # lcmq.spec.render_shape: size, steps, guidance, LoRA set, img2img strength
+    shape: tuple  # lcmq.spec.render_shape: size, steps, guidance, LoRA set, img2img strength, controls
     attempts: int
 
 
@@ -172,6 +174,8 @@ class JobRecord:
     # img2img: s3:// or file:// URL of the init image
     init_image: str | None = field(default=None, metadata=FROM_ROW)
     strength: float | None = field(default=None, metadata=FROM_ROW)  # img2img strength; None: text2img
+    # ControlNets / T2I-Adapters, sorted by name (lcmq.controls)
+    control: list[dict[str, Any]] | None = field(default=None, metadata=FROM_ROW)
     lease_until: datetime | None = None  # while running: when another worker may take the job
     handbacks: int = 0  # times handed back after a transient fault (capped by max_handbacks)
 
@@ -370,7 +374,7 @@ def _record(cls, row) -> Any:
 
 
 def _shape(row) -> tuple:
-    return render_shape(row.width, row.height, row.steps, row.guidance, row.loras, row.strength)
+    return render_shape(row.width, row.height, row.steps, row.guidance, row.loras, row.strength, row.control)
 
 
 def normalize_url(url: str) -> str:
@@ -840,7 +844,16 @@ class Repository:
     ) -> list[PendingJob]:
         """Queued jobs with no message yet (or, with dispatched_before, whose message is presumed lost)."""
         query = select(
-            Job.id, Job.batch_id, Job.width, Job.height, Job.steps, Job.guidance, Job.loras, Job.strength, Job.attempts
+            Job.id,
+            Job.batch_id,
+            Job.width,
+            Job.height,
+            Job.steps,
+            Job.guidance,
+            Job.loras,
+            Job.strength,
+            Job.control,
+            Job.attempts,
         ).where(Job.state == JobState.queued.value)
         if dispatched_before is not None:
             query = query.where(Job.dispatched_at < dispatched_before)
@@ -869,6 +882,7 @@ class Repository:
                 Job.guidance,
                 Job.loras,
                 Job.strength,
+                Job.control,
                 Job.attempts,
             )
             .where(Job.batch_id == batch_id, Job.state == JobState.queued.value, Job.index > after_index)
@@ -1222,6 +1236,9 @@ class Repository:
                 Batch.profile == profile,
                 or_(candidate.c.state == JobState.queued.value, expired),
                 or_(candidate.c.init_image.is_(None), candidate.c.init_image.like("s3://%")),
+                # Conditioned jobs stay with Celery workers: the claim does not carry control
+                # images to edge workers yet (docs/edge.md).
+                candidate.c.control.is_(None),
                 or_(
                     candidate.c.loras.is_(None),
                     ~lora_paths.like('%"path": "/%') & ~lora_paths.like('%"path": "file:%'),
@@ -1306,6 +1323,7 @@ class Repository:
                 "b_render_ms": r.render_ms,
                 "b_batch_size": r.batch_size,
                 "b_warning": r.warning,
+                "b_control": r.control,
             }
             for r in results
         ]
@@ -1319,6 +1337,7 @@ class Repository:
                 render_ms=bindparam("b_render_ms"),
                 batch_size=bindparam("b_batch_size"),
                 warning=bindparam("b_warning"),
+                control=bindparam("b_control", type_=Job.__table__.c.control.type),
                 finished_at=now,
                 lease_until=None,
                 error=None,

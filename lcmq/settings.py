@@ -130,10 +130,19 @@ class Settings(BaseSettings):
         description="Style LoRAs a worker process keeps loaded; "
         "the least recently used one is deleted before another loads.",
     )
+    control_cache_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="ControlNets and T2I-Adapters a worker process keeps loaded; "
+        "the least recently used one is dropped before another loads.",
+    )
     max_prompt_chars: int = Field(
         10_000, ge=1, description="Longer prompts and negative prompts are refused at submit, with their line."
     )
-    max_init_image_bytes: int = Field(32 << 20, ge=1024, description="img2img: larger init images fail their job.")
+    max_init_image_bytes: int = Field(
+        32 << 20, ge=1024, description="img2img and control images: larger ones fail their job."
+    )
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
     # --- the HTTP face (lcmq api), webhooks and worker rows -----------------------------------
     webhook_allow_private: bool = Field(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcmq.controls import ControlProblem, check_controls, control_key
 from lcmq.errors import InputError, PermanentError
 from lcmq.loras import LoraProblem, check_loras, lora_key
 from lcmq.profiles import Profile
@@ -41,6 +42,7 @@ JOB_FIELDS = (
     "loras",
     "init_image",
     "strength",
+    "control",
 )
 PROMPT_FIELDS = ("prompt", "negative_prompt")  # at most `max_prompt_chars` (LCMQ_MAX_PROMPT_CHARS) each
 DEFAULT_STRENGTH = 0.5  # img2img without a strength: half the steps, the usual LCM img2img setting
@@ -69,20 +71,31 @@ class JobSpec:
     init_image: str | None = None
     strength: float | None = None
     upload_init: bool = False
+    # ControlNets / T2I-Adapters, canonical (lcmq.controls): sorted by name, each with its model
+    # and image URL; an entry with "upload" names a local file the producer stores first.
+    control: tuple[dict[str, Any], ...] = ()
 
     @property
     def render_shape(self) -> tuple:
         """Jobs with the same shape can share one pipeline call."""
-        return render_shape(self.width, self.height, self.steps, self.guidance, self.loras, self.strength)
+        return render_shape(self.width, self.height, self.steps, self.guidance, self.loras, self.strength, self.control)
 
 
 def render_shape(
-    width: int, height: int, steps: int, guidance: float, loras: Any = None, strength: float | None = None
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    loras: Any = None,
+    strength: float | None = None,
+    control: Any = None,
 ) -> tuple:
     """What one pipeline call needs its jobs to share: size, steps, guidance, the style LoRA set
-    (one adapter set is active per call) and, for img2img, the strength (None: text2img). The
-    producer chunks by it and the worker groups micro-batches by it: both sides call this."""
-    return (width, height, steps, guidance, lora_key(loras), strength)
+    (one adapter set is active per call), for img2img the strength (None: text2img) and the
+    control set without its images (models, scales, start/end: one pipeline per call; each job
+    brings its own control images). The producer chunks by it and the worker groups
+    micro-batches by it: both sides call this."""
+    return (width, height, steps, guidance, lora_key(loras), strength, control_key(control))
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,8 @@ class BatchOptions:
     matrix: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     # Style LoRAs of every row that sets none (`--lora`); None: the profile's (lcmq.loras).
     loras: tuple[dict[str, Any], ...] | None = None
+    # Controls of every row that sets none (`--control`): raw entries, checked by the validator.
+    controls: tuple[dict[str, Any], ...] | None = None
 
 
 # --- field checks -------------------------------------------------------------------------
@@ -434,7 +449,13 @@ class RowValidator:
         except LoraProblem as exc:
             where = "--lora" if options.loras is not None else f"profile {profile.name}: loras"
             raise InputError(self.source, None, where, str(exc)) from None
+        self._kinds: dict[str, str | None] = {}  # control model name -> type, read once per batch
+        try:  # --control: images relative to the working directory, as --lora paths
+            controls = self._controls(options.controls or (), None, from_text=False, base_dir=None)
+        except ControlProblem as exc:
+            raise InputError(self.source, None, "--control", str(exc)) from None
         self.defaults = {
+            "control": controls,
             "loras": loras,
             "negative_prompt": checked.get("negative_prompt", ""),
             "steps": checked.get("steps", profile.steps),
@@ -495,6 +516,7 @@ class RowValidator:
             height=values["height"],
             metadata=metadata,
             loras=values["loras"],
+            control=values["control"],
             init_image=values.get("init_image"),
             strength=values.get("strength"),
             upload_init=values.get("upload_init", False),
@@ -526,6 +548,29 @@ class RowValidator:
             self._is_file[path] = os.path.isfile(path)
         return self._is_file[path]
 
+    def _controls(
+        self, value: Any, init_image: str | None, from_text: bool, base_dir: Path | None
+    ) -> tuple[dict[str, Any], ...]:
+        def exists(path: str) -> bool:
+            if not self.local_files:
+                raise FieldProblem("over the HTTP API a control image must be an s3:// URL (got a file name)")
+            return self._file_exists(path)
+
+        def resolve(ref: str) -> tuple[str, bool]:
+            try:
+                return resolve_init_image(ref, base_dir, exists=exists)
+            except FieldProblem as exc:
+                raise ControlProblem(f"image {ref!r}: {exc}") from None
+
+        return check_controls(
+            value,
+            self.profile.control_models,
+            resolve,
+            from_text=from_text,
+            kinds=self._kinds,
+            img2img=init_image is not None,
+        )
+
     def _check_inputs(self, raw: Mapping[str, Any], values: dict[str, Any], line: int, from_text: bool) -> None:
         """The row's style LoRAs and img2img fields, which depend on the batch file's folder and
         on each other: a strength needs an init image, and must leave the steps at least one."""
@@ -556,6 +601,15 @@ class RowValidator:
                 )
         elif "strength" in values:
             fail("strength", "needs an init_image (strength is for img2img)")
+        value = raw.get("control")
+        try:
+            if value is not None and not (from_text and value == ""):  # the row's set replaces the batch's
+                values["control"] = self._controls(value, values.get("init_image"), from_text, self.base_dir)
+            elif values["control"] and values.get("init_image"):  # --control on an img2img row
+                if values["control"][0]["type"] != "controlnet":
+                    raise ControlProblem("T2I-Adapters do not run with img2img (init_image); use a ControlNet")
+        except ControlProblem as exc:
+            fail("control", str(exc))
 
 
 # --- readers: (line number, raw row) streams --------------------------------------------

@@ -71,6 +71,7 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
         "loras": list(spec.loras) or None,
         "init_image": spec.init_image,
         "strength": spec.strength,
+        "control": [{k: v for k, v in entry.items() if k != "upload"} for entry in spec.control] or None,
         "key": None,
         "render_key": None,
     }  # set for catalog jobs (scheduler.schedules)
@@ -113,6 +114,9 @@ def _staged_rows(
         row = job_row(job_id(batch_id, spec.index), spec, batch_seed)
         if spec.upload_init and spec.init_image:  # a local init image: workers read it from storage
             row["init_image"] = inputs.url_for(spec.init_image)
+        for stored, entry in zip(row["control"] or (), spec.control, strict=True):
+            if entry.get("upload"):  # a local control image: stored beside the init images
+                stored["image"] = inputs.url_for(entry["image"])
         pending.add(PendingJob(row["id"], batch_id, spec.render_shape, 0))
         yield row
 

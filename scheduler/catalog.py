@@ -127,10 +127,40 @@ def item_seed(base_seed: int | None, item_id: str) -> int:
     return int.from_bytes(digest[: SEED_BITS // 8], "big")
 
 
-def render_key(spec: JobSpec, profile: Profile, output_format: str = OUTPUT_FORMAT) -> str:
+def render_key(
+    spec: JobSpec, profile: Profile, output_format: str = OUTPUT_FORMAT, control_sha256: list[str] | None = None
+) -> str:
     """A hash of what decides an item's image: prompt, negative prompt, the profile (model and LoRA
-    identity included), steps, guidance, size, seed and format. Not the id or the row's place."""
-    return keys.render_key(spec, profile, output_format)
+    identity included), steps, guidance, size, seed, format and, with controls, each control
+    image's sha256. Not the id or the row's place."""
+    return keys.render_key(spec, profile, output_format, control_sha256)
+
+
+class ControlDigests:
+    """The sha256 of each control image a catalog's items name, read once per run and URL (a
+    shop's 5,000 items may share a few images, or each have its own)."""
+
+    def __init__(self, settings: Settings | None):
+        self.settings = settings
+        self._known: dict[str, str] = {}
+
+    def of(self, spec: JobSpec, source: str, line: int) -> list[str]:
+        return [self._digest(entry["image"], source, line) for entry in spec.control]
+
+    def _digest(self, url: str, source: str, line: int) -> str:
+        if url not in self._known:
+            s = self.settings
+            try:
+                if s is None:
+                    data = read_url(url)
+                else:
+                    data = read_url(url, s.s3_endpoint_url, s.s3_region, s.s3_timeout_s, s.s3_max_attempts)
+            except LcmqError as exc:
+                if exc.transient:
+                    raise
+                raise InputError(source, line, "control", f"cannot read the control image {url}: {exc}") from exc
+            self._known[url] = hashlib.sha256(data).hexdigest()
+        return self._known[url]
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -194,6 +224,7 @@ def build_items(
     source: str,
     from_text: bool,
     local_files: bool = True,
+    settings: Settings | None = None,
 ) -> list[CatalogItem]:
     """Every item checked and turned into a spec with its render key; raises on the first bad one.
     `local_files`: whether items may name files of this machine (a schedule made over the HTTP API
@@ -201,6 +232,7 @@ def build_items(
     fields = template_fields(template, source)
     validator = RowValidator(options, profile, source, local_files=local_files)
     items: list[CatalogItem] = []
+    digests = ControlDigests(settings)
     seen: dict[str, int] = {}
     for line, raw in rows:
 
@@ -227,7 +259,9 @@ def build_items(
         spec = validator.validate(len(items), line, row, from_text)
         if spec.seed is None:
             spec = replace(spec, seed=item_seed(options.seed, item_id))
-        items.append(CatalogItem(item_id, line, spec, render_key(spec, profile, format_identity(options))))
+        control_sha256 = digests.of(spec, source, line) if spec.control else None
+        key = render_key(spec, profile, format_identity(options), control_sha256)
+        items.append(CatalogItem(item_id, line, spec, key))
     if not items:
         raise InputError(source, None, None, "no items in the catalog")
     return items
@@ -244,4 +278,4 @@ def load_items(
     """Read a catalog and check every item (see build_items)."""
     rows = read_catalog(location, settings)
     from_text = catalog_format(location) == "csv"
-    return build_items(rows, template, options, profile, location, from_text, local_files)
+    return build_items(rows, template, options, profile, location, from_text, local_files, settings)

@@ -14,6 +14,7 @@ import time
 from lcmq.errors import StorageError, is_transient
 from lcmq.repository import JobRecord
 from lcmq.settings import Settings
+from worker.control import load_control_images
 from worker.counters import COUNTERS
 from worker.img2img import load_init_images
 from worker.memory import PeakMemory
@@ -38,13 +39,13 @@ class MicroBatchRenderer:
         """Transient faults propagate (the caller hands the jobs back and backs off); anything
         else fails that micro-batch only."""
         try:
-            group, init_images = self._init_images(loaded, context, group)
+            group, init_images, control_images = self._input_images(loaded, context, group)
             if not group:
                 return
             warnings = truncation_warnings(loaded, [job.prompt for job in group])
             started = time.perf_counter()
             with PeakMemory(loaded.device) as peak:
-                images = render(loaded, group, init_images)
+                images = render(loaded, group, init_images, control_images)
             self.store.add_time("render_ms", started)
             COUNTERS.rendered(len(images), time.perf_counter() - started, peak.mb)  # the worker's row and metrics
             if peak.mb is not None:
@@ -82,12 +83,17 @@ class MicroBatchRenderer:
         log.error("micro-batch failed", extra={"batch_id": context.batch.id, "jobs": len(jobs), "error": reason})
         self.leases.fail([job.id for job in jobs], reason)
 
-    def _init_images(self, loaded, context: StoreContext, group: list[JobRecord]):
-        """img2img: read (through the object store) and check each job's init image; a bad one
-        fails its own job only."""
+    def _input_images(self, loaded, context: StoreContext, group: list[JobRecord]):
+        """img2img and controls: read (through the object store) and check each job's init and
+        control images; a bad one fails its own job only."""
         if loaded.dtype is None:  # the null renderer draws no image from them
-            return group, None
-        ready, images, bad = load_init_images(group, self.settings, context.objects.read)
-        for job, reason in bad:
+            return group, None, None
+        read = context.objects.read
+        ready, images, bad = load_init_images(group, self.settings, read)
+        ready_too, controls, bad_control = load_control_images(ready, self.settings, read)
+        if images is not None and len(ready_too) != len(ready):  # keep init images in step
+            by_id = {job.id: image for job, image in zip(ready, images, strict=True)}
+            images = [by_id[job.id] for job in ready_too]
+        for job, reason in bad + bad_control:
             self.fail_jobs(context, [job], reason)
-        return ready, images
+        return ready_too, images, controls

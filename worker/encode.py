@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
+from lcmq.controls import describe
 from lcmq.formats import OutputFormat
 
 # zlib level 4 costs ~half the time of the default 6 for a few percent more bytes.
@@ -35,10 +36,13 @@ def parameters_text(job: Any, profile: str) -> str:
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
-    lines.append(
+    settings = (
         f"Steps: {job.steps}, Sampler: LCM, CFG scale: {job.guidance:g}, Seed: {job.seed}, "
         f"Size: {job.width}x{job.height}, Model: {profile}"
     )
+    # A1111's ControlNet extension appends one `ControlNet N: "..."` per unit to this line.
+    controls = describe(getattr(job, "control", None))
+    lines.append(settings if controls is None else f"{settings}, {controls}")
     return "\n".join(lines)
 
 

@@ -292,3 +292,84 @@ def generate_style_lora(model_dir: Path, out: Path, seed: int, rank: int = 4, st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _vae_factor(model_dir: Path) -> int:
+    """How many pixels a side one latent covers: 2 ** (the VAE's blocks - 1)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def generate_control(
+    model_dir: Path, out: Path, kind: str = "controlnet", seed: int = 0, strength: float = 0.5
+) -> Path:
+    """A random conditioning model for a generated (or any diffusers-folder) SD1.5/SDXL-family
+    model, saved with `save_pretrained` into `out` (a folder users' profiles can name).
+
+    - "controlnet": `ControlNetModel.from_unet` (the UNet's encoder weights), its conditioning
+      embedding downscaling by the VAE's factor. from_unet starts the output convolutions at zero
+      (a new ControlNet changes nothing); here they are drawn, scaled by `strength`, so a control
+      image changes the render.
+    - "t2i_adapter": a `T2IAdapter` whose features match the UNet's blocks. The XL layout (one
+      downsampling block) fits the tiny two-block UNets of both families; at the full SD1.5
+      architecture it takes the `full_adapter` layout.
+    Written to a temporary folder and renamed: concurrent callers never read half a model.
+    """
+    import torch
+    from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+
+    out = Path(out)
+    if out.exists():
+        return out
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    factor = _vae_factor(Path(model_dir))
+    torch.manual_seed(seed)
+    model: Any
+    if kind == "controlnet":
+        steps = factor.bit_length() - 1  # stride-2 convolutions from pixels to latents
+        model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: steps + 1])
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block]:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * strength)
+    elif kind == "t2i_adapter":
+        channels = list(unet.config.block_out_channels)
+        two = len(channels) == 2
+        model = T2IAdapter(
+            in_channels=3,
+            channels=channels,
+            num_res_blocks=1 if two else 2,
+            downscale_factor=factor * 2 if two else factor,
+            adapter_type="full_adapter_xl" if two else "full_adapter",
+        )
+    else:
+        raise ValueError(f"unknown control kind {kind!r}; use controlnet or t2i_adapter")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".control-"))
+    try:
+        model.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not out.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def single_file_control(folder: Path, out: Path) -> Path:
+    """A ControlNet folder as one `.safetensors` file (diffusers keys, as SDXL ControlNets are
+    shared), which `ControlNetModel.from_single_file(out, config=folder)` loads back."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if not out.exists():
+        model = ControlNetModel.from_pretrained(folder)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, out)
+    return out

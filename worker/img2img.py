@@ -30,14 +30,14 @@ class InitImageError(PermanentError):
     """An init image that cannot be read or used: its job fails, the others go on."""
 
 
-def _decode(data: bytes, url: str):
+def _decode(data: bytes, url: str, what: str):
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             if max(image.size) > MAX_SIDE:  # before decoding the pixels: no decompression bombs
                 raise InitImageError(
-                    f"init image {url} is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE} pixels a side"
+                    f"{what} {url} is {image.size[0]}x{image.size[1]}; at most {MAX_SIDE} pixels a side"
                 )
             image.load()
             upright = ImageOps.exif_transpose(image)
@@ -46,19 +46,22 @@ def _decode(data: bytes, url: str):
         raise
     except Image.UnidentifiedImageError as exc:  # its text names the BytesIO it read, not the file
         raise InitImageError(
-            f"init image {url} is not a readable image: not a format Pillow can open (PNG, JPEG, WebP, ...)"
+            f"{what} {url} is not a readable image: not a format Pillow can open (PNG, JPEG, WebP, ...)"
         ) from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InitImageError(f"init image {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
+        raise InitImageError(f"{what} {url} is not a readable image: {type(exc).__name__}: {exc}") from exc
 
 
 Reader = Callable[[str], bytes]  # an object store's `read` (worker/ports.py)
 
 
-def load_init_image(url: str, width: int, height: int, settings: Settings, read: Reader | None = None):
-    """The job's init image as an RGB PIL image of exactly width x height, read by `read` (by
-    default with this machine's own credentials). Transient storage errors propagate (the task
-    retries); everything else is an InitImageError."""
+def load_init_image(
+    url: str, width: int, height: int, settings: Settings, read: Reader | None = None, what: str = "init image"
+):
+    """The job's init image (or, `what` says, another input image: a control image) as an RGB
+    PIL image of exactly width x height, read by `read` (by default with this machine's own
+    credentials). Transient storage errors propagate (the task retries); everything else is an
+    InitImageError whose message starts with `what` and the URL."""
     from PIL import Image, ImageOps
 
     try:
@@ -69,10 +72,12 @@ def load_init_image(url: str, width: int, height: int, settings: Settings, read:
         else:
             data = read(url)
     except PermanentStorageError as exc:
-        raise InitImageError(f"init image {url} cannot be read: {exc}") from exc
+        raise InitImageError(f"{what} {url} cannot be read: {exc}") from exc
     if len(data) > settings.max_init_image_bytes:
-        raise InitImageError(f"init image {url} has {len(data)} bytes; at most {settings.max_init_image_bytes}")
-    image = _decode(data, url)
+        raise InitImageError(
+            f"{what} {url} has {len(data)} bytes; at most {settings.max_init_image_bytes} (LCMQ_MAX_INIT_IMAGE_BYTES)"
+        )
+    image = _decode(data, url, what)
     if image.size != (width, height):
         image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
     return image

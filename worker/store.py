@@ -150,7 +150,7 @@ class StorePipeline:
                 {"job-id": job.id, "batch-id": job.batch_id, "seed": str(job.seed), "sha256": digest},
             )
         self.add_time("upload_ms", started)
-        return StoredImage(job.id, key, digest, render_ms, batch_size, warning)
+        return StoredImage(job.id, key, digest, render_ms, batch_size, warning, job.control)
 
     def _record(self, ctx: StoreContext, group: list[JobRecord], uploads: list[Future]) -> Outcome:
         """Record a micro-batch once all its uploads are done, or settle its failure (the first

@@ -29,6 +29,16 @@ EVERY_ROW_COLUMN = {
     "loras": [{"name": "ink", "path": "/models/ink.safetensors", "weight": 0.8}],
     "init_image": "s3://bucket/inputs/cat.png",
     "strength": 0.35,
+    "control": [
+        {
+            "name": "edges",
+            "type": "controlnet",
+            "model": "/m/canny",
+            "image": "s3://b/e.png",
+            "scale": 0.8,
+            "start": 0.0,
+        }
+    ],
 }
 
 

@@ -46,7 +46,7 @@ def test_loras_and_init_images_are_stored_and_shape_the_chunks(services_env, tmp
     repo.requeue(batch.batch_id, [JobState.queued])
     shapes = {job.id: job.shape for job in repo.pending_dispatch(batch_id=batch.batch_id)}
     assert shapes[jobs[0].id] == shapes[jobs[1].id] != shapes[jobs[2].id] != shapes[jobs[3].id]
-    assert shapes[jobs[3].id][-1] == 0.5 and shapes[jobs[2].id][-2:] == ("", None)
+    assert shapes[jobs[3].id][-2] == 0.5 and shapes[jobs[2].id][-3:] == ("", None, "")  # no controls: ""
 
 
 def test_a_refused_batch_leaves_no_uploaded_init_image(services_env, snapshot, tmp_path):

@@ -122,7 +122,7 @@ def test_format_is_part_of_the_idempotency_key():
         "options": {
             k: v
             for k, v in asdict(BatchOptions(model="tiny")).items()
-            if k not in ("image_format", "quality", "matrix", "loras")
+            if k not in ("image_format", "quality", "matrix", "loras", "controls")
         },
         "profile": profile.to_dict(),
         "chunk_size": 32,

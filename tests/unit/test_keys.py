@@ -180,9 +180,12 @@ NOT_IN_RENDER_KEY = {"index", "row", "metadata", "upload_init"}  # not what deci
     ("cls", "key_fields", "left_out"),
     [
         (BatchOptions, keys.IDEMPOTENCY_KEY_V1, set()),
-        (Profile, keys.PROFILE_KEY_V1, set()),
+        # A profile's declared control models are hashed where jobs use them: each job's control
+        # entries carry their model (RENDER_KEY_V2, CONTENT_KEY_V1), so declaring one re-renders nothing.
+        (Profile, keys.PROFILE_KEY_V1, {"controls"}),
         (JobSpec, keys.CONTENT_KEY_V1, set()),
-        (JobSpec, keys.RENDER_KEY_V1, NOT_IN_RENDER_KEY),
+        (JobSpec, keys.RENDER_KEY_V1, NOT_IN_RENDER_KEY | {"control"}),  # V2 is the key of jobs with controls
+        (JobSpec, keys.RENDER_KEY_V2, NOT_IN_RENDER_KEY),
     ],
 )
 def test_every_field_is_hashed_or_deliberately_left_out(cls, key_fields, left_out):
@@ -199,3 +202,43 @@ def test_a_manifest_names_the_model_by_the_identity_list(tmp_path, monkeypatch):
     reset_profiles()
     assert model_identity("tiny") == keys.model_identity(TINY)
     assert model_identity("no-such-profile") == {"family": None, "base": None, "lcm_lora": None, "dtype": None}
+
+
+# --- controls: a new render key version (V2) for jobs with controls; V1 stays for the rest -----
+
+EDGES = {
+    "name": "edges",
+    "type": "controlnet",
+    "model": "/models/canny",
+    "image": "s3://b/edges/1.png",
+    "scale": 0.8,
+    "preprocess": "canny",
+    "start": 0.0,
+    "end": 1.0,
+    "low": 100.0,
+    "high": 200.0,
+}
+CONTROL_SPEC = JobSpec(0, "a red fox", "", 42, 4, 1.0, 64, 64, control=(EDGES,))
+IMAGE_SHA = "a" * 64
+CONTROL_RENDER_KEY = "2fdfe6e420190adce4cca8dbd6c16d698fbbbb23d132f06ef697d3dc4a32ce34"
+CONTROL_CONTENT_HASH = "94721421e4a0da4e889e66b0609decf74d47929f8c33c5a5562248064c1ef35c"
+CONTROL_IDEMPOTENCY_KEY = "64d12e03793137c0ef1a815b6edadeb8a031b1f735c9b82515b554b9248453df"
+
+
+def test_control_keys_are_pinned():
+    assert keys.render_key(CONTROL_SPEC, TINY, "png", [IMAGE_SHA]) == CONTROL_RENDER_KEY
+    assert keys.content_sha256([CONTROL_SPEC]) == CONTROL_CONTENT_HASH
+    options = BatchOptions(model="tiny", controls=({"name": "edges", "image": "e.png"},))
+    assert keys.idempotency_key(CONTENT, options, TINY, CHUNK_SIZE) == CONTROL_IDEMPOTENCY_KEY
+
+
+def test_a_control_render_key_follows_the_image_bytes_not_its_url():
+    key = keys.render_key(CONTROL_SPEC, TINY, "png", [IMAGE_SHA])
+    moved = replace(CONTROL_SPEC, control=(EDGES | {"image": "file:///elsewhere/1.png"},))
+    assert keys.render_key(moved, TINY, "png", [IMAGE_SHA]) == key
+    assert keys.render_key(CONTROL_SPEC, TINY, "png", ["b" * 64]) != key
+    assert keys.render_key(replace(CONTROL_SPEC, control=(EDGES | {"scale": 0.5},)), TINY, "png", [IMAGE_SHA]) != key
+    # Without controls the key is V1's, whatever the caller passes.
+    assert keys.render_key(SPECS["plain"], TINY, "png", None) == RENDER_KEYS["plain", "tiny", "png"]
+    with pytest.raises(ValueError):
+        keys.render_key(CONTROL_SPEC, TINY, "png")

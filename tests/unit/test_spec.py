@@ -48,7 +48,7 @@ def test_txt_rows_take_the_profile_defaults(tmp_path):
         == (4, 1.0, 64, 64)
     )
     assert spec.negative_prompt == "" and spec.seed is None and spec.metadata == {}
-    assert spec.render_shape == (64, 64, 4, 1.0, "", None)  # no style LoRAs, text2img
+    assert spec.render_shape == (64, 64, 4, 1.0, "", None, "")  # no style LoRAs, text2img, no controls
 
 
 def test_txt_keeps_inner_whitespace_and_unicode(tmp_path):
