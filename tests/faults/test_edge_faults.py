@@ -4,7 +4,7 @@ no duplicate objects, manifest == objects == succeeded rows, attempts within the
 
 from __future__ import annotations
 
-import subprocess
+import time
 
 from support.api_server import ApiServer
 from support.edge import edge_env, running_of, start_edge, when_rendering, worker_token
@@ -64,6 +64,9 @@ def test_kill_9_an_edge_worker_mid_micro_batch(fault_env, procs, tmp_path):
     assert all(rows[i].attempts == 2 and rows[i].worker == "edge/spot/survivor" for i in held)
 
 
+GATEWAY_DOWN_S = 30
+
+
 def test_the_gateway_away_mid_batch(fault_env, procs, tmp_path):
     # Leases outlive the outage: the worker's records after it are accepted, no job is redone.
     env = fault_env | {"LCMQ_LEASE_S": "60"}
@@ -75,7 +78,7 @@ def test_the_gateway_away_mid_batch(fault_env, procs, tmp_path):
     first.process.kill()  # kill -9: no answer from that moment on
     port = int(first.url.rsplit(":", 1)[1])
     wait_until(lambda: "gateway unavailable" in edge.log or "backing off" in edge.log, 30, what="the worker to wait")
-    subprocess.run(["sleep", "10"], check=True)  # down for a while: the worker backs off meanwhile
+    time.sleep(GATEWAY_DOWN_S)  # the outage: the worker backs off meanwhile
     assert edge.alive() and not done(batch_id)
     _gateway(procs, env, port)
     _exactly_once(batch_id, attempts_bound=1)  # nothing lost, no job twice
@@ -91,7 +94,17 @@ def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back_at_once(fault_
     other = start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "b")
     stopping.wait_ready(), other.wait_ready()
     batch_id = _submit(tmp_path / "p.jsonl", 12)
-    when_rendering(batch_id, "edge/preempted/a")
+    # Mid-stream: it has stored an image and holds more, so a micro-batch is in its hands. (A
+    # SIGTERM between its claim and its first render would rightly hand everything back.)
+    wait_until(
+        lambda: (
+            any(j.state == "succeeded" and j.worker == "edge/preempted/a" for j in api.repository().jobs(batch_id))
+            and running_of(batch_id, "edge/preempted/a") != []
+        ),
+        60,
+        interval_s=0.01,
+        what="a to be rendering after its first image",
+    )
     assert stopping.terminate() == 0
     # A clean stop leaves nothing running as it: what it rendered is recorded, the rest queued.
     assert running_of(batch_id, "edge/preempted/a") == []
