@@ -151,9 +151,9 @@ def run_edge(
     from worker.lifecycle import install_test_hooks
 
     install_test_hooks()
-    if profile.family != NULL_FAMILY and renders_on_cpu(settings.device):
-        from worker.threads import register_command
+    from worker.threads import register_command, renders_on_cpu
 
+    if profile.family != NULL_FAMILY and renders_on_cpu(settings.device):
         register_command(settings.models_path, 1, profile.name)  # one rendering process
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
     run_edge_worker(profile, settings, EdgeOptions(gateway=gateway, token=token, node=node, grace_s=grace_s))

@@ -20,4 +20,3 @@ def test_each_pool_process_takes_its_share_of_the_cores(embedded_env, procs):
     for threads, seen_cores, processes, source, _pid in decisions:
         assert (int(seen_cores), int(processes), source) == (cores, 2, "share")
         assert int(threads) == threads_for(cores, 2, None) == max(1, cores // 2)
-

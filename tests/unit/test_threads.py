@@ -104,4 +104,3 @@ def test_a_plan_counts_an_unannounced_process_itself(tmp_path: Path, monkeypatch
         assert threads.plan_threads(tmp_path, 5, cores=lambda: 6).threads == 5
     finally:
         os.close(fd)
-
