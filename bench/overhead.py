@@ -83,12 +83,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="separate `lcmq worker` commands in (B)")
+    parser.add_argument(
+        "--torch-threads", type=int, help="LCMQ_TORCH_THREADS for every process (2 on 2 cores: the old way)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lcmq-overhead-"))
     models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
     # One worker takes whole chunks (32 jobs); a farm needs chunks small enough to share out.
     farm = {"LCMQ_CHUNK_SIZE": str(2 * args.batch_size)} if args.workers > 1 else {}
+    if args.torch_threads:
+        farm["LCMQ_TORCH_THREADS"] = str(args.torch_threads)
     with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size), **farm) as (env, _, _):
         from lcmq.profiles import get_profile
         from lcmq.settings import get_settings
