@@ -149,10 +149,9 @@ def run_edge(
     preflight(profile, settings.device if settings.device != "auto" else None)
     from worker.edge import EdgeOptions, run_edge_worker
     from worker.lifecycle import install_test_hooks
-
-    install_test_hooks()
     from worker.threads import register_command, renders_on_cpu
 
+    install_test_hooks()
     if profile.family != NULL_FAMILY and renders_on_cpu(settings.device):
         register_command(settings.models_path, 1, profile.name)  # one rendering process
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
