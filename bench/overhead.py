@@ -3,13 +3,19 @@ side, the same model, parameters and batch size, alternating A B A B in one run.
 
     .venv/bin/python bench/overhead.py --model tiny --images 96 --rounds 2
     .venv/bin/python bench/overhead.py --model sd15-arch --images 8 --rounds 1
+    .venv/bin/python bench/overhead.py --model tiny --workers 2
 
 (A) bare: load the pipeline (the worker's own loader), `pipe(...)` over the prompts in batches,
     PNG-encode, write to disk.
-(B) lcmq: submit → 1 `lcmq worker` (pipeline preloaded, like a warm farm) → moto S3 server →
-    Postgres rows; timed from the submit call until every job is final.
+(B) lcmq: submit → `--workers` separate `lcmq worker` commands (pipelines preloaded, like a
+    warm farm; started together, so each takes its share of the cores: worker/threads.py) →
+    moto S3 server → Postgres rows; timed from the submit call until every job is final.
+    With several workers, chunks are two micro-batches, so the images spread evenly.
+
 Starts its own Redis, database (Postgres at LCMQ_BENCH_PG) and moto server. Last line:
-`ratio=… lcmq_img_s=… bare_img_s=…` (ratio = B/A, best round of each).
+`ratio=… lcmq_img_s=… bare_img_s=…` (ratio = B/A, best round of each). (A) is one process using
+all of this machine's cores, so with `--workers 2` the ratio says what the farm of two gets
+against one worker that has the whole machine.
 """
 
 from __future__ import annotations
@@ -76,23 +82,35 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="separate `lcmq worker` commands in (B)")
+    parser.add_argument(
+        "--torch-threads", type=int, help="LCMQ_TORCH_THREADS for every process (2 on 2 cores: the old way)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lcmq-overhead-"))
     models = os.environ.get("LCMQ_MODELS_DIR", str(Path(".lcmq/models").resolve()))
-    with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size)) as (env, _, _):
+    # One worker takes whole chunks (32 jobs); a farm needs chunks small enough to share out.
+    farm = {"LCMQ_CHUNK_SIZE": str(2 * args.batch_size)} if args.workers > 1 else {}
+    if args.torch_threads:
+        farm["LCMQ_TORCH_THREADS"] = str(args.torch_threads)
+    with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size), **farm) as (env, _, _):
         from lcmq.profiles import get_profile
         from lcmq.settings import get_settings
         from worker.pipeline import load_pipeline
 
-        loaded = load_pipeline(get_profile(args.model), get_settings())  # (A)'s pipeline, loaded once
-        worker = Process(env, work / "worker.log", "worker", "--model", args.model)
+        # (A)'s pipeline, loaded once, before any worker starts: it takes every core.
+        loaded = load_pipeline(get_profile(args.model), get_settings())
+        # Started together: each registers before either loads, so each counts both.
+        workers = [Process(env, work / f"worker{n}.log", "worker", "--model", args.model) for n in range(args.workers)]
         try:
-            worker.wait_ready()
+            for worker in workers:
+                worker.wait_ready()
             started = time.perf_counter()
             bare_loop(loaded, prompts(args.batch_size, -1), args.batch_size, args.steps, work / "warm")
             poll_s = max(0.02, (time.perf_counter() - started) / args.batch_size * args.images / 100)
-            lcmq_run(prompts(args.batch_size, -1), args.model, args.steps, poll_s)  # (B) warm
+            warm = prompts(2 * args.batch_size * args.workers, -1)
+            lcmq_run(warm, args.model, args.steps, poll_s)  # (B) warm: every worker renders once
             bare, queued = [], []
             for round_no in range(args.rounds):
                 bare.append(
@@ -103,11 +121,13 @@ def main() -> int:
                 queued.append(lcmq_run(prompts(args.images, round_no), args.model, args.steps, poll_s))
                 print(f"round {round_no}: bare_img_s={bare[-1]:.2f} lcmq_img_s={queued[-1]:.2f}", file=sys.stderr)
         finally:
-            worker.kill()
-            worker.close()
+            for worker in workers:
+                worker.kill()
+                worker.close()
         print(
             f"ratio={max(queued) / max(bare):.3f} lcmq_img_s={max(queued):.2f} bare_img_s={max(bare):.2f} "
-            f"model={args.model} images={args.images} batch_size={args.batch_size} rounds={args.rounds}"
+            f"model={args.model} images={args.images} batch_size={args.batch_size} rounds={args.rounds} "
+            f"workers={args.workers}"
         )
     return 0
 

@@ -122,7 +122,11 @@ class Settings(BaseSettings):
         "at load it probes batch sizes up to batch_size and keeps the largest "
         "that fits (worker/memory.py).",
     )
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker process.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per worker process; default its share of the host's cores (docs/farm.md).",
+    )
     lora_cache_size: int = Field(
         8,
         ge=1,

@@ -7,7 +7,7 @@ import socket
 
 from lcmq.errors import ProfileError
 from lcmq.logs import setup_logging
-from lcmq.profiles import get_profile, preflight
+from lcmq.profiles import NULL_FAMILY, get_profile, preflight
 from lcmq.settings import get_settings, reset_settings
 from lcmq.workers import announce
 
@@ -48,9 +48,14 @@ def run_worker(
     )
 
     from worker.startup import check_dependencies
+    from worker.threads import register_command, renders_on_cpu
 
     # A worker that lacks its device, database, broker or storage stops here, before it consumes.
     check_dependencies(profile, settings)
+    if profile.family != NULL_FAMILY and renders_on_cpu(settings.device):
+        # Before the pool forks, so that every process of this host's CPU workers is counted
+        # when each takes its share of the cores for torch (worker/threads.py).
+        register_command(settings.models_path, concurrency if pool == "prefork" else 1, profile.name)
     if metrics_port is not None:  # each process that renders serves on a port of its own
         from worker.metrics import check_ports_free
 
@@ -144,8 +149,11 @@ def run_edge(
     preflight(profile, settings.device if settings.device != "auto" else None)
     from worker.edge import EdgeOptions, run_edge_worker
     from worker.lifecycle import install_test_hooks
+    from worker.threads import register_command, renders_on_cpu
 
     install_test_hooks()
+    if profile.family != NULL_FAMILY and renders_on_cpu(settings.device):
+        register_command(settings.models_path, 1, profile.name)  # one rendering process
     node = name or f"{profile.name}-{os.getpid()}@{socket.gethostname()}"
     run_edge_worker(profile, settings, EdgeOptions(gateway=gateway, token=token, node=node, grace_s=grace_s))
 

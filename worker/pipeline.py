@@ -249,6 +249,30 @@ class NullPipeline:
         return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127)) for _ in prompt])
 
 
+def share_cpus(torch, settings: Settings) -> None:
+    """Take this process's share of the host's cores for torch (worker/threads.py), and say so."""
+    from worker.threads import plan_threads
+
+    plan = plan_threads(settings.models_path, settings.torch_threads)
+    torch.set_num_threads(plan.threads)
+    try:
+        # Inter-op threads only serve parallel graph branches (TorchScript); eager diffusers
+        # runs its ops one by one. Settable once, before any parallel work: else left as is.
+        torch.set_num_interop_threads(plan.threads)
+    except RuntimeError:
+        pass
+    log.info(
+        "torch threads",
+        extra={
+            "threads": plan.threads,
+            "cores": plan.cores,
+            "processes": plan.processes,
+            "source": plan.source,
+            "pid": os.getpid(),
+        },
+    )
+
+
 def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | None = None) -> LoadedPipeline:
     """Fetch s3:// models, load, swap the scheduler, load and fuse the LCM-LoRA, apply the memory
     modes, and with a memory budget probe the batch size; ModelLoadError on any failure.
@@ -265,8 +289,8 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
     device = pick_device(settings.device)
     plan = plan_load(profile, device)
     dtype = getattr(torch, plan.dtype)
-    if device == "cpu" and settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    if device == "cpu":
+        share_cpus(torch, settings)
     try:
         # 0. s3:// models: downloaded once per host into the models dir, verified, then local.
         plan, model_cache, fetch_s = fetch_remote(plan, settings, source)
