@@ -23,6 +23,7 @@ from sqlalchemy import (
     JSON,
     Column,
     ColumnElement,
+    Connection,
     CursorResult,
     DateTime,
     Engine,
@@ -637,6 +638,28 @@ def _translate_errors(method):
     return wrapper
 
 
+def _take(
+    conn: Connection, job_ids: Sequence[str], free: ColumnElement[bool], worker: str, lease_s: float, now: datetime
+) -> list[JobRecord]:
+    """The one conditional UPDATE … RETURNING that gives `worker` the jobs of `job_ids` that are
+    `free` (Celery's claim by message ids and the gateway's claim by profile both end here): two
+    workers never both own a job, and each claim uses one attempt."""
+    return _job_records(
+        conn.execute(
+            update(JOBS_TABLE)
+            .where(JOBS_TABLE.c.id.in_(list(job_ids)), free)
+            .values(
+                state=JobState.running.value,
+                attempts=JOBS_TABLE.c.attempts + 1,
+                worker=worker,
+                lease_until=now + timedelta(seconds=lease_s),
+                started_at=now,
+            )
+            .returning(*_JOB_RECORD_COLUMNS)
+        )
+    )
+
+
 @dataclass(frozen=True)
 class HandBack:
     """What handing jobs back did: those back in the queue (the caller publishes them after a
@@ -1179,22 +1202,8 @@ class Repository:
         if max_attempts is not None:
             expired = expired & (Job.attempts < max_attempts)
         claimable = or_(Job.state == JobState.queued.value, expired)
-        table = JOBS_TABLE
         with self.engine.begin() as conn:  # Core: plain rows back, no ORM objects
-            claimed = _job_records(
-                conn.execute(
-                    update(table)
-                    .where(table.c.id.in_(list(job_ids)), claimable)
-                    .values(
-                        state=JobState.running.value,
-                        attempts=table.c.attempts + 1,
-                        worker=worker,
-                        lease_until=now + timedelta(seconds=lease_s),
-                        started_at=now,
-                    )
-                    .returning(*_JOB_RECORD_COLUMNS)
-                )
-            )
+            claimed = _take(conn, job_ids, claimable, worker, lease_s, now)
         return sorted(claimed, key=lambda j: j.index)
 
     @_translate_errors
@@ -1264,20 +1273,7 @@ class Repository:
             order = {job_id: place for place, job_id in enumerate(conn.scalars(picked))}
             if not order:
                 return []
-            claimed = _job_records(
-                conn.execute(
-                    update(table)
-                    .where(table.c.id.in_(list(order)), still_free)
-                    .values(
-                        state=JobState.running.value,
-                        attempts=table.c.attempts + 1,
-                        worker=worker,
-                        lease_until=now + timedelta(seconds=lease_s),
-                        started_at=now,
-                    )
-                    .returning(*_JOB_RECORD_COLUMNS)
-                )
-            )
+            claimed = _take(conn, list(order), still_free, worker, lease_s, now)
             if token is not None and claimed:  # the last claim that got work (polls write nothing)
                 conn.execute(update(WorkerToken).where(WorkerToken.name == token).values(last_claim_at=now))
         return sorted(claimed, key=lambda j: order[j.id])
