@@ -37,10 +37,10 @@ def install() -> None:
 def _crashing_on_marker(render):
     marker = os.environ.get(FAULT_KILL_PROMPT_ENV, "")
 
-    def render_or_crash(loaded, group, init_images):
+    def render_or_crash(loaded, group, *inputs):  # init and control images, as render takes them
         if marker and any(marker in job.prompt for job in group):
             log.error("fault injection: killing this worker process", extra={"pid": os.getpid()})
             os.kill(os.getpid(), signal.SIGKILL)
-        return render(loaded, group, init_images)
+        return render(loaded, group, *inputs)
 
     return render_or_crash
