@@ -94,21 +94,14 @@ def test_sigterm_finishes_the_micro_batch_and_hands_the_rest_back_at_once(fault_
     other = start_edge(procs, edge_env(fault_env, tmp_path / "b"), gateway.url, token, "b")
     stopping.wait_ready(), other.wait_ready()
     batch_id = _submit(tmp_path / "p.jsonl", 12)
-    # Mid-stream: it has stored an image and holds more, so a micro-batch is in its hands. (A
-    # SIGTERM between its claim and its first render would rightly hand everything back.)
-    wait_until(
-        lambda: (
-            any(j.state == "succeeded" and j.worker == "edge/preempted/a" for j in api.repository().jobs(batch_id))
-            and running_of(batch_id, "edge/preempted/a") != []
-        ),
-        60,
-        interval_s=0.01,
-        what="a to be rendering after its first image",
-    )
+    when_rendering(batch_id, "edge/preempted/a")
+    held = set(running_of(batch_id, "edge/preempted/a"))  # in its hands: rendering, or next
     assert stopping.terminate() == 0
     # A clean stop leaves nothing running as it: what it rendered is recorded, the rest queued.
     assert running_of(batch_id, "edge/preempted/a") == []
-    rows = api.repository().jobs(batch_id)
-    assert any(j.state == "succeeded" and j.worker == "edge/preempted/a" for j in rows)
     assert "edge worker stopped" in stopping.log
     _exactly_once(batch_id, attempts_bound=1)  # handed back and rendered by the other, not redone after a lease
+    # What it held at SIGTERM was stored by it (the micro-batch it was rendering) or handed back
+    # at once and rendered by the other: never left to its 60 s lease (attempts stay 1).
+    rows = {j.id: j for j in api.repository().jobs(batch_id)}
+    assert all(rows[i].state == "succeeded" and rows[i].attempts == 1 for i in held)
