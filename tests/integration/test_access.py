@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from lcmq import access, api
@@ -62,7 +64,14 @@ def test_batches_page_by_cursor_newest_first(services_env):
     assert [row["batch_id"] for row in second] == made[::-1][2:]
 
 
-def test_webhook_urls_to_the_farms_own_network_are_refused_without_connecting():
+def test_webhook_urls_to_the_farms_own_network_are_refused_without_connecting(monkeypatch):
+    # The check only resolves (here through a stub resolver): nothing may connect, to any address.
+    def no_connect(sock, address):
+        raise AssertionError(f"the URL check connected to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_connect)
+
     def resolve(host: str, port: int) -> list[str]:
         return {"hooks.example": ["93.184.216.34"], "inside.example": ["10.0.0.5"]}[host]
 
