@@ -19,7 +19,8 @@ log = logging.getLogger("lcmq.worker")
 _SHUTDOWN = multiprocessing.RawValue("b", 0)
 
 
-def request_shutdown() -> None:
+def request_shutdown(**_signal_kwargs) -> None:
+    """Also Celery's worker_shutting_down receiver in the parent."""
     _SHUTDOWN.value = 1
 
 
@@ -63,7 +64,25 @@ def _take_sigterms() -> None:
             continue
         log.info("SIGTERM: the worker stops after this micro-batch", extra={"pid": os.getpid(), "sender": sender})
         request_shutdown()
-        os.kill(parent, signal.SIGTERM)  # a second SIGTERM to a stopping parent changes nothing
+        # A second SIGTERM to a stopping parent changes nothing (make_shutdown_dispatch_reentrant).
+        os.kill(parent, signal.SIGTERM)
+
+
+# --- SIGTERM in the prefork parent ---------------------------------------------------------
+# Celery's warm-shutdown handler runs `worker_shutting_down.send(...)`, and the signal's dispatch
+# takes a plain `threading.Lock` while it lists the receivers. A second SIGTERM that lands in that
+# window runs the handler again, nested in the same thread, which then waits on the lock its own
+# outer call holds: the worker hangs until SIGKILL. Two SIGTERMs close together are the normal
+# case, not a corner: systemd's control-group stop, `kill 0` or a test's killpg reach parent and
+# child at once, and the child forwards its own to the parent (above). A re-entrant lock lets the
+# nested call through; it only re-sets the stop flag the outer call sets.
+
+
+def make_shutdown_dispatch_reentrant() -> None:
+    """In the prefork parent, before Celery installs its SIGTERM handler."""
+    from celery.signals import worker_shutting_down
+
+    worker_shutting_down.lock = threading.RLock()  # type: ignore[assignment]
 
 
 # --- test hooks (tests/faults only) -------------------------------------------------------

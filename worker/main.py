@@ -63,6 +63,7 @@ def run_worker(
     from worker.lifecycle import (
         block_sigterm_in_children,
         install_test_hooks,
+        make_shutdown_dispatch_reentrant,
         request_shutdown,
         take_sigterm_in_a_thread,
     )
@@ -76,7 +77,8 @@ def run_worker(
     # SIGTERM: the running chunk finishes its micro-batch and hands the rest back; images still
     # storing in the background are stored and recorded before the process exits (pool child:
     # worker_process_shutdown; solo/threads: worker_shutdown).
-    worker_shutting_down.connect(lambda **_: request_shutdown(), weak=False)
+    make_shutdown_dispatch_reentrant()
+    worker_shutting_down.connect(request_shutdown, weak=False)
     worker_process_shutdown.connect(drain_on_exit, weak=False)
     worker_shutdown.connect(drain_on_exit, weak=False)
     # After the drain: the row's last counters include what it stored.
