@@ -82,7 +82,7 @@ def make_shutdown_dispatch_reentrant() -> None:
     """In the prefork parent, before Celery installs its SIGTERM handler."""
     from celery.signals import worker_shutting_down
 
-    worker_shutting_down.lock = threading.RLock()  # type: ignore[assignment]
+    worker_shutting_down.lock = threading.RLock()
 
 
 # --- test hooks (tests/faults only) -------------------------------------------------------
