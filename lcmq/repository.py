@@ -42,10 +42,13 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
+from sqlalchemy import column as sa_column
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import values as sa_values
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -54,6 +57,7 @@ from lcmq.models import (
     ApiKey,
     Base,
     Batch,
+    BatchCount,
     CatalogItem,
     Job,
     JobState,
@@ -660,6 +664,47 @@ def _take(
     )
 
 
+# record_successes' values per image, as the columns of a VALUES list (Postgres).
+_SUCCESS_VALUES = (
+    ("b_id", String()),
+    ("b_key", JOBS_TABLE.c.key.type),
+    ("b_sha256", JOBS_TABLE.c.sha256.type),
+    ("b_render_ms", JOBS_TABLE.c.render_ms.type),
+    ("b_batch_size", JOBS_TABLE.c.batch_size.type),
+    ("b_warning", JOBS_TABLE.c.warning.type),
+    ("b_control", JOBS_TABLE.c.control.type),
+)
+
+
+def _record_successes_at_once(rows: list[dict[str, Any]], worker: str, now: datetime):
+    """The UPDATE of Repository.record_successes as one statement: the images' values joined as
+    a VALUES list, each cast to its column's type (a column of NULLs has none of its own)."""
+    images = sa_values(*(sa_column(name, type_) for name, type_ in _SUCCESS_VALUES), name="image").data(
+        [tuple(row[name] for name, _ in _SUCCESS_VALUES) for row in rows]
+    )
+    got = images.c
+    return (
+        update(JOBS_TABLE)
+        .where(
+            JOBS_TABLE.c.id == got.b_id,
+            JOBS_TABLE.c.state == JobState.running.value,
+            JOBS_TABLE.c.worker == worker,
+        )
+        .values(
+            state=JobState.succeeded.value,
+            key=got.b_key,
+            sha256=got.b_sha256,
+            render_ms=cast(got.b_render_ms, JOBS_TABLE.c.render_ms.type),
+            batch_size=cast(got.b_batch_size, JOBS_TABLE.c.batch_size.type),
+            warning=got.b_warning,
+            control=cast(got.b_control, JOBS_TABLE.c.control.type),
+            finished_at=now,
+            lease_until=None,
+            error=None,
+        )
+    )
+
+
 @dataclass(frozen=True)
 class HandBack:
     """What handing jobs back did: those back in the queue (the caller publishes them after a
@@ -793,11 +838,17 @@ class Repository:
 
     @_translate_errors
     def state_counts(self, batch_id: str) -> dict[str, int]:
+        """The batch's jobs per state: its batch_counts row on Postgres (kept by triggers, so a
+        10^6-job batch costs one row), a count of its jobs on SQLite."""
         with self._session() as s:
-            rows = s.execute(select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state))
-            counts = {state.value: 0 for state in JobState}
-            counts.update({state: n for state, n in rows})
-            return counts
+            return self._counts_of(s, [batch_id])[batch_id]
+
+    @_translate_errors
+    def recount_states(self, batch_id: str) -> dict[str, int]:
+        """The batch's jobs per state counted from the jobs themselves, whatever the database:
+        what the counters of `state_counts` must equal (the tests compare them)."""
+        with self._session() as s:
+            return self._counted(s, [batch_id])[batch_id]
 
     @_translate_errors
     def recent_batches(
@@ -821,14 +872,7 @@ class Repository:
             batches = [_record(BatchRecord, b) for b in s.scalars(query)]
             if not batches:
                 return []
-            counts: dict[str, dict[str, int]] = {b.id: {st.value: 0 for st in JobState} for b in batches}
-            rows = s.execute(
-                select(Job.batch_id, Job.state, func.count())
-                .where(Job.batch_id.in_(counts))
-                .group_by(Job.batch_id, Job.state)
-            )
-            for batch_id, state, n in rows:
-                counts[batch_id][state] = n
+            counts = self._counts_of(s, [b.id for b in batches])
             return [(b, counts[b.id]) for b in batches]
 
     @_translate_errors
@@ -1340,8 +1384,12 @@ class Repository:
             )
             .execution_options(synchronize_session=False)
         )
-        with self.engine.begin() as conn:  # Core executemany: psycopg pipelines the statements
-            return _rowcount(conn.execute(statement, rows))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # One UPDATE … FROM VALUES for the micro-batch: one statement, so the counters'
+                # trigger (migration 0013) writes once per micro-batch, not once per image.
+                return _rowcount(conn.execute(_record_successes_at_once(rows, worker, now)))
+            return _rowcount(conn.execute(statement, rows))  # Core executemany
 
     def record_success(
         self,
@@ -1673,7 +1721,8 @@ class Repository:
             return list(s.scalars(statement.returning(WebhookDelivery.id), rows))
 
     @staticmethod
-    def _counts_of(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+    def _counted(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs per state of each batch, counted (the (batch_id, state, …) index answers it)."""
         counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
         rows = s.execute(
             select(Job.batch_id, Job.state, func.count())
@@ -1682,6 +1731,18 @@ class Repository:
         )
         for batch_id, state, n in rows:
             counts[batch_id][state] = n
+        return counts
+
+    @classmethod
+    def _counts_of(cls, s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs per state of each batch: the triggers' counters on Postgres (migration 0013),
+        counted on SQLite, which keeps none. A batch without a counter row has no job yet."""
+        if s.get_bind().dialect.name != "postgresql":
+            return cls._counted(s, batch_ids)
+        counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
+        columns = [getattr(BatchCount, st.value) for st in JobState]
+        for batch_id, *ns in s.execute(select(BatchCount.batch_id, *columns).where(BatchCount.batch_id.in_(batch_ids))):
+            counts[batch_id] = {st.value: int(n) for st, n in zip(JobState, ns, strict=True)}
         return counts
 
     @staticmethod
@@ -1937,35 +1998,69 @@ class Repository:
 
     @_translate_errors
     def job_counts_by_profile(self, states: Sequence[JobState]) -> dict[tuple[str, str], int]:
-        """Jobs in `states` by (profile, state). Jobs are counted per (batch_id, state) first,
-        which the ix_jobs_batch_state index answers alone (an index-only scan on a vacuumed
-        table), then summed per profile over the few batch rows."""
-        per_batch = (
-            select(Job.batch_id, Job.state, func.count().label("n"))
-            .where(Job.state.in_([state.value for state in states]))
-            .group_by(Job.batch_id, Job.state)
-            .subquery()
-        )
-        query = (
-            select(Batch.profile, per_batch.c.state, func.sum(per_batch.c.n))
-            .join(per_batch, per_batch.c.batch_id == Batch.id)
-            .group_by(Batch.profile, per_batch.c.state)
-        )
+        """Jobs in `states` by (profile, state). Postgres: the batches' counters summed per
+        profile (a row per batch, whatever the jobs). SQLite: jobs counted per (batch_id, state)
+        first, which the (batch_id, state, …) index answers alone, then summed per profile."""
         with self._session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                columns = [func.sum(getattr(BatchCount, state.value)) for state in states]
+                rows = s.execute(
+                    select(Batch.profile, *columns)
+                    .join(BatchCount, BatchCount.batch_id == Batch.id)
+                    .group_by(Batch.profile)
+                )
+                return {
+                    (profile, state.value): int(n)
+                    for profile, *ns in rows
+                    for state, n in zip(states, ns, strict=True)
+                    if n
+                }
+            per_batch = (
+                select(Job.batch_id, Job.state, func.count().label("n"))
+                .where(Job.state.in_([state.value for state in states]))
+                .group_by(Job.batch_id, Job.state)
+                .subquery()
+            )
+            query = (
+                select(Batch.profile, per_batch.c.state, func.sum(per_batch.c.n))
+                .join(per_batch, per_batch.c.batch_id == Batch.id)
+                .group_by(Batch.profile, per_batch.c.state)
+            )
             return {(profile, state): int(n) for profile, state, n in s.execute(query)}
 
     @_translate_errors
     def oldest_queued_by_profile(self) -> dict[str, datetime]:
         """Per profile, the earliest dispatched_at of its queued jobs: when the message the
         oldest waiting job is in was sent. Jobs waiting for the sweeper's redispatch (NULL) are
-        in no queue yet and do not count."""
-        query = (
-            select(Batch.profile, func.min(Job.dispatched_at))
-            .join(Batch, Batch.id == Job.batch_id)
-            .where(Job.state == JobState.queued.value, Job.dispatched_at.is_not(None))
-            .group_by(Batch.profile)
-        )
+        in no queue yet and do not count. Postgres: only batches whose counters have queued jobs,
+        one probe each of the (batch_id, state, dispatched_at) index."""
         with self._session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                oldest = (
+                    select(Job.dispatched_at)
+                    .where(
+                        Job.batch_id == Batch.id,
+                        Job.state == JobState.queued.value,
+                        Job.dispatched_at.is_not(None),
+                    )
+                    .order_by(Job.dispatched_at)
+                    .limit(1)
+                    .lateral("oldest")
+                )
+                query = (
+                    select(Batch.profile, func.min(oldest.c.dispatched_at))
+                    .join(BatchCount, BatchCount.batch_id == Batch.id)
+                    .join(oldest, true())
+                    .where(BatchCount.queued > 0)
+                    .group_by(Batch.profile)
+                )
+            else:
+                query = (
+                    select(Batch.profile, func.min(Job.dispatched_at))
+                    .join(Batch, Batch.id == Job.batch_id)
+                    .where(Job.state == JobState.queued.value, Job.dispatched_at.is_not(None))
+                    .group_by(Batch.profile)
+                )
             rows = s.execute(query).all()
         # SQLite hands datetimes back naive; everything lcmq writes is UTC.
         return {profile: oldest.replace(tzinfo=oldest.tzinfo or UTC) for profile, oldest in rows if oldest}
