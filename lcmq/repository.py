@@ -1994,6 +1994,16 @@ class Repository:
                 for worker, images, failed, render_ms, first, last in s.execute(query)
             ]
 
+    @_translate_errors
+    def vacuum_jobs(self) -> None:
+        """VACUUM (ANALYZE) the jobs table now, as autovacuum would soon after a bulk write
+        (bench/dispatch.py --backlog, after filling 10^6 rows, so that its measurement does not
+        share the cores with autovacuum). Postgres only; elsewhere nothing."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM (ANALYZE) jobs"))
+
     # --- farm metrics (lcmq/http/farm.py, scraped every ~15 s) ----------------------------------
 
     @_translate_errors
