@@ -52,7 +52,7 @@ def submit_child(path: Path, rows: int, profile: bool) -> int:
     if profiler:
         profiler.disable()
     seconds = time.perf_counter() - started
-    assert status.total == status.queued == rows, status
+    assert status.total == rows and api.repository().recount_states(status.batch_id)["queued"] == rows, status
     if profiler:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
     print(
