@@ -143,6 +143,12 @@ def main() -> int:
             growth = largest["seconds"] / smallest["seconds"]
             print(json.dumps({"size_ratio": largest["rows"] / smallest["rows"], "time_ratio": round(growth, 2)}))
         if args.status:
+            from lcmq import api
+
+            sizes_now = api.repository().jobs_table_sizes()  # every batch submitted above
+            jobs_now = sum(r["rows"] + 1 for r in results)  # each with its warm-up job
+            print(json.dumps({"bytes_per_job": {k: round(v / jobs_now, 1) for k, v in sizes_now.items()}}))
+            print(json.dumps({"total_bytes_per_job": round(sum(sizes_now.values()) / jobs_now, 1)}), flush=True)
             times = time_status(largest["batch_id"])
             print(" ".join(f"{name}={value}" for name, value in times.items()), flush=True)
         print(f"seconds={largest['seconds']} jobs_per_s={largest['jobs_per_s']} peak_rss_mb={largest['peak_rss_mb']}")

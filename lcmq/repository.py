@@ -722,6 +722,12 @@ class Repository:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
+    def keeps_counts(self) -> bool:
+        """Whether the database keeps each batch's jobs per state in batch_counts (Postgres:
+        triggers, migration 0013), so a count costs a row per batch; else they are counted."""
+        return self.engine.dialect.name == "postgresql"
+
+    @property
     def safe_url(self) -> str:
         """The URL with any password hidden, for messages and logs."""
         return self.engine.url.render_as_string(hide_password=True)
@@ -1737,7 +1743,7 @@ class Repository:
     def _counts_of(cls, s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
         """Jobs per state of each batch: the triggers' counters on Postgres (migration 0013),
         counted on SQLite, which keeps none. A batch without a counter row has no job yet."""
-        if s.get_bind().dialect.name != "postgresql":
+        if s.get_bind().dialect.name != "postgresql":  # Repository.keeps_counts
             return cls._counted(s, batch_ids)
         counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
         columns = [getattr(BatchCount, st.value) for st in JobState]
@@ -2003,6 +2009,22 @@ class Repository:
             return
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM (ANALYZE) jobs"))
+
+    @_translate_errors
+    def jobs_table_sizes(self) -> dict[str, int]:
+        """Bytes on disk of the jobs table (heap and TOAST: "jobs") and of each of its indexes,
+        by name (Postgres; empty elsewhere): what a job costs the database (docs/benchmarks.md)."""
+        if self.engine.dialect.name != "postgresql":
+            return {}
+        with self.engine.connect() as conn:
+            heap = conn.execute(text("SELECT pg_table_size('jobs')")).scalar_one()
+            indexes = conn.execute(
+                text(
+                    "SELECT c.relname, pg_relation_size(c.oid) FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'jobs'::regclass"
+                )
+            ).all()
+        return {"jobs": int(heap)} | {name: int(size) for name, size in indexes}
 
     # --- farm metrics (lcmq/http/farm.py, scraped every ~15 s) ----------------------------------
 
