@@ -20,7 +20,6 @@ from lcmq.repository import BatchRecord, PendingJob, Repository
 log = logging.getLogger("lcmq.scheduler")
 
 PAGE = 10_000
-PAGE_CHUNKS = 500  # chunks per publish_chunks call from a stream (a pipeline of messages each)
 
 
 def chunk_pending(jobs: Sequence[PendingJob], chunk_size: int) -> list[tuple[str, list[str]]]:
@@ -53,21 +52,23 @@ def publish_batch(
     """Publish every queued job of a new batch, then mark the batch published; returns jobs sent.
 
     `jobs` are the batch's jobs when the caller still holds them, or `chunks` its chunks as a
-    stream (a submit: scheduler.batches.KeptPending), sent PAGE_CHUNKS at a time; otherwise the
+    stream (a submit: scheduler.batches.KeptPending), sent PAGE job ids at a time; otherwise the
     jobs are read page by page. Publish first, then mark: a crash in between publishes twice,
     which the workers' claim turns into a no-op; the other order could lose the messages.
     """
     published = 0
     if chunks is not None:
         page: list[tuple[str, list[str]]] = []
+        in_page = 0
         for chunk in chunks:
             page.append(chunk)
-            if len(page) == PAGE_CHUNKS:
+            in_page += len(chunk[1])
+            if in_page >= PAGE:  # a page of ids at a time, whatever the chunk size: flat memory
                 publish_chunks(batch.profile, page, batch.priority)
-                published, page = published + sum(len(ids) for _, ids in page), []
+                published, page, in_page = published + in_page, [], 0
         if page:
             publish_chunks(batch.profile, page, batch.priority)
-            published += sum(len(ids) for _, ids in page)
+            published += in_page
     elif jobs is not None:
         publish_chunks(batch.profile, chunk_pending(jobs, chunk_size), batch.priority)
         published = len(jobs)
