@@ -156,6 +156,9 @@ def fill_backlog(work: Path, rows: int) -> dict[str, float]:
     api.repository().vacuum_jobs()
     timings["vacuum_s"] = round(time.perf_counter() - started, 1)
     assert api.status(batches[0]).queued == rows
+    sizes = api.repository().jobs_table_sizes()  # table and indexes, over every job now in it
+    timings["bytes_per_job"] = round(sum(sizes.values()) / (2 * rows), 1)
+    timings["table_mb"] = {name: round(size / 2**20, 1) for name, size in sizes.items()}
     return timings
 
 
