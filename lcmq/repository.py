@@ -1508,7 +1508,7 @@ class Repository:
     def finished_batches_needing_manifest(self, finished_before: datetime, limit: int = 20) -> list[str]:
         """Batches due a manifest: none recorded, no queued or running job, and no job final
         after `finished_before` (the worker that finished it writes it; this is for when it died).
-        Oldest first. The subqueries use the (batch_id, state) index."""
+        Oldest first. The subqueries use the (batch_id, state, dispatched_at) index."""
         unfinished = select(Job.id).where(
             Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
         )
@@ -1683,7 +1683,7 @@ class Repository:
         process holds), then their counts are read and their deliveries inserted, so a batch's
         webhook is queued once, with its body, or not at all. The unique (batch_id, event)
         holds that even against a second writer. The scan reads ix_batches_webhook_waiting (only
-        batches still waiting for their webhook) and, per batch, the jobs' (batch_id, state) index.
+        batches still waiting for their webhook) and, per batch, the jobs' (batch_id, state, dispatched_at) index.
         """
         unfinished = select(Job.id).where(
             Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
@@ -1968,7 +1968,7 @@ class Repository:
     def worker_job_sums(self, batch_id: str) -> list[WorkerJobSums]:
         """Per worker, the batch's images and failures, its images' render time and the span
         from its first image's claim to its last image's record: one GROUP BY over the batch's
-        settled jobs (the (batch_id, state) index finds them)."""
+        settled jobs (the (batch_id, state, dispatched_at) index finds them)."""
         succeeded = Job.state == JobState.succeeded.value
         query = (
             select(
