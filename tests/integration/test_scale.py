@@ -4,8 +4,8 @@
    every kind of transition a batch goes through: submit, claims (by ids, and the gateway's by
    profile), records of successes and failures, hand-backs, the sweeper's requeue and expiry,
    cancel, resume, retry, a token's revocation, and concurrent claims.
-2. The statements the claim, renew, record and status paths really issue (captured as they are
-   sent) use indexes: EXPLAINed with sequential scans disabled, none scans `jobs` sequentially
+2. The statements the claim, renew, record, status and sweeper paths really issue (captured as
+   they are sent) use indexes: EXPLAINed with sequential scans disabled, none scans `jobs` sequentially
    (with seqscan off, Postgres still picks a Seq Scan only where no index can serve).
 """
 
@@ -159,8 +159,10 @@ def test_claim_renew_record_and_status_use_indexes(repo):
         repo.state_counts(batch_id)
         repo.job_counts_by_profile(list(JobState))
         repo.oldest_queued_by_profile()
+        repo.recover_expired(max_attempts=3)  # the sweeper's scans
+        repo.pending_dispatch(limit=100)
     touching_jobs = [(sql, params) for sql, params in seen if "jobs" in sql or "batch_counts" in sql]
-    assert len(touching_jobs) >= 9, [sql for sql, _ in seen]
+    assert len(touching_jobs) >= 12, [sql for sql, _ in seen]
     plans = _plans(repo, touching_jobs)
     assert _jobs_seq_scans(plans) == []
     # The check can fail: a filter on a column no index covers is planned as a Seq Scan even
