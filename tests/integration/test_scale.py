@@ -178,7 +178,7 @@ def test_status_reads_no_job_row(repo):
         repo.state_counts(batch_id)
     with repo.engine.connect() as conn:
         plans = [
-            "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, params).scalars().all())  # type: ignore[arg-type]
+            "\n".join(conn.exec_driver_sql("EXPLAIN " + sql, params).scalars().all())
             for sql, params in seen
             if sql.lstrip().upper().startswith("SELECT")
         ]
