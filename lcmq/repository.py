@@ -1004,38 +1004,32 @@ class Repository:
         Returns (requeued, failed). Requeued jobs have no message yet: dispatch sends them.
         """
         now = utcnow()
-        expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
-        with self._session() as s:
-            failed = _rowcount(
-                s.execute(
-                    update(Job)
-                    .where(expired, Job.attempts >= max_attempts)
-                    .values(
-                        state=JobState.failed.value,
-                        finished_at=now,
-                        lease_until=None,
-                        error=func.coalesce(Job.error + "; ", "")
-                        + "worker lost during attempt "
-                        + cast(Job.attempts, String)
-                        + f" of {max_attempts}; giving up",
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+        table = JOBS_TABLE
+        spent = table.c.attempts >= max_attempts
+        lost = "worker lost during attempt " + cast(table.c.attempts, String)
+        # One statement for both outcomes (as `release`): on Postgres the counters' trigger then
+        # locks the batches' counter rows once, at its end. Two statements would hold them from
+        # the first while the second waits for job rows that a claim in flight has locked and
+        # whose trigger then waits for those counters: a deadlock.
+        statement = (
+            update(table)
+            .where(table.c.state == JobState.running.value, table.c.lease_until < now)
+            .values(
+                state=case((spent, JobState.failed.value), else_=JobState.queued.value),
+                finished_at=case((spent, now), else_=table.c.finished_at),
+                dispatched_at=case((spent, table.c.dispatched_at), else_=None),
+                lease_until=None,
+                error=case(
+                    (spent, func.coalesce(table.c.error + "; ", "") + lost + f" of {max_attempts}; giving up"),
+                    else_=lost,
+                ),
             )
-            requeued = _rowcount(
-                s.execute(
-                    update(Job)
-                    .where(expired)
-                    .values(
-                        state=JobState.queued.value,
-                        lease_until=None,
-                        dispatched_at=None,
-                        error="worker lost during attempt " + cast(Job.attempts, String),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-            )
-        return requeued, failed
+            .returning(table.c.state)
+        )
+        with self.engine.begin() as conn:
+            states = conn.execute(statement).scalars().all()
+        failed = sum(state == JobState.failed.value for state in states)
+        return len(states) - failed, failed
 
     # --- control --------------------------------------------------------------------------
 

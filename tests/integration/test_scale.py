@@ -71,6 +71,11 @@ def test_counters_equal_a_real_count_through_every_transition(repo):
     repo.claim(ids[16:18], "w2", lease_s=0.05)
     time.sleep(0.2)
     assert repo.recover_expired(max_attempts=5) == (2, 0)
+    jobs = {job.id: job for job in repo.jobs(batch_id)}
+    gave_up, requeued = jobs[ids[12]], jobs[ids[16]]
+    assert (gave_up.state, gave_up.error) == ("failed", "worker lost during attempt 1 of 1; giving up")
+    assert gave_up.finished_at is not None and gave_up.lease_until is None
+    assert (requeued.state, requeued.error, requeued.dispatched_at) == ("queued", "worker lost during attempt 1", None)
     _assert_counts_exact(repo, batch_id, other_id)
 
     # The gateway's claim by profile, and a token's revocation that releases its jobs.
