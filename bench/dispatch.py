@@ -3,11 +3,18 @@ broker, database and storage, with 1 and 2 workers; file storage and S3 (moto), 
 by side with a raw boto3 PUT loop of the same objects at the same concurrency.
 
     .venv/bin/python bench/dispatch.py [--jobs 4000] [--s3-jobs 1600] [--chunk-size 256]
+    .venv/bin/python bench/dispatch.py --backlog 1000000
 
 Starts its own Redis, database (Postgres at LCMQ_BENCH_PG) and moto server. Per-job overhead
 comes from the workers' own `chunk done` timings. Last line (2 workers):
 `jobs_per_s=… overhead_ms=… s3_ratio=…` (jobs/s and ms per job with file storage; s3_ratio =
 lcmq jobs/s on S3 ÷ raw PUT/s).
+
+`--backlog N`: the 2-worker file-storage case on the empty table, then again with N other jobs
+queued in the table (a batch of another profile, submitted through the real submit path, which
+no worker here serves) and N finished ones (a second such batch, canceled), in the same run.
+Last line: `jobs_per_s=… empty_jobs_per_s=… backlog_ratio=…` (jobs/s with the backlog, without,
+and their ratio).
 """
 
 from __future__ import annotations
@@ -125,6 +132,53 @@ def raw_put_rate(endpoint: str, bucket: str, count: int, threads: int, moto_pid:
     return rate, cpu_per_job(cpu_before, cpu_snapshot([], moto_pid), count)
 
 
+def fill_backlog(work: Path, rows: int) -> dict[str, float]:
+    """`rows` queued jobs and `rows` finished (canceled) ones of the `tiny` profile, written by
+    lcmq's own submit (COPY) and cancel; then the table is vacuumed and analysed, as autovacuum
+    would soon do, so that it does not run during the measurement."""
+    from lcmq import api
+
+    timings = {}
+    batches = []
+    for kind in ("queued", "finished"):
+        path = work / f"backlog-{kind}.jsonl"
+        with path.open("w") as fh:
+            for i in range(rows):
+                fh.write(json.dumps({"prompt": f"{kind} backlog item {i}"}) + "\n")
+        started = time.perf_counter()
+        batches.append(api.submit(path, model="tiny").batch_id)
+        timings[f"submit_{kind}_s"] = round(time.perf_counter() - started, 1)
+        path.unlink()
+    started = time.perf_counter()
+    assert api.cancel(batches[1]).canceled == rows
+    timings["cancel_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    api.repository().vacuum_jobs()
+    timings["vacuum_s"] = round(time.perf_counter() - started, 1)
+    assert api.status(batches[0]).queued == rows
+    sizes = api.repository().jobs_table_sizes()  # table and indexes, over every job now in it
+    timings["bytes_per_job"] = round(sum(sizes.values()) / (2 * rows), 1)
+    timings["table_mb"] = {name: round(size / 2**20, 1) for name, size in sizes.items()}
+    return timings
+
+
+def backlog_run(args) -> int:
+    work = Path(tempfile.mkdtemp(prefix="lcmq-dispatch-"))
+    with bench_world(work, LCMQ_CHUNK_SIZE=str(args.chunk_size), LCMQ_LOG_JSON="true") as (env, _, s3):
+        storage_url = f"file://{work}/out"
+        run_case(env, work, storage_url, 2, args.jobs // 4, s3.proc.pid)  # warm-up: first imports, caches
+        empty = run_case(env, work, storage_url, 2, args.jobs, s3.proc.pid)
+        print(json.dumps({"table": "empty"} | empty), flush=True)
+        print(json.dumps({"backlog": args.backlog} | fill_backlog(work, args.backlog)), flush=True)
+        full = run_case(env, work, storage_url, 2, args.jobs, s3.proc.pid)
+        print(json.dumps({"table": f"{args.backlog} queued + {args.backlog} finished"} | full), flush=True)
+        print(
+            f"jobs_per_s={full['jobs_per_s']} empty_jobs_per_s={empty['jobs_per_s']} "
+            f"backlog_ratio={full['jobs_per_s'] / empty['jobs_per_s']:.2f}"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=4000)
@@ -132,7 +186,10 @@ def main() -> int:
     # A task of about a second at these rates ("seconds, not milliseconds"): each chunk ends by
     # waiting for its last micro-batch's uploads, a gap that a longer chunk amortises.
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--backlog", type=int, default=0, help="compare with this many other jobs queued and finished")
     args = parser.parse_args()
+    if args.backlog:
+        return backlog_run(args)
     work = Path(tempfile.mkdtemp(prefix="lcmq-dispatch-"))
     with bench_world(work, LCMQ_CHUNK_SIZE=str(args.chunk_size), LCMQ_LOG_JSON="true") as (env, _, s3):
         bucket = env["LCMQ_STORAGE_URL"].removeprefix("s3://").split("/")[0]

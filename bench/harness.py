@@ -261,7 +261,9 @@ class Outcome:
     lost: int  # jobs not final
     duplicates: int  # objects not pointed at by exactly one succeeded row, or rows sharing an object
     stuck: int  # running jobs
-    mismatched: int  # sha256 in the row differs from the object, or manifest differs from rows
+    # sha256 in the row differs from the object, manifest differs from rows, or a state's
+    # counter (what status reads: triggers on Postgres) differs from a count of the rows
+    mismatched: int
     max_attempts: int
 
     def line(self) -> str:
@@ -287,6 +289,8 @@ def outcome(batch_id: str) -> Outcome:
     )
     manifest = {(m["key"], m["sha256"]) for m in api.manifest(batch_id)}
     mismatched += len(manifest ^ {(j.key, j.sha256) for j in succeeded})
+    counted = repo.recount_states(batch_id)
+    mismatched += sum(n != counted[state] for state, n in repo.state_counts(batch_id).items())
     final = {JobState.succeeded.value, JobState.failed.value, JobState.canceled.value}
     return Outcome(
         total=len(jobs),

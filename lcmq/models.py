@@ -135,10 +135,29 @@ class Job(Base):
 
     __table_args__ = (
         UniqueConstraint("batch_id", "index", name="uq_jobs_batch_index"),
-        Index("ix_jobs_batch_state", "batch_id", "state"),
+        # A batch's jobs in a state (manifests, pages, sums), and the oldest queued message of a
+        # batch (dispatched_at: /metrics' queue age) read off the index alone.
+        Index("ix_jobs_batch_state_dispatched", "batch_id", "state", "dispatched_at"),
         Index("ix_jobs_state_lease", "state", "lease_until"),
         Index("ix_jobs_state_dispatched", "state", "dispatched_at"),
     )
+
+
+class BatchCount(Base):
+    """A batch's jobs per state, kept exact on Postgres by statement-level triggers on jobs
+    (migration 0013): every INSERT, UPDATE or DELETE of job rows adds its moves from state to
+    state, one counter write per statement and batch, in the statement's own transaction. So a
+    status or a scrape reads a few rows, not 10^6 jobs. SQLite (embedded, small) counts the jobs
+    instead and leaves this table empty. A column per JobState value."""
+
+    __tablename__ = "batch_counts"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    queued: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    running: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    succeeded: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    canceled: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 SCHEDULE_NAME_LENGTH = 100

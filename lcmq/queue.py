@@ -178,16 +178,23 @@ def queue_depths(profiles: Iterable[str]) -> dict[str, int]:
     On Redis a queue is one list per priority step (`render.tiny`, `render.tiny\x06\x161`, ...
     `\x06\x169`): kombu's message_count sums every one of them, as Flower does (a scaler that
     reads only the bare list misses every prioritised batch). On the filesystem broker it counts
-    the queue's message files. Messages a worker holds unacked (prefetched) are not counted."""
+    the queue's message files. Messages a worker holds unacked (prefetched) are not counted.
+
+    The connection comes from the app's broker pool and goes back to it: a new connection per
+    scrape (connect, handshake, ping) was most of a scrape's time. One that failed is reset
+    first, so the next scrape connects afresh."""
     depths: dict[str, int] = {}
+    conn = get_app().pool.acquire(block=True)
     try:
-        with get_app().connection_for_write() as conn:
-            channel = conn.default_channel
-            for profile in profiles:
-                try:
-                    depths[profile] = channel.queue_declare(queue_name(profile), passive=True).message_count
-                except ChannelError:  # no list of the queue exists: nothing was ever left waiting in it
-                    depths[profile] = 0
+        channel = conn.default_channel
+        for profile in profiles:
+            try:
+                depths[profile] = channel.queue_declare(queue_name(profile), passive=True).message_count
+            except ChannelError:  # no list of the queue exists: nothing was ever left waiting in it
+                depths[profile] = 0
     except BROKER_DOWN as exc:
+        conn.collect()  # drop its sockets and channels: a broken connection is not reused
         raise BrokerError(f"reading queue lengths: {exc}") from exc
+    finally:
+        conn.release()
     return depths

@@ -42,10 +42,13 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
+from sqlalchemy import column as sa_column
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import values as sa_values
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
@@ -54,6 +57,7 @@ from lcmq.models import (
     ApiKey,
     Base,
     Batch,
+    BatchCount,
     CatalogItem,
     Job,
     JobState,
@@ -660,6 +664,47 @@ def _take(
     )
 
 
+# record_successes' values per image, as the columns of a VALUES list (Postgres).
+_SUCCESS_VALUES = (
+    ("b_id", String()),
+    ("b_key", JOBS_TABLE.c.key.type),
+    ("b_sha256", JOBS_TABLE.c.sha256.type),
+    ("b_render_ms", JOBS_TABLE.c.render_ms.type),
+    ("b_batch_size", JOBS_TABLE.c.batch_size.type),
+    ("b_warning", JOBS_TABLE.c.warning.type),
+    ("b_control", JOBS_TABLE.c.control.type),
+)
+
+
+def _record_successes_at_once(rows: list[dict[str, Any]], worker: str, now: datetime):
+    """The UPDATE of Repository.record_successes as one statement: the images' values joined as
+    a VALUES list, each cast to its column's type (a column of NULLs has none of its own)."""
+    images = sa_values(*(sa_column(name, type_) for name, type_ in _SUCCESS_VALUES), name="image").data(
+        [tuple(row[name] for name, _ in _SUCCESS_VALUES) for row in rows]
+    )
+    got = images.c
+    return (
+        update(JOBS_TABLE)
+        .where(
+            JOBS_TABLE.c.id == got.b_id,
+            JOBS_TABLE.c.state == JobState.running.value,
+            JOBS_TABLE.c.worker == worker,
+        )
+        .values(
+            state=JobState.succeeded.value,
+            key=got.b_key,
+            sha256=got.b_sha256,
+            render_ms=cast(got.b_render_ms, JOBS_TABLE.c.render_ms.type),
+            batch_size=cast(got.b_batch_size, JOBS_TABLE.c.batch_size.type),
+            warning=got.b_warning,
+            control=cast(got.b_control, JOBS_TABLE.c.control.type),
+            finished_at=now,
+            lease_until=None,
+            error=None,
+        )
+    )
+
+
 @dataclass(frozen=True)
 class HandBack:
     """What handing jobs back did: those back in the queue (the caller publishes them after a
@@ -675,6 +720,12 @@ class Repository:
         self.url = url
         self.engine = engine_for(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def keeps_counts(self) -> bool:
+        """Whether the database keeps each batch's jobs per state in batch_counts (Postgres:
+        triggers, migration 0013), so a count costs a row per batch; else they are counted."""
+        return self.engine.dialect.name == "postgresql"
 
     @property
     def safe_url(self) -> str:
@@ -793,11 +844,17 @@ class Repository:
 
     @_translate_errors
     def state_counts(self, batch_id: str) -> dict[str, int]:
+        """The batch's jobs per state: its batch_counts row on Postgres (kept by triggers, so a
+        10^6-job batch costs one row), a count of its jobs on SQLite."""
         with self._session() as s:
-            rows = s.execute(select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state))
-            counts = {state.value: 0 for state in JobState}
-            counts.update({state: n for state, n in rows})
-            return counts
+            return self._counts_of(s, [batch_id])[batch_id]
+
+    @_translate_errors
+    def recount_states(self, batch_id: str) -> dict[str, int]:
+        """The batch's jobs per state counted from the jobs themselves, whatever the database:
+        what the counters of `state_counts` must equal (the tests compare them)."""
+        with self._session() as s:
+            return self._counted(s, [batch_id])[batch_id]
 
     @_translate_errors
     def recent_batches(
@@ -821,14 +878,7 @@ class Repository:
             batches = [_record(BatchRecord, b) for b in s.scalars(query)]
             if not batches:
                 return []
-            counts: dict[str, dict[str, int]] = {b.id: {st.value: 0 for st in JobState} for b in batches}
-            rows = s.execute(
-                select(Job.batch_id, Job.state, func.count())
-                .where(Job.batch_id.in_(counts))
-                .group_by(Job.batch_id, Job.state)
-            )
-            for batch_id, state, n in rows:
-                counts[batch_id][state] = n
+            counts = self._counts_of(s, [b.id for b in batches])
             return [(b, counts[b.id]) for b in batches]
 
     @_translate_errors
@@ -954,38 +1004,32 @@ class Repository:
         Returns (requeued, failed). Requeued jobs have no message yet: dispatch sends them.
         """
         now = utcnow()
-        expired = (Job.state == JobState.running.value) & (Job.lease_until < now)
-        with self._session() as s:
-            failed = _rowcount(
-                s.execute(
-                    update(Job)
-                    .where(expired, Job.attempts >= max_attempts)
-                    .values(
-                        state=JobState.failed.value,
-                        finished_at=now,
-                        lease_until=None,
-                        error=func.coalesce(Job.error + "; ", "")
-                        + "worker lost during attempt "
-                        + cast(Job.attempts, String)
-                        + f" of {max_attempts}; giving up",
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+        table = JOBS_TABLE
+        spent = table.c.attempts >= max_attempts
+        lost = "worker lost during attempt " + cast(table.c.attempts, String)
+        # One statement for both outcomes (as `release`): on Postgres the counters' trigger then
+        # locks the batches' counter rows once, at its end. Two statements would hold them from
+        # the first while the second waits for job rows that a claim in flight has locked and
+        # whose trigger then waits for those counters: a deadlock.
+        statement = (
+            update(table)
+            .where(table.c.state == JobState.running.value, table.c.lease_until < now)
+            .values(
+                state=case((spent, JobState.failed.value), else_=JobState.queued.value),
+                finished_at=case((spent, now), else_=table.c.finished_at),
+                dispatched_at=case((spent, table.c.dispatched_at), else_=None),
+                lease_until=None,
+                error=case(
+                    (spent, func.coalesce(table.c.error + "; ", "") + lost + f" of {max_attempts}; giving up"),
+                    else_=lost,
+                ),
             )
-            requeued = _rowcount(
-                s.execute(
-                    update(Job)
-                    .where(expired)
-                    .values(
-                        state=JobState.queued.value,
-                        lease_until=None,
-                        dispatched_at=None,
-                        error="worker lost during attempt " + cast(Job.attempts, String),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-            )
-        return requeued, failed
+            .returning(table.c.state)
+        )
+        with self.engine.begin() as conn:
+            states = conn.execute(statement).scalars().all()
+        failed = sum(state == JobState.failed.value for state in states)
+        return len(states) - failed, failed
 
     # --- control --------------------------------------------------------------------------
 
@@ -1340,8 +1384,12 @@ class Repository:
             )
             .execution_options(synchronize_session=False)
         )
-        with self.engine.begin() as conn:  # Core executemany: psycopg pipelines the statements
-            return _rowcount(conn.execute(statement, rows))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # One UPDATE … FROM VALUES for the micro-batch: one statement, so the counters'
+                # trigger (migration 0013) writes once per micro-batch, not once per image.
+                return _rowcount(conn.execute(_record_successes_at_once(rows, worker, now)))
+            return _rowcount(conn.execute(statement, rows))  # Core executemany
 
     def record_success(
         self,
@@ -1454,7 +1502,7 @@ class Repository:
     def finished_batches_needing_manifest(self, finished_before: datetime, limit: int = 20) -> list[str]:
         """Batches due a manifest: none recorded, no queued or running job, and no job final
         after `finished_before` (the worker that finished it writes it; this is for when it died).
-        Oldest first. The subqueries use the (batch_id, state) index."""
+        Oldest first. The subqueries use the (batch_id, state, dispatched_at) index."""
         unfinished = select(Job.id).where(
             Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
         )
@@ -1629,7 +1677,7 @@ class Repository:
         process holds), then their counts are read and their deliveries inserted, so a batch's
         webhook is queued once, with its body, or not at all. The unique (batch_id, event)
         holds that even against a second writer. The scan reads ix_batches_webhook_waiting (only
-        batches still waiting for their webhook) and, per batch, the jobs' (batch_id, state) index.
+        batches still waiting for their webhook) and, per batch, the jobs' (batch_id, state, dispatched_at) index.
         """
         unfinished = select(Job.id).where(
             Job.batch_id == Batch.id, Job.state.in_([JobState.queued.value, JobState.running.value])
@@ -1673,7 +1721,8 @@ class Repository:
             return list(s.scalars(statement.returning(WebhookDelivery.id), rows))
 
     @staticmethod
-    def _counts_of(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+    def _counted(s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs per state of each batch, counted (the (batch_id, state, …) index answers it)."""
         counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
         rows = s.execute(
             select(Job.batch_id, Job.state, func.count())
@@ -1682,6 +1731,18 @@ class Repository:
         )
         for batch_id, state, n in rows:
             counts[batch_id][state] = n
+        return counts
+
+    @classmethod
+    def _counts_of(cls, s: Session, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Jobs per state of each batch: the triggers' counters on Postgres (migration 0013),
+        counted on SQLite, which keeps none. A batch without a counter row has no job yet."""
+        if s.get_bind().dialect.name != "postgresql":  # Repository.keeps_counts
+            return cls._counted(s, batch_ids)
+        counts: dict[str, dict[str, int]] = {b: {st.value: 0 for st in JobState} for b in batch_ids}
+        columns = [getattr(BatchCount, st.value) for st in JobState]
+        for batch_id, *ns in s.execute(select(BatchCount.batch_id, *columns).where(BatchCount.batch_id.in_(batch_ids))):
+            counts[batch_id] = {st.value: int(n) for st, n in zip(JobState, ns, strict=True)}
         return counts
 
     @staticmethod
@@ -1901,7 +1962,7 @@ class Repository:
     def worker_job_sums(self, batch_id: str) -> list[WorkerJobSums]:
         """Per worker, the batch's images and failures, its images' render time and the span
         from its first image's claim to its last image's record: one GROUP BY over the batch's
-        settled jobs (the (batch_id, state) index finds them)."""
+        settled jobs (the (batch_id, state, dispatched_at) index finds them)."""
         succeeded = Job.state == JobState.succeeded.value
         query = (
             select(
@@ -1933,39 +1994,99 @@ class Repository:
                 for worker, images, failed, render_ms, first, last in s.execute(query)
             ]
 
+    @_translate_errors
+    def vacuum_jobs(self) -> None:
+        """VACUUM (ANALYZE) the jobs table now, as autovacuum would soon after a bulk write
+        (bench/dispatch.py --backlog, after filling 10^6 rows, so that its measurement does not
+        share the cores with autovacuum). Postgres only; elsewhere nothing."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM (ANALYZE) jobs"))
+
+    @_translate_errors
+    def jobs_table_sizes(self) -> dict[str, int]:
+        """Bytes on disk of the jobs table (heap and TOAST: "jobs") and of each of its indexes,
+        by name (Postgres; empty elsewhere): what a job costs the database (docs/benchmarks.md)."""
+        if self.engine.dialect.name != "postgresql":
+            return {}
+        with self.engine.connect() as conn:
+            heap = conn.execute(text("SELECT pg_table_size('jobs')")).scalar_one()
+            indexes = conn.execute(
+                text(
+                    "SELECT c.relname, pg_relation_size(c.oid) FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'jobs'::regclass"
+                )
+            ).all()
+        return {"jobs": int(heap)} | {name: int(size) for name, size in indexes}
+
     # --- farm metrics (lcmq/http/farm.py, scraped every ~15 s) ----------------------------------
 
     @_translate_errors
     def job_counts_by_profile(self, states: Sequence[JobState]) -> dict[tuple[str, str], int]:
-        """Jobs in `states` by (profile, state). Jobs are counted per (batch_id, state) first,
-        which the ix_jobs_batch_state index answers alone (an index-only scan on a vacuumed
-        table), then summed per profile over the few batch rows."""
-        per_batch = (
-            select(Job.batch_id, Job.state, func.count().label("n"))
-            .where(Job.state.in_([state.value for state in states]))
-            .group_by(Job.batch_id, Job.state)
-            .subquery()
-        )
-        query = (
-            select(Batch.profile, per_batch.c.state, func.sum(per_batch.c.n))
-            .join(per_batch, per_batch.c.batch_id == Batch.id)
-            .group_by(Batch.profile, per_batch.c.state)
-        )
+        """Jobs in `states` by (profile, state). Postgres: the batches' counters summed per
+        profile (a row per batch, whatever the jobs). SQLite: jobs counted per (batch_id, state)
+        first, which the (batch_id, state, …) index answers alone, then summed per profile."""
         with self._session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                columns = [func.sum(getattr(BatchCount, state.value)) for state in states]
+                rows = s.execute(
+                    select(Batch.profile, *columns)
+                    .join(BatchCount, BatchCount.batch_id == Batch.id)
+                    .group_by(Batch.profile)
+                )
+                return {
+                    (profile, state.value): int(n)
+                    for profile, *ns in rows
+                    for state, n in zip(states, ns, strict=True)
+                    if n
+                }
+            per_batch = (
+                select(Job.batch_id, Job.state, func.count().label("n"))
+                .where(Job.state.in_([state.value for state in states]))
+                .group_by(Job.batch_id, Job.state)
+                .subquery()
+            )
+            query = (
+                select(Batch.profile, per_batch.c.state, func.sum(per_batch.c.n))
+                .join(per_batch, per_batch.c.batch_id == Batch.id)
+                .group_by(Batch.profile, per_batch.c.state)
+            )
             return {(profile, state): int(n) for profile, state, n in s.execute(query)}
 
     @_translate_errors
     def oldest_queued_by_profile(self) -> dict[str, datetime]:
         """Per profile, the earliest dispatched_at of its queued jobs: when the message the
         oldest waiting job is in was sent. Jobs waiting for the sweeper's redispatch (NULL) are
-        in no queue yet and do not count."""
-        query = (
-            select(Batch.profile, func.min(Job.dispatched_at))
-            .join(Batch, Batch.id == Job.batch_id)
-            .where(Job.state == JobState.queued.value, Job.dispatched_at.is_not(None))
-            .group_by(Batch.profile)
-        )
+        in no queue yet and do not count. Postgres: only batches whose counters have queued jobs,
+        one probe each of the (batch_id, state, dispatched_at) index."""
         with self._session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                oldest = (
+                    select(Job.dispatched_at)
+                    .where(
+                        Job.batch_id == Batch.id,
+                        Job.state == JobState.queued.value,
+                        Job.dispatched_at.is_not(None),
+                    )
+                    .order_by(Job.dispatched_at)
+                    .limit(1)
+                    .lateral("oldest")
+                )
+                query = (
+                    select(Batch.profile, func.min(oldest.c.dispatched_at))
+                    .join(BatchCount, BatchCount.batch_id == Batch.id)
+                    .join(oldest, true())
+                    .where(BatchCount.queued > 0)
+                    .group_by(Batch.profile)
+                )
+            else:
+                query = (
+                    select(Batch.profile, func.min(Job.dispatched_at))
+                    .join(Batch, Batch.id == Job.batch_id)
+                    .where(Job.state == JobState.queued.value, Job.dispatched_at.is_not(None))
+                    .group_by(Batch.profile)
+                )
             rows = s.execute(query).all()
         # SQLite hands datetimes back naive; everything lcmq writes is UTC.
         return {profile: oldest.replace(tzinfo=oldest.tzinfo or UTC) for profile, oldest in rows if oldest}

@@ -29,7 +29,7 @@ from typing import Any
 
 from lcmq.errors import BrokerError, DatabaseError
 from lcmq.profiles import Profile
-from lcmq.repository import PendingJob, Repository
+from lcmq.repository import Repository
 from lcmq.spec import SEED_BITS, BatchOptions, JobSpec
 from lcmq.storage import Storage
 from scheduler.dispatch import chunk_size_for, publish_batch
@@ -37,7 +37,7 @@ from scheduler.inputs import InputUploads
 
 log = logging.getLogger("lcmq.scheduler")
 
-KEEP_PENDING_UP_TO = 250_000
+KEEP_RUNS_UP_TO = 100_000  # runs of one render shape (KeptPending): a few MB at most
 
 
 def new_batch_id() -> str:
@@ -78,18 +78,44 @@ def job_row(job_id: str, spec: JobSpec, batch_seed: int) -> dict:
 
 
 class KeptPending:
-    """What publishing needs of each new job, kept while its row is staged, up to a bound: a
-    longer batch is read back from the database page by page (memory stays flat for 10^7 rows)."""
+    """What publishing needs of the new jobs, kept while their rows are staged: per render
+    shape, the runs of consecutive row indexes. A new job's id is its batch id and its row index
+    (job_id) and its attempts are 0, so the runs are all there is to know: a 10^7-row batch of
+    one shape is one run, and memory stays flat however long the file. A batch whose shapes
+    change so often that its runs pass `limit` is read back from the database page by page."""
 
-    def __init__(self, limit: int):
+    def __init__(self, batch_id: str, limit: int):
+        self.batch_id = batch_id
         self.limit = limit
-        self.jobs: list[PendingJob] | None = []  # None: over the limit, read back instead
+        self.runs: dict[tuple, list[list[int]]] | None = {}  # None: over the limit, read back instead
+        self._count = 0
 
-    def add(self, job: PendingJob) -> None:
-        if self.jobs is not None:
-            self.jobs.append(job)
-            if len(self.jobs) > self.limit:
-                self.jobs = None
+    def add(self, index: int, shape: tuple) -> None:
+        if self.runs is None:
+            return
+        runs = self.runs.setdefault(shape, [])
+        if runs and runs[-1][1] == index:  # the next row of the same shape: the run grows
+            runs[-1][1] = index + 1
+            return
+        runs.append([index, index + 1])
+        self._count += 1
+        if self._count > self.limit:
+            self.runs = None
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[str, list[str]]]:
+        """(batch id, job ids) chunks of at most chunk_size, each of one render shape, in row
+        order within a shape (what scheduler.dispatch.chunk_pending makes of the same jobs)."""
+        assert self.runs is not None  # the caller reads the batch back when over the limit
+        for runs in self.runs.values():
+            ids: list[str] = []
+            for start, end in runs:
+                for index in range(start, end):
+                    ids.append(job_id(self.batch_id, index))
+                    if len(ids) == chunk_size:
+                        yield self.batch_id, ids
+                        ids = []
+            if ids:
+                yield self.batch_id, ids
 
 
 @dataclass
@@ -100,7 +126,7 @@ class StagedBatch:
     batch: dict[str, Any]  # the batch row
     jobs: Iterator[dict[str, Any]]  # the job rows (lcmq.repository.JobRecord's FROM_ROW fields)
     inputs: InputUploads  # local init images the rows name, stored by the write before it commits
-    pending: KeptPending  # the new jobs' ids and render shapes, for publishing
+    pending: KeptPending  # the new jobs' row indexes by render shape, for publishing
 
     @property
     def batch_id(self) -> str:
@@ -117,7 +143,7 @@ def _staged_rows(
         for stored, entry in zip(row["control"] or (), spec.control, strict=True):
             if entry.get("upload"):  # a local control image: stored beside the init images
                 stored["image"] = inputs.url_for(entry["image"])
-        pending.add(PendingJob(row["id"], batch_id, spec.render_shape, 0))
+        pending.add(spec.index, spec.render_shape)
         yield row
 
 
@@ -147,7 +173,7 @@ def stage_batch(
         "owner": owner,
         "webhook_url": webhook_url,
     }
-    inputs, pending = InputUploads(storage, batch_id), KeptPending(KEEP_PENDING_UP_TO)
+    inputs, pending = InputUploads(storage, batch_id), KeptPending(batch_id, KEEP_RUNS_UP_TO)
     return StagedBatch(batch, _staged_rows(specs, batch_id, batch_seed, inputs, pending), inputs, pending)
 
 
@@ -176,7 +202,7 @@ def publish_written(
     created: bool,
     chunk_size: int,
     max_chunks: int,
-    pending: list[PendingJob] | None = None,
+    pending: KeptPending | None = None,
 ) -> int:
     """Phase 3, publish: the batch's chunks, after its commit, so a worker never receives ids it
     cannot read yet; returns jobs published. A crash here leaves the batch unpublished; the
@@ -187,7 +213,10 @@ def publish_written(
             # The same submission again: render nothing new, but publish whatever the first one
             # committed and could not publish (a retry after "broker unreachable" heals the batch).
             return publish_batch(repo, batch, chunk_size) if batch.published_at is None else 0
-        return publish_batch(repo, batch, chunk_size_for(batch.total, chunk_size, max_chunks), pending)
+        size = chunk_size_for(batch.total, chunk_size, max_chunks)
+        if pending is None or pending.runs is None:
+            return publish_batch(repo, batch, size)  # read back page by page
+        return publish_batch(repo, batch, size, chunks=pending.chunks(size))
     except BrokerError as exc:
         raise BrokerError(
             f"batch {batch_id} is saved, but its messages could not be published ({exc}); "
@@ -215,7 +244,7 @@ def create_and_enqueue(
     """
     staged = stage_batch(specs, profile, options, storage, idempotency_key, priority, owner, webhook_url)
     batch_id, created = write_batch(repo, staged)
-    published = publish_written(repo, batch_id, created, chunk_size, max_chunks, staged.pending.jobs)
+    published = publish_written(repo, batch_id, created, chunk_size, max_chunks, staged.pending)
     if created:
         log.info("batch enqueued", extra={"batch_id": batch_id, "jobs": published, "profile": profile.name})
     else:

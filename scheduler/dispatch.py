@@ -11,7 +11,7 @@ neighbours down with it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from lcmq.queue import publish_chunks
@@ -42,16 +42,34 @@ def chunk_size_for(total: int, chunk_size: int, max_chunks: int) -> int:
 
 
 def publish_batch(
-    repo: Repository, batch: BatchRecord, chunk_size: int, jobs: Sequence[PendingJob] | None = None
+    repo: Repository,
+    batch: BatchRecord,
+    chunk_size: int,
+    jobs: Sequence[PendingJob] | None = None,
+    *,
+    chunks: Iterable[tuple[str, list[str]]] | None = None,
 ) -> int:
     """Publish every queued job of a new batch, then mark the batch published; returns jobs sent.
 
-    `jobs` are the batch's jobs when the caller still holds them (a submit); otherwise they are
-    read page by page. Publish first, then mark: a crash in between publishes twice, which the
-    workers' claim turns into a no-op; the other order could lose the messages.
+    `jobs` are the batch's jobs when the caller still holds them, or `chunks` its chunks as a
+    stream (a submit: scheduler.batches.KeptPending), sent PAGE job ids at a time; otherwise the
+    jobs are read page by page. Publish first, then mark: a crash in between publishes twice,
+    which the workers' claim turns into a no-op; the other order could lose the messages.
     """
     published = 0
-    if jobs is not None:
+    if chunks is not None:
+        page: list[tuple[str, list[str]]] = []
+        in_page = 0
+        for chunk in chunks:
+            page.append(chunk)
+            in_page += len(chunk[1])
+            if in_page >= PAGE:  # a page of ids at a time, whatever the chunk size: flat memory
+                publish_chunks(batch.profile, page, batch.priority)
+                published, page, in_page = published + in_page, [], 0
+        if page:
+            publish_chunks(batch.profile, page, batch.priority)
+            published += in_page
+    elif jobs is not None:
         publish_chunks(batch.profile, chunk_pending(jobs, chunk_size), batch.priority)
         published = len(jobs)
     else:

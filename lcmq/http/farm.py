@@ -100,13 +100,15 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 class FinalCounts:
-    """Succeeded, failed and canceled jobs per profile, recounted at most every `max_age_s`.
+    """Succeeded, failed and canceled jobs per profile, recounted at most every `max_age_s`
+    where they are counted from the jobs (SQLite); read at every scrape where the database keeps
+    per-batch counters (Postgres: a row per batch, whatever the jobs, Repository.keeps_counts).
 
-    The trade: a count of final jobs reads every job ever rendered (the (batch_id, state) index
-    alone, on Postgres, but still all of it), too much for a scrape every 15 s on a table of
-    millions; queued and running jobs are few next to them and counted at every scrape. So the
-    final counts may lag by up to LCMQ_METRICS_FINAL_COUNTS_S (default 60 s; 0: every scrape),
-    fine for graphs and alerts on failure rates; the scaling signals are never cached."""
+    The trade, where counted: a count of final jobs reads every job ever rendered, too much for
+    a scrape every 15 s on a large table; queued and running jobs are few next to them and
+    counted at every scrape. So there the final counts may lag by up to
+    LCMQ_METRICS_FINAL_COUNTS_S (default 60 s; 0: every scrape), fine for graphs and alerts on
+    failure rates; the scaling signals are never cached."""
 
     def __init__(self, max_age_s: float):
         self.max_age_s = max_age_s
@@ -116,7 +118,7 @@ class FinalCounts:
 
     def get(self, repo: Repository) -> dict[tuple[str, str], int]:
         with self._lock:
-            if time.monotonic() - self.read_at >= self.max_age_s:
+            if repo.keeps_counts or time.monotonic() - self.read_at >= self.max_age_s:
                 self.counts = repo.job_counts_by_profile(FINAL_STATES)
                 self.read_at = time.monotonic()
             return self.counts

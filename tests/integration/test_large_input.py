@@ -28,7 +28,7 @@ def _write_big(path: Path, line, bad_at: int, bad: str, lines: int = LINES) -> P
     return path
 
 
-def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_path, monkeypatch):
+def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_path):
     import lcmq
     from lcmq.errors import InputError
 
@@ -48,12 +48,8 @@ def test_last_line_bad_is_refused_in_bounded_memory(services_env, snapshot, tmp_
     with pytest.raises(InputError):
         lcmq.submit(warm, model="tiny")
 
-    # Rows are validated as they stream into one transaction; a batch of up to KEEP_PENDING_UP_TO
-    # jobs keeps what publishing needs in memory. Lower the cap so this 200k-line file takes the
-    # bounded path of a 10^7-line one.
-    import scheduler.batches
-
-    monkeypatch.setattr(scheduler.batches, "KEEP_PENDING_UP_TO", 1000)
+    # Rows are validated as they stream into one transaction; what publishing needs is kept as
+    # runs of row indexes per render shape (one run for this file), as for a 10^7-line one.
     before = snapshot()
     tracemalloc.start()
     started = time.perf_counter()
