@@ -104,6 +104,51 @@ def prepare_images(folder: Path, sizes: list[int], per_size: int) -> dict[str, f
     return sizes_bpp
 
 
+def encoder_levers(sizes: list[int], cores: int) -> list[dict]:
+    """The PNG lever side by side in one run: Pillow's encoder at level 4 (what lcmq used before)
+    against lcmq's writer (worker/encode.py) at levels 1, 4 and 6; CPU ms per image on one thread,
+    bytes per pixel, and images/s with one thread against one per core (does it scale past the GIL?)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from worker.encode import encode_png
+
+    def pillow(image, level: int) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=level)
+        return buffer.getvalue()
+
+    rows = []
+    for size in sizes:
+        images = [scene(size * 7 + n, size) for n in range(4)]
+        candidates = [("pillow", 4, partial(pillow, level=4))] + [
+            ("lcmq", level, partial(encode_png, parameters="", level=level)) for level in (1, 4, 6)
+        ]
+        for name, level, encode in candidates:
+            cpu_started = time.thread_time()  # CPU, not wall: what a shared machine cannot skew
+            sizes_out = [len(encode(image)) for image in images]
+            cpu_ms = (time.thread_time() - cpu_started) * 1000 / len(images)
+            rates = {}
+            for threads in sorted({1, cores}):
+                work = images * (2 if size <= 512 else 1)
+                with ThreadPoolExecutor(threads) as pool:
+                    started = time.perf_counter()
+                    list(pool.map(encode, work))
+                    rates[threads] = len(work) / (time.perf_counter() - started)
+            rows.append(
+                {
+                    "encoder": name,
+                    "level": level,
+                    "size": size,
+                    "cpu_ms_per_image": round(cpu_ms, 1),
+                    "bytes_per_px": round(sum(sizes_out) / (len(images) * size * size), 3),
+                    "img_s_1_thread": round(rates[1], 1),
+                    f"img_s_{cores}_threads": round(rates[cores], 1),
+                }
+            )
+    return rows
+
+
 # --- one trial ----------------------------------------------------------------------------------
 
 
@@ -185,6 +230,7 @@ def main() -> int:
     parser.add_argument("--images-per-size", type=int, default=8, help="distinct prepared images of each size")
     parser.add_argument("--quick", action="store_true", help="shorter trials, and S3 for PNG 512² only")
     parser.add_argument("--smoke", action="store_true", help="one short paced trial of PNG 512² to file://")
+    parser.add_argument("--levers", action="store_true", help="only the PNG encoders side by side, then stop")
     args = parser.parse_args()
     if args.quick:
         args.seconds = min(args.seconds, 2.5)
@@ -196,6 +242,11 @@ def main() -> int:
     started = time.perf_counter()
     bpp = prepare_images(work / "images", sizes, 2 if args.smoke else args.images_per_size)
     print(json.dumps({"prepared_s": round(time.perf_counter() - started, 1), **bpp}), flush=True)
+    if not args.smoke:
+        for row in encoder_levers(sizes, cores):
+            print(json.dumps(row), flush=True)
+        if args.levers:
+            return 0
 
     def log(record: dict) -> None:
         print(json.dumps(record), flush=True)
