@@ -70,7 +70,8 @@ def encode_png(image: Image.Image, parameters: str, level: int | None = None) ->
     header = struct.pack(">IIBBBBB", width, height, 8, PNG_COLOR_TYPES[image.mode], 0, 0, 0)
     # iTXt: keyword, NUL, not compressed (0), method 0, empty language tag and translated keyword.
     text = b"parameters\x00\x00\x00\x00\x00" + parameters.encode("utf-8")
-    rows = zlib.compress(average_filtered(pixels.reshape(height, -1), pixels.size // (height * width)), level)
+    filtered = average_filtered(pixels.reshape(height, -1), pixels.size // (height * width))
+    rows = zlib.compress(filtered.data, level)  # the array's own buffer, not a copy
     return b"".join(
         (PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"iTXt", text), _png_chunk(b"IDAT", rows))
     ) + _png_chunk(b"IEND", b"")
