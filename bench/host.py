@@ -76,7 +76,7 @@ def scene(seed: int, size: int):
     texture = np.zeros((size, size), np.float32)  # 3. texture: value noise at several scales
     for cells, amplitude in ((8, 10), (32, 7), (128, 5), (size // 2, 4)):
         grid = Image.fromarray(rng.standard_normal((cells + 1, cells + 1)).astype(np.float32), mode="F")
-        texture += amplitude * np.asarray(grid.resize((size, size), Image.BICUBIC))
+        texture += amplitude * np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC))
     image = image + texture[..., None] + rng.normal(0, 2.0, image.shape)  # 4. sensor noise
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
 
@@ -181,14 +181,19 @@ def trial(env: dict[str, str], work: Path, case: Case, rate: float | None, secon
 
     reset_settings()
     worker = Process(trial_env, work / f"{case.name}-{time.time_ns()}.log", "worker", "--model", "null")
-    submit = {"model": "null", "width": case.size, "height": case.size, "image_format": case.image_format}
+
+    def submit(prompts: list[str]) -> str:
+        return api.submit(
+            prompts, model="null", width=case.size, height=case.size, image_format=case.image_format
+        ).batch_id
+
     try:
         worker.wait_ready()
-        warm = api.submit([f"warm {n}" for n in range(2 * batch)], **submit).batch_id
+        warm = submit([f"warm {n}" for n in range(2 * batch)])
         wait_until(lambda: done(warm), 120, interval_s=0.05, what="the warm-up batch")
         cpu_before = cpu_snapshot([worker], int(env["LCMQ_BENCH_MOTO_PID"]))
         started = time.perf_counter()
-        batch_id = api.submit([f"a photo {n} {time.time_ns()}" for n in range(images)], **submit).batch_id
+        batch_id = submit([f"a photo {n} {time.time_ns()}" for n in range(images)])
         wait_until(lambda: done(batch_id), 600, interval_s=0.05, what="the batch")
         wall_s = time.perf_counter() - started
         cpu = cpu_per_job(cpu_before, cpu_snapshot([worker], int(env["LCMQ_BENCH_MOTO_PID"])), images)
