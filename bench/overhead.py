@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument(
         "--torch-threads", type=int, help="LCMQ_TORCH_THREADS for every process (2 on 2 cores: the old way)"
     )
+    parser.add_argument("--profile", metavar="DIR", help="cProfile the workers into DIR (bench/profile_hooks.py)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lcmq-overhead-"))
@@ -94,6 +95,9 @@ def main() -> int:
     farm = {"LCMQ_CHUNK_SIZE": str(2 * args.batch_size)} if args.workers > 1 else {}
     if args.torch_threads:
         farm["LCMQ_TORCH_THREADS"] = str(args.torch_threads)
+    if args.profile:
+        root = str(Path(__file__).resolve().parents[1])
+        farm |= {"LCMQ_TEST_HOOKS": "bench.profile_hooks", "LCMQ_PROFILE_DIR": args.profile, "PYTHONPATH": root}
     with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size), **farm) as (env, _, _):
         from lcmq.profiles import get_profile
         from lcmq.settings import get_settings

@@ -148,6 +148,24 @@ class Settings(BaseSettings):
         32 << 20, ge=1024, description="img2img and control images: larger ones fail their job."
     )
     models_dir: Path | None = Field(None, description="Cache for generated tiny models; default home/models.")
+    png_compress_level: int = Field(
+        1,
+        ge=0,
+        le=9,
+        description="zlib level of PNG outputs: 1 is ~1.6x faster to encode than 4 for ~3 % more bytes "
+        "(docs/benchmarks.md); the bytes are reproducible for a given level.",
+    )
+    null_images_dir: Path | None = Field(
+        None,
+        description="The null profile hands out the images of this folder, in turn, for requests of "
+        "their size (bench/host.py); others, and without it, a flat grey image.",
+    )
+    null_images_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="The null profile renders at this rate, like a GPU: a call of n images takes n/rate seconds, "
+        "asleep (bench/host.py); unset, it returns at once.",
+    )
     # --- the HTTP face (lcmq api), webhooks and worker rows -----------------------------------
     webhook_allow_private: bool = Field(
         False,

@@ -234,21 +234,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-class NullPipeline:
-    """Renders nothing: one fixed image per prompt, at the requested size (the `null` profile)."""
-
-    tokenizer = None
-
-    def __call__(self, prompt: list[str], width: int, height: int, **_ignored):
-        from types import SimpleNamespace
-
-        from PIL import Image
-
-        # One image object per prompt, never one shared: Pillow's save() keeps its options on the
-        # image (encoderinfo), so the upload threads encoding a shared one mix up their parameters.
-        return SimpleNamespace(images=[Image.new("RGB", (width, height), (127, 127, 127)) for _ in prompt])
-
-
 def share_cpus(torch, settings: Settings) -> None:
     """Take this process's share of the host's cores for torch (worker/threads.py), and say so."""
     from worker.threads import plan_threads
@@ -280,7 +265,9 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
     `source` reads s3:// models (default: this process's S3 credentials); an edge worker passes
     a GatewaySource, which downloads through presigned GETs (worker/gateway_models.py)."""
     if profile.family == NULL_FAMILY:
-        return LoadedPipeline(profile, NullPipeline(), "cpu", None, 0.0)
+        from worker.null_render import NullPipeline
+
+        return LoadedPipeline(profile, NullPipeline.from_settings(settings), "cpu", None, 0.0)
     import torch
     from diffusers import LCMScheduler
 

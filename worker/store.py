@@ -42,7 +42,17 @@ from worker.ports import JobStore, ObjectStore
 
 log = logging.getLogger("lcmq.worker")
 
-UPLOAD_THREADS = 4
+UPLOAD_THREADS = 4  # at least: uploads wait on the network
+
+
+def store_threads() -> int:
+    """Encode-and-upload threads: at least one per core this process may use, since encoding (zlib,
+    numpy, libwebp, libjpeg) releases the GIL and a fast GPU needs every core encoding."""
+    from worker.threads import machine_cores
+
+    return max(UPLOAD_THREADS, machine_cores())
+
+
 TIMING_PARTS = ("claim_ms", "render_ms", "wait_store_ms", "encode_ms", "upload_ms", "record_ms")
 
 
@@ -71,7 +81,7 @@ class StorePipeline:
     leases: LeaseLedger  # the process's: it holds the jobs being stored and renews their leases
     max_pending: int = 2
     _uploads: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="lcmq-upload")
+        default_factory=lambda: ThreadPoolExecutor(store_threads(), thread_name_prefix="lcmq-upload")
     )
     _recorder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lcmq-record")

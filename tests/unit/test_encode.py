@@ -172,3 +172,55 @@ def test_jpeg_keeps_the_settings_line_of_a_prompt_too_long_for_its_exif():
 def test_batches_from_before_formats_are_png():
     output = OutputFormat.of({"model": "tiny", "steps": None})  # options as stored before formats
     assert (output.name, output.ext, output.content_type, output.quality) == ("png", "png", "image/png", None)
+
+
+def _photo_like(size: int, mode: str = "RGB") -> Image.Image:
+    """Smooth gradients plus fine texture: what the Average filter and zlib are meant for."""
+    import numpy as np
+
+    rng = np.random.default_rng(size)
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1)
+    pixels = np.clip(base + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_png_writer_keeps_every_pixel_and_the_parameters(mode):
+    import numpy as np
+
+    from worker.encode import encode_png
+
+    image = _photo_like(48, mode)
+    data = encode_png(image, "a fox 🦊\nSteps: 4", level=1)
+    back = Image.open(io.BytesIO(data))
+    back.load()
+    assert back.format == "PNG" and back.mode == mode and back.size == (48, 48)
+    assert np.array_equal(np.asarray(back), np.asarray(image))  # lossless, the filter inverted exactly
+    assert read_parameters(data) == "a fox 🦊\nSteps: 4"
+
+
+def test_png_compress_level_trades_bytes_and_each_level_is_reproducible(monkeypatch):
+    from lcmq.settings import reset_settings
+    from worker.encode import encode_png
+
+    image = _photo_like(96)
+    stored = encode_png(image, "p", level=0)
+    fast, small = encode_png(image, "p", level=1), encode_png(image, "p", level=9)
+    assert len(small) <= len(fast) < len(stored)
+    assert fast == encode_png(image.copy(), "p", level=1)
+    monkeypatch.setenv("LCMQ_PNG_COMPRESS_LEVEL", "9")
+    reset_settings()
+    try:
+        assert encode_png(image, "p") == small  # the setting is the default level
+    finally:
+        monkeypatch.delenv("LCMQ_PNG_COMPRESS_LEVEL")
+        reset_settings()
+
+
+def test_png_of_another_mode_goes_through_pillow():
+    from worker.encode import encode_png
+
+    image = _photo_like(32).convert("P")
+    back = Image.open(io.BytesIO(encode_png(image, "p", level=1)))
+    assert back.mode == "P" and back.info["parameters"] == "p"
