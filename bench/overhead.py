@@ -114,7 +114,8 @@ def compare_runtimes(args, models: str) -> int:
     loaded, timers = {}, {}
     for runtime in ("torch", "openvino"):
         started = time.perf_counter()
-        loaded[runtime] = load_pipeline(replace(profile, runtime=runtime), get_settings())
+        chosen = args.openvino if runtime == "openvino" else runtime
+        loaded[runtime] = load_pipeline(replace(profile, runtime=chosen), get_settings())
         timers[runtime] = PartTimes(loaded[runtime].pipe)
         print(f"{runtime} load_s={time.perf_counter() - started:.1f}", file=sys.stderr)
     rates: dict[str, list[float]] = {"torch": [], "openvino": []}
@@ -133,7 +134,7 @@ def compare_runtimes(args, models: str) -> int:
     print(
         f"torch_img_s={best['torch']:.3f} openvino_img_s={best['openvino']:.3f} "
         f"speedup={best['openvino'] / best['torch']:.2f} model={args.model} images={args.images} "
-        f"batch_size={args.batch_size} steps={args.steps} rounds={args.rounds}"
+        f"batch_size={args.batch_size} steps={args.steps} rounds={args.rounds} openvino={args.openvino}"
     )
     return 0
 
@@ -165,6 +166,12 @@ def main() -> int:
         help="the profile's runtime; both: bare loops of torch against openvino, no queue",
     )
     parser.add_argument(
+        "--openvino",
+        default="openvino",
+        choices=["openvino", "openvino-bf16"],
+        help="which OpenVINO runtime --runtime openvino/both uses (f32, or bf16 compute)",
+    )
+    parser.add_argument(
         "--torch-threads", type=int, help="LCMQ_TORCH_THREADS for every process (2 on 2 cores: the old way)"
     )
     args = parser.parse_args()
@@ -178,7 +185,7 @@ def main() -> int:
     if args.torch_threads:
         farm["LCMQ_TORCH_THREADS"] = str(args.torch_threads)
     if args.runtime == "openvino":  # the workers and (A) read the profile from this lcmq.toml
-        (work / "lcmq.toml").write_text(f'[profiles.{args.model}]\nruntime = "openvino"\n')
+        (work / "lcmq.toml").write_text(f'[profiles.{args.model}]\nruntime = "{args.openvino}"\n')
         farm["LCMQ_CONFIG"] = str(work / "lcmq.toml")
     with bench_world(work, LCMQ_MODELS_DIR=models, LCMQ_BATCH_SIZE=str(args.batch_size), **farm) as (env, _, _):
         from lcmq.profiles import get_profile

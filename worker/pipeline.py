@@ -42,7 +42,7 @@ class LoadedPipeline:
     # s3:// models (worker/model_fetch.py): "hit", "miss" or "partial"; None when there is none.
     model_cache: str | None = None
     fetch_s: float | None = None  # seconds of load_s spent reading manifests and downloading
-    # "torch", or "openvino" when the networks run as OpenVINO exports (worker/openvino_runtime.py).
+    # "torch", or "openvino[-bf16]" when the networks run as OpenVINO exports (worker/openvino_runtime.py).
     runtime: str = "torch"
 
 
@@ -325,7 +325,7 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
         pipe.set_progress_bar_config(disable=True)
         # 5. OpenVINO: the profile's style LoRAs fused too, then the networks exported (once per
         #    models dir and library versions), compiled and swapped in (worker/openvino_runtime.py).
-        if profile.runtime == "openvino":
+        if profile.runtime != "torch":
             _fuse_profile_loras(pipe, profile, settings)
             from worker.openvino_runtime import use_openvino
 

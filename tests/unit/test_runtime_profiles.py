@@ -43,14 +43,17 @@ def test_an_unknown_runtime_is_refused_by_field(config):
     config.write_text('[profiles.tiny]\nruntime = "onnx"\n')
     with pytest.raises(ProfileError) as refused:
         load_profiles(config)
-    assert str(refused.value) == f"{config}: [profiles.tiny].runtime: must be one of torch, openvino (got 'onnx')"
+    assert (
+        str(refused.value)
+        == f"{config}: [profiles.tiny].runtime: must be one of torch, openvino, openvino-bf16 (got 'onnx')"
+    )
 
 
 @pytest.mark.parametrize(
     ("table", "message"),
     [
         ('family = "sdxl"\nbase = "/m/xl"\n', "openvino serves the sd15 family only (this profile is 'sdxl')"),
-        ('family = "sd15"\nbase = "/m/a"\ndtype = "bfloat16"\n', 'openvino runs in float32; set dtype = "float32"'),
+        ('family = "sd15"\nbase = "/m/a"\ndtype = "bfloat16"\n', 'exports float32 weights; set dtype = "float32"'),
         ('family = "sd15"\nbase = "/m/a"\ncpu_offload = true\n', "cpu_offload (a CUDA option) cannot be set"),
         ('family = "sd15"\nbase = "/m/a"\n[profiles.shop.controls]\nedges = "/m/canny"\n', "cannot serve ControlNet"),
     ],
