@@ -329,6 +329,13 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
             _fuse_profile_loras(pipe, profile, settings)
             from worker.openvino_runtime import use_openvino
 
+            try:
+                import openvino  # noqa: F401
+            except ImportError:
+                raise ModelLoadError(
+                    f"profile {profile.name!r}: runtime {profile.runtime} needs the openvino package "
+                    "(pip install 'lcmq[openvino]')"
+                ) from None
             use_openvino(pipe, profile, settings.models_path, torch.get_num_threads())
     except ModelLoadError:
         raise

@@ -39,6 +39,13 @@ def test_runtime_defaults_to_torch_and_openvino_is_kept(config):
     assert profiles["sd15"].runtime == "torch" and "runtime" not in profiles["sd15"].to_dict()
 
 
+def test_openvino_bf16_is_a_runtime_of_its_own(config):
+    config.write_text('[profiles.tiny]\nruntime = "openvino-bf16"\n')
+    bf16 = load_profiles(config)["tiny"]
+    assert keys.model_identity(bf16)["runtime"] == "openvino-bf16"
+    assert keys.profile_identity(bf16) != keys.profile_identity(TINY_OV)  # other pixels, other render key
+
+
 def test_an_unknown_runtime_is_refused_by_field(config):
     config.write_text('[profiles.tiny]\nruntime = "onnx"\n')
     with pytest.raises(ProfileError) as refused:
