@@ -76,6 +76,8 @@ PROFILE_KEY_V1: tuple[KeyField, ...] = (
     KeyField("vae_slicing", absent=(False,)),
     KeyField("cpu_offload", absent=(False,)),
     KeyField("loras", absent=((),)),
+    # OpenVINO's pixels differ from torch's in the last bits: an openvino profile is its own model.
+    KeyField("runtime", absent=("torch",)),
 )
 
 # The batch options in the idempotency key. PNG batches, batches without a matrix and batches
@@ -145,6 +147,7 @@ MODEL_IDENTITY_V1: tuple[KeyField, ...] = (
     KeyField("base"),
     KeyField("lcm_lora"),
     KeyField("dtype"),
+    KeyField("runtime", absent=("torch",)),  # named where it is not torch: torch records stay as they were
 )
 
 

@@ -49,11 +49,21 @@ GENERATED_PREFIX = "lcmq-generated:"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload")
+# What runs the networks: torch, or OpenVINO on the CPU (worker/openvino_runtime.py, docs/openvino.md).
+# "openvino" computes in f32 (within 1e-4 of torch per step); "openvino-bf16" in bfloat16 where
+# the CPU has it (AVX512-BF16, AMX): about twice as fast, every pixel a little different.
+RUNTIMES = ("torch", "openvino", "openvino-bf16")
+# The families the OpenVINO export serves (its UNet takes no SDXL added conditioning).
+OPENVINO_FAMILIES = ("sd15",)
 # Options `lcmq models` shows only when set, so a plain profile reads as it always did. (Display
 # only: the keys that hash a profile list their own fields, lcmq.keys.PROFILE_KEY_V1.)
-_OPTIONAL_DEFAULTS: dict[str, Any] = {"config": None, "vae": None, "loras": (), "controls": ()} | dict.fromkeys(
-    MEMORY_OPTIONS, False
-)
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "vae": None,
+    "loras": (),
+    "controls": (),
+    "runtime": "torch",
+} | dict.fromkeys(MEMORY_OPTIONS, False)
 
 
 def queue_name(profile: str) -> str:
@@ -86,6 +96,9 @@ class Profile:
     # Conditioning models jobs may name in their `control` ([profiles.X.controls]): each
     # {"name", "path"} and, for a single-file ControlNet, "config" (lcmq.controls).
     controls: tuple[dict[str, str], ...] = ()
+    # "openvino": the UNet, VAE decoder and text encoder run as OpenVINO exports on the CPU,
+    # inside the same pipeline and scheduler loop (worker/openvino_runtime.py).
+    runtime: str = "torch"
 
     @property
     def control_models(self) -> dict[str, dict[str, str]]:
@@ -182,6 +195,7 @@ class ProfileTable(BaseModel):
     cpu_offload: bool | None = None
     loras: Any = None  # checked by lcmq.loras.check_loras, whose messages name the entry
     controls: Any = None  # a table of name = "path" or {path, config} (_check_controls)
+    runtime: Literal["torch", "openvino", "openvino-bf16"] | None = None  # RUNTIMES
 
 
 # What a field must hold, as a refused value's message says it.
@@ -196,6 +210,7 @@ _EXPECTED = {
     "lcm_lora": "a string",
     "config": "a string",
     "vae": "a string",
+    "runtime": f"one of {', '.join(RUNTIMES)}",
 } | dict.fromkeys(MEMORY_OPTIONS, "true or false")
 
 
@@ -244,9 +259,51 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
             raise ProfileError(f"{where}.loras: {exc}") from None
     if "controls" in values:
         values["controls"] = _check_controls(values["controls"], where, Path(source).parent)
-    if base_profile is not None:
-        return replace(base_profile, **values)
-    return Profile(name=name, **values)
+    profile = replace(base_profile, **values) if base_profile is not None else Profile(name=name, **values)
+    if problem := runtime_problem(profile):
+        line = _key_line(Path(source), name, "runtime")
+        raise ProfileError(f"{source}:{line}: [profiles.{name}].runtime: {problem}")
+    return profile
+
+
+def runtime_problem(profile: Profile, device: str | None = None) -> str | None:
+    """Why the profile's runtime cannot serve it (on `device`, when known); None when it can.
+
+    OpenVINO runs an export of the fused networks on the CPU: a family whose UNet takes other
+    inputs, a half-precision dtype, GPU offload or the ControlNets a profile offers its jobs
+    cannot be served by it (docs/openvino.md)."""
+    if profile.runtime == "torch":
+        return None
+    if profile.family not in OPENVINO_FAMILIES:
+        return f"openvino serves the {', '.join(OPENVINO_FAMILIES)} family only (this profile is {profile.family!r})"
+    if profile.dtype not in ("auto", "float32"):
+        return (
+            f'openvino exports float32 weights; set dtype = "float32" or "auto" (got {profile.dtype!r}); '
+            'for bfloat16 compute use runtime = "openvino-bf16"'
+        )
+    if profile.cpu_offload:
+        return "openvino runs on the CPU; cpu_offload (a CUDA option) cannot be set with it"
+    if profile.controls:
+        return "openvino cannot serve ControlNet / T2I-Adapter jobs; remove [controls] or use runtime torch"
+    if device is not None and device != "cpu":
+        return f"openvino runs on the CPU device only (this worker's device is {device!r}); use --device cpu"
+    return None
+
+
+def _key_line(path: Path, table: str, key: str) -> int | None:
+    """The line of `key` in [profiles.<table>] of a TOML file (for messages); None if not found."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for number, text in enumerate(lines, start=1):
+        stripped = text.strip()
+        if stripped.startswith("["):
+            inside = stripped.replace(" ", "") in (f"[profiles.{table}]", f'[profiles."{table}"]')
+        elif inside and stripped.split("=")[0].strip() == key:
+            return number
+    return None
 
 
 def _control_path(ref: str, folder: Path) -> str:
@@ -398,6 +455,8 @@ def preflight(profile: Profile, device: str | None = None) -> None:
     _check_model_index(where, "base", profile.base, profile.family)
     if profile.config is not None:
         _check_model_index(where, "config", profile.config, profile.family)
+    if problem := runtime_problem(profile, device):
+        raise ProfileError(f"{where}: runtime {problem}")
     if device == "cpu" and profile.dtype == "float16":  # "auto" resolves to float32 there
         raise ProfileError(
             f'{where}: dtype float16 cannot run on the CPU device; set dtype = "float32" '

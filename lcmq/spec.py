@@ -454,6 +454,9 @@ class RowValidator:
             controls = self._controls(options.controls or (), None, from_text=False, base_dir=None)
         except ControlProblem as exc:
             raise InputError(self.source, None, "--control", str(exc)) from None
+        for flag, field_name in (("--lora", "loras"), ("--control", "control")):
+            if problem := self._runtime_problem(field_name, {"loras": loras, "control": controls}):
+                raise InputError(self.source, None, flag, problem)
         self.defaults = {
             "control": controls,
             "loras": loras,
@@ -610,6 +613,24 @@ class RowValidator:
                     raise ControlProblem("T2I-Adapters do not run with img2img (init_image); use a ControlNet")
         except ControlProblem as exc:
             fail("control", str(exc))
+        for name in ("init_image", "control", "loras"):
+            if problem := self._runtime_problem(name, values):
+                fail(name, problem)
+
+    def _runtime_problem(self, name: str, values: Mapping[str, Any]) -> str | None:
+        """What the profile's OpenVINO export cannot render, refused at submit rather than failed
+        in the worker: img2img, controls, and style LoRAs other than the ones fused into it."""
+        profile = self.profile
+        if profile.runtime == "torch":
+            return None
+        runs = f"profile {profile.name} runs on {profile.runtime}, which"
+        if name == "init_image" and values.get("init_image"):
+            return f"{runs} renders text-to-image only (no img2img); use a torch profile"
+        if name == "control" and values.get("control"):
+            return f"{runs} cannot run ControlNets or T2I-Adapters; use a torch profile"
+        if name == "loras" and lora_key(values.get("loras")) != lora_key(profile.loras):
+            return f"{runs} renders the profile's own style LoRAs only (fused into its export); use a torch profile"
+        return None
 
 
 # --- readers: (line number, raw row) streams --------------------------------------------

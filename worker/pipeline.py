@@ -42,6 +42,8 @@ class LoadedPipeline:
     # s3:// models (worker/model_fetch.py): "hit", "miss" or "partial"; None when there is none.
     model_cache: str | None = None
     fetch_s: float | None = None  # seconds of load_s spent reading manifests and downloading
+    # "torch", or "openvino[-bf16]" when the networks run as OpenVINO exports (worker/openvino_runtime.py).
+    runtime: str = "torch"
 
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -223,6 +225,19 @@ def _load_lora(pipe, ref: str) -> None:
         pipe.load_lora_weights(ref, **kwargs)
 
 
+def _fuse_profile_loras(pipe, profile: Profile, settings: Settings) -> None:
+    """The profile's style LoRAs, at their weights, merged into the weights and their adapter
+    layers dropped: an export holds them, as it holds the LCM-LoRA (jobs may not change them)."""
+    if not profile.loras:
+        return
+    from worker.adapters import adapter_cache
+
+    cache = adapter_cache(pipe, settings)
+    cache.activate(profile.loras)
+    pipe.fuse_lora(adapter_names=cache.style_adapters())
+    pipe.unload_lora_weights()
+
+
 def quiet_libraries() -> None:
     """Loading bars and hub warnings are noise in a worker's log; lcmq logs the load itself."""
     import diffusers
@@ -295,6 +310,20 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
         # 4. Memory modes and the device.
         _place(pipe, plan)
         pipe.set_progress_bar_config(disable=True)
+        # 5. OpenVINO: the profile's style LoRAs fused too, then the networks exported (once per
+        #    models dir and library versions), compiled and swapped in (worker/openvino_runtime.py).
+        if profile.runtime != "torch":
+            _fuse_profile_loras(pipe, profile, settings)
+            from worker.openvino_runtime import use_openvino
+
+            try:
+                import openvino  # noqa: F401
+            except ImportError:
+                raise ModelLoadError(
+                    f"profile {profile.name!r}: runtime {profile.runtime} needs the openvino package "
+                    "(pip install 'lcmq[openvino]')"
+                ) from None
+            use_openvino(pipe, profile, settings.models_path, torch.get_num_threads())
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -311,13 +340,16 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
             "vae": plan.vae,
             "memory_modes": ",".join(plan.memory_modes) or None,
             "cpu_offload": plan.cpu_offload,
+            "runtime": profile.runtime,
             "model_cache": model_cache,
             "fetch_s": fetch_s,
             "load_s": round(load_s, 2),
             "pid": os.getpid(),
         },
     )
-    loaded = LoadedPipeline(profile, pipe, device, dtype, load_s, model_cache=model_cache, fetch_s=fetch_s)
+    loaded = LoadedPipeline(
+        profile, pipe, device, dtype, load_s, model_cache=model_cache, fetch_s=fetch_s, runtime=profile.runtime
+    )
     if settings.max_memory_mb:
         from worker.memory import probe_batch_size
 

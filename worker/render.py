@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from lcmq.loras import lora_key
 from lcmq.repository import JobRecord
 from lcmq.settings import get_settings
 from lcmq.spec import render_shape
@@ -68,7 +69,12 @@ def render(
             # img2img's own image is `image`; a control pipeline's is `image` without img2img.
             images = call_images(control_images, first.control[0]["type"])
             kwargs |= call.kwargs | {("control_image" if init_images is not None else "image"): images}
-        cache.activate(first.loras)
+        if loaded.runtime == "torch":
+            cache.activate(first.loras)
+        elif lora_key(first.loras) != lora_key(
+            loaded.profile.loras
+        ):  # refused at submit: the export holds the profile's
+            raise ValueError(f"runtime {loaded.runtime} renders the profile's style LoRAs only")
         result = pipe(
             prompt=[job.prompt for job in jobs],
             num_inference_steps=first.steps,
