@@ -76,6 +76,9 @@ PROFILE_KEY_V1: tuple[KeyField, ...] = (
     KeyField("vae_slicing", absent=(False,)),
     KeyField("cpu_offload", absent=(False,)),
     KeyField("loras", absent=((),)),
+    # A tiny VAE decodes other pixels: its profile re-renders; full-VAE profiles keep their keys.
+    KeyField("vae_decoder", absent=("full",)),
+    KeyField("tiny_vae", absent=(None,)),
 )
 
 # The batch options in the idempotency key. PNG batches, batches without a matrix and batches
@@ -145,6 +148,10 @@ MODEL_IDENTITY_V1: tuple[KeyField, ...] = (
     KeyField("base"),
     KeyField("lcm_lora"),
     KeyField("dtype"),
+    # Which VAE made the pixels, where it was not the model's own: records of a tiny-VAE profile
+    # name it; the others read as before.
+    KeyField("vae_decoder", absent=("full",)),
+    KeyField("tiny_vae", absent=(None,)),
 )
 
 
