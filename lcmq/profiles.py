@@ -324,7 +324,7 @@ def _check_vae_decoder(
             'vae replaces the full VAE, which vae_decoder = "tiny" does not load (the tiny VAE encodes '
             'and decodes); remove vae or set vae_decoder = "full"',
         )
-    mismatch = _tiny_vae_mismatch(values["family"], tiny_vae)
+    mismatch = _tiny_vae_mismatch(values["family"], str(tiny_vae))
     if mismatch:
         raise refuse("tiny_vae", mismatch)
     return {"vae": None}

@@ -12,6 +12,7 @@ from lcmq.spec import render_shape
 from worker.adapters import adapter_cache
 from worker.control import call_images, control_cache, plan_call
 from worker.img2img import img2img_pipeline
+from worker.memory import slice_vae
 from worker.pipeline import LoadedPipeline
 
 
@@ -69,6 +70,7 @@ def render(
             images = call_images(control_images, first.control[0]["type"])
             kwargs |= call.kwargs | {("control_image" if init_images is not None else "image"): images}
         cache.activate(first.loras)
+        slice_vae(loaded, len(jobs))  # the VAE is shared by the img2img and control pipelines
         result = pipe(
             prompt=[job.prompt for job in jobs],
             num_inference_steps=first.steps,
