@@ -9,11 +9,12 @@ Speed: one pipeline is loaded the worker's way (`load_pipeline`, full VAE); the 
 plan (`vae_decoder = "tiny"`, the generated `sd15-arch-taesd` AutoencoderTiny) loads its VAE
 through the same loader (`load_vae`) and a second pipeline shares every other component
 (`from_pipe`): the same UNet, text encoder and scheduler, one copy of the weights. Each round
-renders the same prompts and seeds with the full VAE, then with the tiny one, then the next
-round in the other order (alternating, so drift in a shared machine's load hits both). Time in
-`vae.decode` is measured inside the real calls. The best round of each counts. Last line:
-`full256_img_s=… tiny256_img_s=… vae_share256=… tiny_speedup256=… …` per size (vae_share: the
-full VAE's decode ÷ the whole render, in the best full round).
+renders the same prompts and seeds with both, micro-batch by micro-batch, the order swapped
+from one micro-batch to the next (full tiny, tiny full, …: drift in a shared machine's load hits
+both). Time in `vae.decode` is measured inside the real calls. The best round of each counts.
+Last line, per size: `full256_img_s=… tiny256_img_s=… vae_share256=… tiny_vae_share256=…
+tiny_speedup256=… full_decode256_s=… tiny_decode256_s=…` (vae_share: the decode ÷ the whole
+render; *_decode*_s: seconds of decode per image).
 
 Memory (`--memory BATCH`): three fresh processes (peak RSS is per process; freed memory may stay
 resident), each loads the profile and renders BATCH images at one step (the probe's render,
@@ -106,29 +107,41 @@ def speed(args) -> str:
         _render(pipe, _prompts(1, -1), smallest, 1, 1)
     fields = []
     for size, images in zip(args.sizes, args.images, strict=True):
-        best: dict[str, tuple[float, float]] = {}  # name: (img/s, decode share) of its best round
+        batch_size = min(args.batch_size, images)
+        # name: (img/s, decode share, decode s per image) of its best round
+        best: dict[str, tuple[float, float, float]] = {}
         for round_no in range(args.rounds):
-            order = ("full", "tiny") if round_no % 2 == 0 else ("tiny", "full")
-            for name in order:
-                timers[name].seconds = 0.0
-                started = time.perf_counter()
-                _render(pipes[name], _prompts(images, round_no), size, args.steps, min(args.batch_size, images))
-                seconds = time.perf_counter() - started
-                rate, share = images / seconds, timers[name].seconds / seconds
+            texts = _prompts(images, round_no)
+            seconds, decode = dict.fromkeys(pipes, 0.0), dict.fromkeys(pipes, 0.0)
+            # Each micro-batch with both decoders, the order swapped from one to the next: a
+            # shared machine's load drifts over seconds, and both sides then see the same drift.
+            for n, start in enumerate(range(0, images, batch_size)):
+                order = ("full", "tiny") if (n + round_no) % 2 == 0 else ("tiny", "full")
+                for name in order:
+                    timers[name].seconds = 0.0
+                    started = time.perf_counter()
+                    _render(pipes[name], texts[start : start + batch_size], size, args.steps, batch_size)
+                    seconds[name] += time.perf_counter() - started
+                    decode[name] += timers[name].seconds
+            for name in pipes:
+                rate, share = images / seconds[name], decode[name] / seconds[name]
                 print(
-                    f"{size}px round {round_no} {name}: {rate:.4f} img/s, decode {timers[name].seconds:.1f} s "
-                    f"of {seconds:.1f} s ({share:.0%})",
+                    f"{size}px round {round_no} {name}: {rate:.4f} img/s, decode {decode[name]:.1f} s "
+                    f"of {seconds[name]:.1f} s ({share:.0%})",
                     file=sys.stderr,
                     flush=True,
                 )
                 if name not in best or rate > best[name][0]:
-                    best[name] = (rate, share)
+                    best[name] = (rate, share, decode[name] / images)
         fields += [
             f"full{size}_img_s={best['full'][0]:.4f}",
             f"tiny{size}_img_s={best['tiny'][0]:.4f}",
             f"vae_share{size}={best['full'][1]:.3f}",
             f"tiny_vae_share{size}={best['tiny'][1]:.3f}",
             f"tiny_speedup{size}={best['tiny'][0] / best['full'][0]:.2f}",
+            # Seconds of decode per image: the part the decoder choice changes, less noisy than rates.
+            f"full_decode{size}_s={best['full'][2]:.2f}",
+            f"tiny_decode{size}_s={best['tiny'][2]:.2f}",
         ]
     fields += [f"images={','.join(map(str, args.images))}", f"rounds={args.rounds}", f"cores={os.cpu_count()}"]
     return " ".join(fields)
