@@ -19,7 +19,7 @@ render; *_decode*_s: seconds of decode per image).
 Memory (`--memory BATCH`): three fresh processes (peak RSS is per process; freed memory may stay
 resident), each loads the profile and renders BATCH images at one step (the probe's render,
 worker/memory.py): full VAE, full VAE sliced (`vae.enable_slicing()`), tiny VAE. Last line:
-`rss_full_mb=… rss_sliced_mb=… rss_tiny_mb=… weights_mb=… batch=… size=…`.
+`rss_full_mb=… rss_sliced_mb=… rss_tiny_mb=… loaded_mb=… full_s=… sliced_s=… tiny_s=… batch=… size=…`.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def speed(args) -> str:
 
 
 def _rss_mb() -> float:
-    """This process's resident memory now (the loaded weights, before a render)."""
+    """This process's resident memory now: after the load, before a render (safetensors weights
+    are mapped lazily, so less than the weights until a render touches them)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -169,11 +170,11 @@ def peak_one(mode: str, size: int, batch: int) -> dict:
     pipe = tiny if mode == "tiny" else full.pipe
     if mode == "sliced":
         pipe.vae.enable_slicing()
-    weights = _rss_mb()
+    loaded = _rss_mb()
     started = time.perf_counter()
     with PeakMemory(full.device) as peak:
         _render(pipe, _prompts(batch, 0), size, 1, batch)
-    return {"peak_mb": peak.mb, "weights_mb": round(weights, 1), "seconds": round(time.perf_counter() - started, 1)}
+    return {"peak_mb": peak.mb, "loaded_mb": round(loaded, 1), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def memory(args) -> str:
@@ -187,7 +188,7 @@ def memory(args) -> str:
         print(f"{size}px batch {args.memory} {mode}: {out[mode]}", file=sys.stderr, flush=True)
     return (
         f"rss_full_mb={out['full']['peak_mb']} rss_sliced_mb={out['sliced']['peak_mb']} "
-        f"rss_tiny_mb={out['tiny']['peak_mb']} weights_mb={out['full']['weights_mb']} "
+        f"rss_tiny_mb={out['tiny']['peak_mb']} loaded_mb={out['full']['loaded_mb']} "
         f"full_s={out['full']['seconds']} sliced_s={out['sliced']['seconds']} tiny_s={out['tiny']['seconds']} "
         f"batch={args.memory} size={size} cores={os.cpu_count()}"
     )
