@@ -78,6 +78,9 @@ PROFILE_KEY_V1: tuple[KeyField, ...] = (
     KeyField("loras", absent=((),)),
     # OpenVINO's pixels differ from torch's in the last bits: an openvino profile is its own model.
     KeyField("runtime", absent=("torch",)),
+    # A tiny VAE decodes other pixels: its profile re-renders; full-VAE profiles keep their keys.
+    KeyField("vae_decoder", absent=("full",)),
+    KeyField("tiny_vae", absent=(None,)),
 )
 
 # The batch options in the idempotency key. PNG batches, batches without a matrix and batches
@@ -148,6 +151,10 @@ MODEL_IDENTITY_V1: tuple[KeyField, ...] = (
     KeyField("lcm_lora"),
     KeyField("dtype"),
     KeyField("runtime", absent=("torch",)),  # named where it is not torch: torch records stay as they were
+    # Which VAE made the pixels, where it was not the model's own: records of a tiny-VAE profile
+    # name it; the others read as before.
+    KeyField("vae_decoder", absent=("full",)),
+    KeyField("tiny_vae", absent=(None,)),
 )
 
 

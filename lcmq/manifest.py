@@ -40,6 +40,7 @@ def model_identity(profile_name: str) -> dict[str, Any]:
     try:
         profile = get_profile(profile_name)
     except ProfileError:
+        # The fields every identity has (those hashed only when set, e.g. vae_decoder, are not).
         return dict.fromkeys(f.name for f in keys.MODEL_IDENTITY_V1 if f.absent is None)
     return keys.model_identity(profile)
 

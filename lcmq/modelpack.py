@@ -248,11 +248,12 @@ def push_model(name: str, source: Path, to: str | None, settings: Settings) -> P
     return Pushed(pushed_url(bucket, prefix, manifest), manifest)
 
 
-PROFILE_MODEL_FIELDS = ("base", "config", "vae", "lcm_lora")  # the profile fields that may name s3:// models
+# The profile fields that may name s3:// models.
+PROFILE_MODEL_FIELDS = ("base", "config", "vae", "tiny_vae", "lcm_lora")
 
 
 def profile_model_urls(profile: Profile) -> set[str]:
-    """Every s3:// model a profile names: base, config, vae, LCM-LoRA and its style LoRAs. The
+    """Every s3:// model a profile names: base, config, vae, tiny_vae, LCM-LoRA and its style LoRAs. The
     gateway presigns GETs for these and nothing else (docs/edge.md, "Models")."""
     refs = [getattr(profile, field) for field in PROFILE_MODEL_FIELDS]
     refs += [lora.get("path") for lora in profile.loras]

@@ -10,6 +10,8 @@ profiles in lcmq.toml:
     config = "/models/sd15-config"          # single file only: the diffusers folder of its family
     lcm_lora = "/models/lcm-lora-sdv1-5"
     attention_slicing = true                # memory modes: trade speed for peak memory
+    vae_decoder = "tiny"                    # decode with a taesd-style AutoencoderTiny: faster,
+    tiny_vae = "madebyollin/taesd"          # less fine detail (docs/models.md, "A cheap VAE")
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ GENERATED_PREFIX = "lcmq-generated:"
 # memory); this fine-tune of it stays in float16. The sdxl-family default `vae`.
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# `vae_decoder`: "full" (the model's AutoencoderKL, or the profile's `vae`) or "tiny" (the
+# profile's `tiny_vae`, a taesd-style AutoencoderTiny, in place of the whole VAE).
+VAE_DECODERS = ("full", "tiny")
+# The published taesd weights per family; a profile naming the other family's is refused.
+TAESD_HUB = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "ssd1b": "madebyollin/taesdxl"}
 MEMORY_OPTIONS = ("attention_slicing", "vae_tiling", "vae_slicing", "cpu_offload")
 # What runs the networks: torch, or OpenVINO on the CPU (worker/openvino_runtime.py, docs/openvino.md).
 # "openvino" computes in f32 (within 1e-4 of torch per step); "openvino-bf16" in bfloat16 where
@@ -63,6 +70,8 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "loras": (),
     "controls": (),
     "runtime": "torch",
+    "vae_decoder": "full",
+    "tiny_vae": None,
 } | dict.fromkeys(MEMORY_OPTIONS, False)
 
 
@@ -99,6 +108,9 @@ class Profile:
     # "openvino": the UNet, VAE decoder and text encoder run as OpenVINO exports on the CPU,
     # inside the same pipeline and scheduler loop (worker/openvino_runtime.py).
     runtime: str = "torch"
+    # "tiny": encode and decode with `tiny_vae` (AutoencoderTiny) instead of the full VAE.
+    vae_decoder: str = "full"
+    tiny_vae: str | None = None  # a folder, a hub id or s3://; required with vae_decoder = "tiny"
 
     @property
     def control_models(self) -> dict[str, dict[str, str]]:
@@ -196,6 +208,8 @@ class ProfileTable(BaseModel):
     loras: Any = None  # checked by lcmq.loras.check_loras, whose messages name the entry
     controls: Any = None  # a table of name = "path" or {path, config} (_check_controls)
     runtime: Literal["torch", "openvino", "openvino-bf16"] | None = None  # RUNTIMES
+    vae_decoder: Literal["full", "tiny"] | None = None  # VAE_DECODERS
+    tiny_vae: str | None = None
 
 
 # What a field must hold, as a refused value's message says it.
@@ -211,6 +225,8 @@ _EXPECTED = {
     "config": "a string",
     "vae": "a string",
     "runtime": f"one of {', '.join(RUNTIMES)}",
+    "vae_decoder": f"one of {', '.join(VAE_DECODERS)}",
+    "tiny_vae": "a string",
 } | dict.fromkeys(MEMORY_OPTIONS, "true or false")
 
 
@@ -247,9 +263,10 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
         if family in ("sdxl", "ssd1b"):
             values["vae"] = SDXL_FP16_VAE  # as the built-ins; `vae = ""` keeps the base's own
     values |= {k: v for k, v in parsed.model_dump(exclude_unset=True).items() if k != "family"}
-    for key in ("config", "vae"):
+    for key in ("config", "vae", "tiny_vae"):
         if values.get(key) == "":  # `vae = ""` turns a built-in's VAE replacement off
             values[key] = None
+    values |= _check_vae_decoder(name, values, parsed, base_profile, source)
     if "loras" in values:  # paths are checked when a batch uses them (the producer's machine)
         from lcmq.loras import LoraProblem, check_loras
 
@@ -261,7 +278,7 @@ def _profile_from_table(name: str, table: dict[str, Any], source: str) -> Profil
         values["controls"] = _check_controls(values["controls"], where, Path(source).parent)
     profile = replace(base_profile, **values) if base_profile is not None else Profile(name=name, **values)
     if problem := runtime_problem(profile):
-        line = _key_line(Path(source), name, "runtime")
+        line = _key_line(source, name, "runtime")
         raise ProfileError(f"{source}:{line}: [profiles.{name}].runtime: {problem}")
     return profile
 
@@ -285,25 +302,84 @@ def runtime_problem(profile: Profile, device: str | None = None) -> str | None:
         return "openvino runs on the CPU; cpu_offload (a CUDA option) cannot be set with it"
     if profile.controls:
         return "openvino cannot serve ControlNet / T2I-Adapter jobs; remove [controls] or use runtime torch"
+    if profile.vae_decoder != "full":
+        return 'openvino exports the full VAE decoder; vae_decoder = "tiny" needs runtime torch'
+
     if device is not None and device != "cpu":
         return f"openvino runs on the CPU device only (this worker's device is {device!r}); use --device cpu"
     return None
 
 
-def _key_line(path: Path, table: str, key: str) -> int | None:
-    """The line of `key` in [profiles.<table>] of a TOML file (for messages); None if not found."""
+def _key_line(source: str, name: str, key: str) -> int | None:
+    """The line of `key = …` in the [profiles.NAME] table of the file (else of its header): lets a
+    message name the line. None when the file cannot be read or writes the table another way."""
+    import re
+
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
+        lines = Path(source).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
-    inside = False
-    for number, text in enumerate(lines, start=1):
-        stripped = text.strip()
-        if stripped.startswith("["):
-            inside = stripped.replace(" ", "") in (f"[profiles.{table}]", f'[profiles."{table}"]')
-        elif inside and stripped.split("=")[0].strip() == key:
-            return number
-    return None
+    header = re.compile(rf"^\s*\[\s*profiles\s*\.\s*(\"{re.escape(name)}\"|{re.escape(name)})\s*\]")
+    assignment = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    start = next((n for n, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    for n in range(start + 1, len(lines)):
+        if lines[n].lstrip().startswith("["):  # the next table: the key is not in this one
+            break
+        if assignment.match(lines[n]):
+            return n + 1
+    return start + 1
+
+
+def _check_vae_decoder(
+    name: str, values: dict[str, Any], parsed: ProfileTable, base_profile: Profile | None, source: str
+) -> dict[str, Any]:
+    """`vae_decoder` and `tiny_vae` belong together; a refusal names file, line and field.
+
+    The tiny VAE replaces the whole VAE (encoder too), so a `vae` written in the same table
+    contradicts it; the sdxl-family default `vae` (the fp16-fix one), not written, is dropped.
+    Returns the values to change."""
+    base_decoder = base_profile.vae_decoder if base_profile else "full"
+    decoder = values.get("vae_decoder", base_decoder)
+    tiny_vae = values.get("tiny_vae", base_profile.tiny_vae if base_profile else None)
+
+    def refuse(key: str, problem: str, line_of: str | None = None) -> ProfileError:
+        line = _key_line(source, name, line_of or key)
+        return ProfileError(f"{source}{f':{line}' if line else ''}: [profiles.{name}].{key}: {problem}")
+
+    if decoder == "tiny" and tiny_vae is None:  # the line that asks for it: vae_decoder's
+        raise refuse(
+            "tiny_vae",
+            'required with vae_decoder = "tiny": a taesd-style AutoencoderTiny (a folder, a hub id '
+            f'such as "{TAESD_HUB[values["family"]]}", or s3://…)',
+            line_of="vae_decoder",
+        )
+    if decoder == "full" and tiny_vae is not None:
+        raise refuse("tiny_vae", 'tiny_vae is only used with vae_decoder = "tiny" (set it, or remove tiny_vae)')
+    if decoder != "tiny":
+        return {}
+    if parsed.vae:  # written in this table, non-empty
+        raise refuse(
+            "vae",
+            'vae replaces the full VAE, which vae_decoder = "tiny" does not load (the tiny VAE encodes '
+            'and decodes); remove vae or set vae_decoder = "full"',
+        )
+    mismatch = _tiny_vae_mismatch(values["family"], str(tiny_vae))
+    if mismatch:
+        raise refuse("tiny_vae", mismatch)
+    return {"vae": None}
+
+
+def _tiny_vae_mismatch(family: str, tiny_vae: str) -> str | None:
+    """A published taesd of the other family (its latents differ): the problem, else None."""
+    made_for = next((f for f, hub in TAESD_HUB.items() if hub == tiny_vae), family)
+    if TAESD_HUB[made_for] == TAESD_HUB[family]:
+        return None
+    return (
+        f"{tiny_vae} is the {made_for} family's tiny VAE; a {family} profile needs "
+        f'"{TAESD_HUB[family]}" (or another tiny VAE trained on its latents)'
+    )
 
 
 def _control_path(ref: str, folder: Path) -> str:
@@ -417,6 +493,37 @@ def _check_remote(where: str, field: str, ref: str) -> None:
         raise ProfileError(f"{where}: {field} {exc}") from None
 
 
+def _preflight_tiny_vae(profile: Profile, where: str) -> None:
+    """The VAE choice of a profile however it was made (lcmq.toml checks the same with lines)."""
+    if profile.vae_decoder not in VAE_DECODERS:
+        choices = ", ".join(VAE_DECODERS)
+        raise ProfileError(f"{where}: vae_decoder must be one of {choices} (got {profile.vae_decoder!r})")
+    tiny = profile.vae_decoder == "tiny"
+    if tiny and not profile.tiny_vae:
+        raise ProfileError(f'{where}: tiny_vae is required with vae_decoder = "tiny"')
+    if not tiny and profile.tiny_vae:
+        raise ProfileError(f'{where}: tiny_vae is only used with vae_decoder = "tiny"')
+    if not tiny:
+        return
+    if profile.vae:
+        raise ProfileError(f'{where}: vae and vae_decoder = "tiny" exclude each other (the tiny VAE replaces the VAE)')
+    assert profile.tiny_vae is not None
+    mismatch = _tiny_vae_mismatch(profile.family, profile.tiny_vae)
+    if mismatch:
+        raise ProfileError(f"{where}: tiny_vae {mismatch}")
+    config = Path(profile.tiny_vae).expanduser() / "config.json"
+    if config.is_file():  # a local folder: it must hold an AutoencoderTiny, not a full VAE
+        try:
+            class_name = json.loads(config.read_text()).get("_class_name", "")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ProfileError(f"{where}: tiny_vae {profile.tiny_vae}: config.json cannot be read: {exc}") from exc
+        if class_name != "AutoencoderTiny":
+            raise ProfileError(
+                f"{where}: tiny_vae {profile.tiny_vae} holds a {class_name or 'model without _class_name'}, "
+                "not an AutoencoderTiny (taesd-style weights)"
+            )
+
+
 def preflight(profile: Profile, device: str | None = None) -> None:
     """Cheap checks before a worker starts (no torch): paths exist, family matches the model,
     a single-file base has its config, and the dtype suits the device when it is known.
@@ -429,7 +536,8 @@ def preflight(profile: Profile, device: str | None = None) -> None:
         return
     if profile.family not in FAMILIES:
         raise ProfileError(f"{where}: family must be one of {', '.join(FAMILIES)} (got {profile.family!r})")
-    for field in ("base", "lcm_lora", "config", "vae"):
+    _preflight_tiny_vae(profile, where)
+    for field in ("base", "lcm_lora", "config", "vae", "tiny_vae"):
         ref = getattr(profile, field)
         if ref is not None and ref.startswith("s3://"):
             _check_remote(where, field, ref)  # fetched and verified when the worker loads it

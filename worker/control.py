@@ -287,7 +287,9 @@ class ControlCache:
         models = self.models(controls)
         cls = getattr(diffusers, call.pipeline_class)
         part = "controlnet" if controls[0]["type"] == CONTROLNET else "adapter"
-        extra: dict[str, Any] = {part: models[0] if len(models) == 1 else models}
+        # vae= named: from_pipe would drop an AutoencoderTiny (vae_decoder = "tiny"), a class
+        # the control pipelines' signatures do not list.
+        extra: dict[str, Any] = {part: models[0] if len(models) == 1 else models, "vae": self.pipe.vae}
         if part == "adapter" and len(models) > 1:
             extra[part] = diffusers.MultiAdapter(models)
         built = cls.from_pipe(self.pipe, **extra)

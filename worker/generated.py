@@ -8,7 +8,9 @@ is seeded, so every machine builds the same weights.
 
 Layout of a generated model under the cache: `<name>/model` (a diffusers folder), `<name>/lcm-lora`
 (its random LCM-LoRA) and, for SDXL-family models, `<name>/vae` (a second, differently seeded VAE
-that stands in for a replacement VAE such as the fp16-fix one).
+that stands in for a replacement VAE such as the fp16-fix one). `<name>-taesd` (ensure_tiny_vae)
+is a seeded AutoencoderTiny for that model's latents, the stand-in for madebyollin/taesd(xl):
+built apart, so caches made before it existed stay complete.
 """
 
 from __future__ import annotations
@@ -255,6 +257,52 @@ def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target / "model", target / "lcm-lora"
+
+
+TINY_VAE_SUFFIX = "-taesd"
+
+
+def _tiny_vae(name: str, seed: int):
+    """A seeded AutoencoderTiny whose down/upsampling matches the model's VAE: the published taesd
+    layout (4 blocks, 8x) for the real-size architecture, two narrow blocks (2x) for the tiny ones."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    factor = 2 ** (len(ARCHITECTURES[name][1]) - 1)
+    torch.manual_seed(seed)
+    if factor == 8:
+        return AutoencoderTiny()  # madebyollin/taesd's own configuration, random weights
+    blocks = factor.bit_length()  # one block per resolution: 2x is two blocks
+    return AutoencoderTiny(
+        encoder_block_out_channels=(16,) * blocks,
+        decoder_block_out_channels=(16,) * blocks,
+        num_encoder_blocks=(1,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
+    )
+
+
+def ensure_tiny_vae(name: str, cache: Path) -> Path:
+    """The folder of a generated model's tiny VAE (`<cache>/<name>-taesd`), built on first use
+    and renamed into place whole, like the models themselves."""
+    if name not in ARCHITECTURES:
+        raise KeyError(f"no generated model named {name!r}; known: {', '.join(ARCHITECTURES)}")
+    target = cache / f"{name}{TINY_VAE_SUFFIX}"
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}{TINY_VAE_SUFFIX}-"))
+    try:
+        log.info("generating model", extra={"model": f"{name}{TINY_VAE_SUFFIX}", "path": str(target)})
+        _tiny_vae(name, seed=6).save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def generate_style_lora(model_dir: Path, out: Path, seed: int, rank: int = 4, strength: float = 0.5) -> Path:

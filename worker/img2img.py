@@ -116,7 +116,9 @@ def img2img_pipeline(pipe: Any) -> Any:
         if built is None or built.unet is not pipe.unet:
             from diffusers import AutoPipelineForImage2Image
 
-            built = AutoPipelineForImage2Image.from_pipe(pipe)
+            # vae= named: from_pipe drops a component whose class the new pipeline's signature
+            # does not list, as it does an AutoencoderTiny (vae_decoder = "tiny").
+            built = AutoPipelineForImage2Image.from_pipe(pipe, vae=pipe.vae)
             built.set_progress_bar_config(disable=True)
             _PIPES[id(pipe)] = built
             log.info("img2img pipeline built", extra={"class": type(built).__name__})

@@ -14,6 +14,14 @@ What "memory" means depends on the device, and each number is the whole process,
 a step's activations are the same at every step), measures each one's peak, and keeps the largest
 that stays under the budget. Batch size 1 is kept even over budget (with a warning): a worker
 cannot render less.
+
+VAE slicing where memory requires it: the full VAE's decode is the peak of a CPU render (at 512²
+about 1 GiB for the first image and 0.6 GiB for each more, all images at once; docs/models.md).
+When a batch size does not fit, the probe measures the larger ones again with the VAE decoding
+one image at a time (`vae.enable_slicing()`), and keeps the largest that fits that way. The
+worker then slices only micro-batches above the largest size that fitted without
+(`LoadedPipeline.vae_slicing_above`, applied per call by `slice_vae`): smaller ones decode at
+once, as before. A profile with `vae_slicing = true` slices always and is not probed for it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from __future__ import annotations
 import logging
 import resource
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("lcmq.worker")
 
@@ -110,8 +120,58 @@ def choose_batch_size(
     return chosen, peaks
 
 
+@dataclass(frozen=True)
+class BatchChoice:
+    """What the probe chose: the batch size and, when it fits only with the VAE decoding one image
+    at a time, the largest size that fits without (micro-batches above it are sliced)."""
+
+    size: int
+    peaks: dict[int, float | None]  # size: MiB, without slicing
+    sliced_peaks: dict[int, float | None] = field(default_factory=dict)  # size: MiB, VAE sliced
+    slicing_above: int | None = None
+
+
+def choose_with_vae_slicing(
+    measure: Callable[[int], float | None],
+    budget_mb: float,
+    max_batch: int,
+    set_slicing: Callable[[bool], None] | None,
+) -> BatchChoice:
+    """choose_batch_size, then, where a size did not fit and `set_slicing` can switch the VAE to
+    one image at a time, the sizes above the choice measured again that way. Slicing is left off."""
+    chosen, peaks = choose_batch_size(measure, budget_mb, max_batch)
+    if set_slicing is None or chosen == max_batch:
+        return BatchChoice(chosen, peaks)
+    # 1. Above the largest size that fits, each image decodes alone: only the VAE's share shrinks.
+    set_slicing(True)
+    try:
+        best, sliced = chosen, {}
+        for size in candidate_sizes(max_batch):
+            if size <= chosen:
+                continue
+            sliced[size] = peak = measure(size)
+            if peak is None or peak > budget_mb:
+                break
+            best = size
+    finally:
+        set_slicing(False)  # 2. Left off: slice_vae turns it on per call, above `chosen` only.
+    return BatchChoice(best, peaks, sliced, chosen if best > chosen else None)
+
+
+def slice_vae(loaded: Any, images: int) -> None:
+    """Decode this call's images one at a time if --max-memory found its size needs it."""
+    above = getattr(loaded, "vae_slicing_above", None)
+    if above is None:
+        return
+    if images > above:
+        loaded.pipe.vae.enable_slicing()
+    else:
+        loaded.pipe.vae.disable_slicing()
+
+
 def probe_batch_size(loaded, budget_mb: float, max_batch: int) -> int:
-    """Render dummy batches on the loaded pipeline and pick the batch size for the budget."""
+    """Render dummy batches on the loaded pipeline and pick the batch size for the budget; sets
+    `loaded.vae_slicing_above` when sizes above it fit only with the VAE sliced."""
     import torch
 
     profile = loaded.profile
@@ -135,18 +195,31 @@ def probe_batch_size(loaded, budget_mb: float, max_batch: int) -> int:
             return None
         return peak.mb
 
-    chosen, peaks = choose_batch_size(measure, budget_mb, max_batch)
-    fits = peaks[1] is not None and peaks[1] <= budget_mb
+    vae: Any = getattr(loaded.pipe, "vae", None)
+    can_slice = not profile.vae_slicing and hasattr(vae, "enable_slicing")  # always on: nothing to probe
+
+    def set_slicing(on: bool) -> None:
+        if on:
+            vae.enable_slicing()
+        else:
+            vae.disable_slicing()
+
+    choice = choose_with_vae_slicing(measure, budget_mb, max_batch, set_slicing if can_slice else None)
+    loaded.vae_slicing_above = choice.slicing_above
+    fits = choice.peaks[1] is not None and choice.peaks[1] <= budget_mb
     (log.info if fits else log.warning)(
         "batch size chosen" if fits else "batch size 1 exceeds the memory budget",
         extra={
             "profile": profile.name,
-            "batch_size": chosen,
+            "batch_size": choice.size,
             "budget_mb": budget_mb,
             "device": loaded.device,
-            "peaks_mb": ",".join(f"{k}:{v}" for k, v in peaks.items()),  # size:MiB, as measured
+            "peaks_mb": ",".join(f"{k}:{v}" for k, v in choice.peaks.items()),  # size:MiB, as measured
+            # Sizes measured again with the VAE sliced, and above which size it slices (None: never).
+            "vae_sliced_peaks_mb": ",".join(f"{k}:{v}" for k, v in choice.sliced_peaks.items()) or None,
+            "vae_slicing_above": choice.slicing_above,
             "width": profile.width,
             "height": profile.height,
         },
     )
-    return chosen
+    return choice.size

@@ -2,7 +2,8 @@
 
 Every profile, the generated `tiny` and `tiny-xl` included, loads through the same steps real
 models take: `from_pretrained` (or `from_single_file` with the profile's config folder), with the
-profile's replacement VAE if it names one, `LCMScheduler.from_config`, `load_lora_weights`,
+profile's replacement VAE if it names one (an AutoencoderKL, or with `vae_decoder = "tiny"` the
+AutoencoderTiny of `tiny_vae`, in place of the whole VAE), `LCMScheduler.from_config`, `load_lora_weights`,
 `fuse_lora`, then the profile's memory modes. `plan_load` decides all of it without torch, so the
 wiring is testable without loading anything.
 """
@@ -44,6 +45,9 @@ class LoadedPipeline:
     fetch_s: float | None = None  # seconds of load_s spent reading manifests and downloading
     # "torch", or "openvino[-bf16]" when the networks run as OpenVINO exports (worker/openvino_runtime.py).
     runtime: str = "torch"
+    # --max-memory found that micro-batches above this size fit only when the VAE decodes one
+    # image at a time (worker/memory.py); None: never needed (or the profile slices always).
+    vae_slicing_above: int | None = None
 
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -103,6 +107,9 @@ class LoadPlan:
     cpu_offload: bool  # enable_model_cpu_offload instead of .to(device)
     memory_modes: tuple[str, ...]  # attention_slicing, vae_slicing, vae_tiling as the profile asks
     warnings: tuple[str, ...] = ()
+    # vae_decoder = "tiny": AutoencoderTiny.from_pretrained(tiny_vae) as the pipeline's `vae=`
+    # (encoder and decoder; the base's AutoencoderKL is not loaded). None: the full VAE.
+    tiny_vae: str | None = None
 
 
 def plan_load(profile: Profile, device: str) -> LoadPlan:
@@ -132,10 +139,11 @@ def plan_load(profile: Profile, device: str) -> LoadPlan:
         cpu_offload=cpu_offload,
         memory_modes=modes,
         warnings=tuple(warnings),
+        tiny_vae=profile.tiny_vae if profile.vae_decoder == "tiny" else None,
     )
 
 
-REMOTE_FIELDS = ("base", "config", "vae", "lcm_lora")  # the plan's fields that may name s3:// models
+REMOTE_FIELDS = ("base", "config", "vae", "tiny_vae", "lcm_lora")  # the plan's fields that may name s3:// models
 
 
 def fetch_remote(
@@ -165,11 +173,13 @@ def fetch_remote(
 
 
 def _resolve(ref: str, settings: Settings) -> str:
-    """A generated ref (`lcmq-generated:<model>[-lcm-lora|-vae]`) becomes its folder, built on first use."""
+    """A generated ref (`lcmq-generated:<model>[-lcm-lora|-vae|-taesd]`) becomes its folder, built on first use."""
     if ref.startswith(GENERATED_PREFIX):
-        from worker.generated import ensure_generated
+        from worker.generated import TINY_VAE_SUFFIX, ensure_generated, ensure_tiny_vae
 
         name = ref[len(GENERATED_PREFIX) :]
+        if name.endswith(TINY_VAE_SUFFIX):
+            return str(ensure_tiny_vae(name.removesuffix(TINY_VAE_SUFFIX), settings.models_path))
         for suffix, part in (("-lcm-lora", "lora"), ("-vae", "vae")):
             if name.endswith(suffix):
                 model_dir, lora_dir = ensure_generated(name.removesuffix(suffix), settings.models_path)
@@ -178,12 +188,25 @@ def _resolve(ref: str, settings: Settings) -> str:
     return ref
 
 
+def load_vae(plan: LoadPlan, settings: Settings, dtype) -> Any:
+    """The VAE the plan puts in place of the base's own: the tiny one (AutoencoderTiny), a
+    replacement AutoencoderKL, or None (the base's own, loaded with it)."""
+    import diffusers
+
+    if plan.tiny_vae:
+        return diffusers.AutoencoderTiny.from_pretrained(_resolve(plan.tiny_vae, settings), dtype=dtype)
+    if plan.vae:
+        return diffusers.AutoencoderKL.from_pretrained(_resolve(plan.vae, settings), dtype=dtype)
+    return None
+
+
 def _load_base(plan: LoadPlan, settings: Settings, dtype, extra: dict[str, Any]):
     import diffusers
 
     cls = getattr(diffusers, plan.pipeline_class)
-    if plan.vae:
-        extra["vae"] = diffusers.AutoencoderKL.from_pretrained(_resolve(plan.vae, settings), dtype=dtype)
+    vae = load_vae(plan, settings, dtype)
+    if vae is not None:
+        extra["vae"] = vae
     base = _resolve(plan.base, settings)
     if plan.single_file:
         # The config folder gives the architecture and the tokenizers; local_files_only keeps
@@ -299,7 +322,8 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
     except ModelLoadError as exc:
         raise ModelLoadError(f"profile {profile.name!r}: {exc}") from exc
     try:
-        # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint (+ its config).
+        # 1. Base model: a diffusers folder / hub id, or a single-file checkpoint (+ its config),
+        #    with the plan's VAE in place of its own (a tiny one: the base's is never loaded).
         extra = {"safety_checker": None, "requires_safety_checker": False} if profile.family == "sd15" else {}
         pipe = _load_base(plan, settings, dtype, extra)
         # 2. The LCM scheduler, configured from the model's own scheduler.
@@ -338,6 +362,7 @@ def load_pipeline(profile: Profile, settings: Settings, source: ObjectSource | N
             "pipeline": plan.pipeline_class,
             "single_file": plan.single_file,
             "vae": plan.vae,
+            "tiny_vae": plan.tiny_vae,
             "memory_modes": ",".join(plan.memory_modes) or None,
             "cpu_offload": plan.cpu_offload,
             "runtime": profile.runtime,

@@ -13,6 +13,7 @@ from lcmq.spec import render_shape
 from worker.adapters import adapter_cache
 from worker.control import call_images, control_cache, plan_call
 from worker.img2img import img2img_pipeline
+from worker.memory import slice_vae
 from worker.pipeline import LoadedPipeline
 
 
@@ -75,6 +76,7 @@ def render(
             loaded.profile.loras
         ):  # refused at submit: the export holds the profile's
             raise ValueError(f"runtime {loaded.runtime} renders the profile's style LoRAs only")
+        slice_vae(loaded, len(jobs))  # the VAE is shared by the img2img and control pipelines
         result = pipe(
             prompt=[job.prompt for job in jobs],
             num_inference_steps=first.steps,
