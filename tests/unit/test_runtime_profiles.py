@@ -63,6 +63,10 @@ def test_an_unknown_runtime_is_refused_by_field(config):
         ('family = "sd15"\nbase = "/m/a"\ndtype = "bfloat16"\n', 'exports float32 weights; set dtype = "float32"'),
         ('family = "sd15"\nbase = "/m/a"\ncpu_offload = true\n', "cpu_offload (a CUDA option) cannot be set"),
         ('family = "sd15"\nbase = "/m/a"\n[profiles.shop.controls]\nedges = "/m/canny"\n', "cannot serve ControlNet"),
+        (
+            'family = "sd15"\nbase = "/m/a"\nvae_decoder = "tiny"\ntiny_vae = "madebyollin/taesd"\n',
+            'exports the full VAE decoder; vae_decoder = "tiny" needs runtime torch',
+        ),
     ],
 )
 def test_what_openvino_cannot_serve_is_refused_with_file_line_and_field(config, table, message):
