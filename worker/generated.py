@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,19 +244,7 @@ def ensure_generated(name: str, cache: Path) -> tuple[Path, Path]:
     target = cache / name
     if (target / COMPLETE_MARKER).exists():
         return target / "model", target / "lcm-lora"
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
-    try:
-        log.info("generating model", extra={"model": name, "path": str(target)})
-        _build(name, tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / COMPLETE_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _build_in_place(target, name, _build)
     return target / "model", target / "lcm-lora"
 
 
@@ -289,19 +278,7 @@ def ensure_tiny_vae(name: str, cache: Path) -> Path:
     target = cache / f"{name}{TINY_VAE_SUFFIX}"
     if (target / COMPLETE_MARKER).exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}{TINY_VAE_SUFFIX}-"))
-    try:
-        log.info("generating model", extra={"model": f"{name}{TINY_VAE_SUFFIX}", "path": str(target)})
-        _tiny_vae(name, seed=6).save_pretrained(tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / COMPLETE_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _build_in_place(target, name, _save_tiny_vae)
     return target
 
 
@@ -421,3 +398,26 @@ def single_file_control(folder: Path, out: Path) -> Path:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         os.replace(tmp, out)
     return out
+
+
+def _build_in_place(target: Path, name: str, build: Callable[[str, Path], None]) -> None:
+    """`build(name, folder)` into a temporary folder beside `target`, renamed into place whole:
+    concurrent workers never load a half-written model; the first rename wins, the others
+    discard their copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        log.info("generating model", extra={"model": target.name, "path": str(target)})
+        build(name, tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_tiny_vae(name: str, folder: Path) -> None:
+    _tiny_vae(name, seed=6).save_pretrained(folder)
