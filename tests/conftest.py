@@ -106,6 +106,21 @@ def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
+@pytest.fixture(scope="module")
+def models_settings(models_dir):
+    """Settings whose models dir is the session's cache, for tests that load pipelines in this
+    process (LCMQ_MODELS_DIR set for the module, then restored)."""
+    from lcmq.settings import get_settings, reset_settings
+
+    os.environ["LCMQ_MODELS_DIR"] = str(models_dir)
+    reset_settings()
+    try:
+        yield get_settings()
+    finally:
+        os.environ.pop("LCMQ_MODELS_DIR", None)
+        reset_settings()
+
+
 # --- settings ---------------------------------------------------------------------------
 
 

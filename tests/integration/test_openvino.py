@@ -9,42 +9,29 @@ is compared more loosely (1/255 per pixel): random weights amplify step-to-step 
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 from helpers import job_record
 
 from lcmq.profiles import BUILTIN_PROFILES
-from lcmq.settings import get_settings, reset_settings
 
 TOLERANCE = 1e-4
 TINY_OV = replace(BUILTIN_PROFILES["tiny"], runtime="openvino")
 
 
 @pytest.fixture(scope="module")
-def settings(models_dir):
-    os.environ["LCMQ_MODELS_DIR"] = str(models_dir)
-    reset_settings()
-    try:
-        yield get_settings()
-    finally:
-        os.environ.pop("LCMQ_MODELS_DIR", None)
-        reset_settings()
+def torch_pipeline(models_settings):
+    from worker.pipeline import load_pipeline
+
+    return load_pipeline(BUILTIN_PROFILES["tiny"], models_settings)
 
 
 @pytest.fixture(scope="module")
-def torch_pipeline(settings):
+def ov_pipeline(models_settings):
     from worker.pipeline import load_pipeline
 
-    return load_pipeline(BUILTIN_PROFILES["tiny"], settings)
-
-
-@pytest.fixture(scope="module")
-def ov_pipeline(settings):
-    from worker.pipeline import load_pipeline
-
-    return load_pipeline(TINY_OV, settings)
+    return load_pipeline(TINY_OV, models_settings)
 
 
 def _first_step_inputs(pipe):
@@ -91,18 +78,18 @@ def test_the_micro_batch_loop_renders_the_same_images_within_a_pixel_level(torch
     assert not np.array_equal(got[0], got[1])  # seeds and prompts still make the difference
 
 
-def test_the_export_is_cached_under_the_profile_and_versions_and_read_by_the_next_load(settings, ov_pipeline):
+def test_the_export_is_cached_under_the_profile_and_versions_and_read_by_the_next_load(models_settings, ov_pipeline):
     from worker.openvino_runtime import PARTS, export_key, library_versions, use_openvino
     from worker.pipeline import load_pipeline
 
-    folder = settings.models_path / "openvino" / export_key(TINY_OV, library_versions())
+    folder = models_settings.models_path / "openvino" / export_key(TINY_OV, library_versions())
     files = sorted(f"{part}.{ext}" for part in PARTS for ext in ("bin", "xml"))
     assert sorted(p.name for p in folder.iterdir()) == files
     # Another profile's fields or another library version: another folder.
     assert export_key(replace(TINY_OV, lcm_lora="other"), library_versions()) != folder.name
     assert export_key(TINY_OV, library_versions() | {"openvino": "0"}) != folder.name
-    again = load_pipeline(BUILTIN_PROFILES["tiny"], settings).pipe  # a torch pipeline, as step 5 gets it
+    again = load_pipeline(BUILTIN_PROFILES["tiny"], models_settings).pipe  # a torch pipeline, as step 5 gets it
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    second = use_openvino(again, TINY_OV, settings.models_path, threads=1)
+    second = use_openvino(again, TINY_OV, models_settings.models_path, threads=1)
     assert (second.exported, second.export_s, second.folder) == (False, 0.0, folder)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes

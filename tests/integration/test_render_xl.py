@@ -14,29 +14,14 @@ from helpers import job_record
 from PIL import Image
 
 from lcmq.profiles import BUILTIN_PROFILES, GENERATED_PREFIX
-from lcmq.settings import Settings, get_settings
+from lcmq.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def settings(models_dir):
-    import os
-
-    from lcmq.settings import reset_settings
-
-    os.environ["LCMQ_MODELS_DIR"] = str(models_dir)
-    reset_settings()
-    try:
-        yield get_settings()
-    finally:
-        os.environ.pop("LCMQ_MODELS_DIR", None)
-        reset_settings()
-
-
-@pytest.fixture(scope="module")
-def tiny_xl(settings):
+def tiny_xl(models_settings):
     from worker.pipeline import load_pipeline
 
-    return load_pipeline(BUILTIN_PROFILES["tiny-xl"], settings)
+    return load_pipeline(BUILTIN_PROFILES["tiny-xl"], models_settings)
 
 
 def _jobs():
@@ -95,15 +80,15 @@ def test_tiny_xl_renders_the_requested_size(tiny_xl):
     assert Image.open(io.BytesIO(data)).size == (96, 48)
 
 
-def test_the_vae_option_replaces_the_base_vae(tiny_xl, settings):
+def test_the_vae_option_replaces_the_base_vae(tiny_xl, models_settings):
     """`vae` loads a separate AutoencoderKL folder (here tiny-xl's second, differently seeded VAE)."""
     from diffusers import AutoencoderKL
 
     from worker.pipeline import _resolve, load_pipeline
 
     vae_ref = GENERATED_PREFIX + "tiny-sdxl-vae"
-    swapped = load_pipeline(replace(BUILTIN_PROFILES["tiny-xl"], vae=vae_ref), settings)
-    assert _state_equal(swapped.pipe.vae, AutoencoderKL.from_pretrained(_resolve(vae_ref, settings)))
+    swapped = load_pipeline(replace(BUILTIN_PROFILES["tiny-xl"], vae=vae_ref), models_settings)
+    assert _state_equal(swapped.pipe.vae, AutoencoderKL.from_pretrained(_resolve(vae_ref, models_settings)))
     assert not _state_equal(swapped.pipe.vae, tiny_xl.pipe.vae)
     assert _state_equal(swapped.pipe.unet, tiny_xl.pipe.unet)
     jobs = [job_record(0, seed=21)]
@@ -114,7 +99,7 @@ def test_the_vae_option_replaces_the_base_vae(tiny_xl, settings):
 # --- single-file checkpoints ----------------------------------------------------------------------
 
 
-def test_a_single_file_twin_renders_the_same_bytes(settings, tmp_path):
+def test_a_single_file_twin_renders_the_same_bytes(models_settings, tmp_path):
     """The tiny model written as one original-layout .safetensors and loaded with from_single_file
     (config = the generated folder) is the same pipeline: same weights, same images."""
     from pathlib import Path
@@ -124,16 +109,16 @@ def test_a_single_file_twin_renders_the_same_bytes(settings, tmp_path):
     from worker.pipeline import _resolve, load_pipeline
 
     tiny = BUILTIN_PROFILES["tiny"]
-    checkpoint = save_sd15_single_file(Path(_resolve(tiny.base, settings)), tmp_path / "tiny-tune.safetensors")
+    checkpoint = save_sd15_single_file(Path(_resolve(tiny.base, models_settings)), tmp_path / "tiny-tune.safetensors")
     twin = replace(tiny, name="tiny-single", base=str(checkpoint), config=tiny.base)
-    folder, single = load_pipeline(tiny, settings), load_pipeline(twin, settings)
+    folder, single = load_pipeline(tiny, models_settings), load_pipeline(twin, models_settings)
     for component in ("unet", "vae", "text_encoder"):
         assert _state_equal(getattr(folder.pipe, component), getattr(single.pipe, component)), component
     jobs = _jobs()
     assert _png(single, jobs, "tiny") == _png(folder, jobs, "tiny")
 
 
-def test_the_single_file_layout_is_the_original_one(settings, tmp_path):
+def test_the_single_file_layout_is_the_original_one(models_settings, tmp_path):
     from pathlib import Path
 
     from safetensors import safe_open
@@ -141,7 +126,9 @@ def test_the_single_file_layout_is_the_original_one(settings, tmp_path):
 
     from worker.pipeline import _resolve
 
-    path = save_sd15_single_file(Path(_resolve(BUILTIN_PROFILES["tiny"].base, settings)), tmp_path / "t.safetensors")
+    path = save_sd15_single_file(
+        Path(_resolve(BUILTIN_PROFILES["tiny"].base, models_settings)), tmp_path / "t.safetensors"
+    )
     with safe_open(str(path), "pt") as fh:
         keys = set(fh.keys())
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
@@ -180,14 +167,14 @@ def test_float16_on_an_explicit_cpu_device_stops_the_worker_start(embedded_env, 
 # --- memory modes and the memory budget -------------------------------------------------------------
 
 
-def test_memory_modes_are_applied_and_offload_ignored_on_cpu(settings, caplog):
+def test_memory_modes_are_applied_and_offload_ignored_on_cpu(models_settings, caplog):
     from worker.pipeline import load_pipeline
 
     profile = replace(
         BUILTIN_PROFILES["tiny-xl"], attention_slicing=True, vae_slicing=True, vae_tiling=True, cpu_offload=True
     )
     with caplog.at_level(logging.WARNING, logger="lcmq.worker"):
-        loaded = load_pipeline(profile, settings)
+        loaded = load_pipeline(profile, models_settings)
     assert loaded.pipe.vae.use_slicing and loaded.pipe.vae.use_tiling
     processors = {type(p).__name__ for p in loaded.pipe.unet.attn_processors.values()}
     assert processors == {"SlicedAttnProcessor"}
@@ -207,11 +194,11 @@ def test_peak_memory_is_measured_on_cpu(tiny_xl):
 
 
 @pytest.mark.parametrize(("budget_mb", "expected"), [(1, 1), (10**6, 4)])
-def test_the_memory_budget_picks_the_batch_size(settings, budget_mb, expected, caplog):
+def test_the_memory_budget_picks_the_batch_size(models_settings, budget_mb, expected, caplog):
     """A budget below any render keeps batch size 1 (with a warning); a large one keeps all 4."""
     from worker.pipeline import load_pipeline
 
-    budgeted = Settings(**(settings.model_dump() | {"max_memory_mb": budget_mb, "batch_size": 4}))
+    budgeted = Settings(**(models_settings.model_dump() | {"max_memory_mb": budget_mb, "batch_size": 4}))
     with caplog.at_level(logging.INFO, logger="lcmq.worker"):
         loaded = load_pipeline(BUILTIN_PROFILES["tiny"], budgeted)
     assert loaded.batch_size == expected

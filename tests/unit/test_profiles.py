@@ -13,19 +13,7 @@ from lcmq.errors import ProfileError
 from lcmq.profiles import DTYPES, FAMILIES, ProfileTable, get_profile, load_profiles, reset_profiles
 from lcmq.spec import JobSpec
 
-
-@pytest.fixture(autouse=True)
-def fresh_profiles():
-    reset_profiles()
-    yield
-    reset_profiles()
-
-
-@pytest.fixture
-def config(tmp_path, monkeypatch):
-    path = tmp_path / "lcmq.toml"
-    monkeypatch.setenv("LCMQ_CONFIG", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_profiles")
 
 
 def test_unknown_keys_are_named_with_the_file_and_the_profile(config):

@@ -11,24 +11,13 @@ import pytest
 
 from lcmq import keys
 from lcmq.errors import InputError, ProfileError
-from lcmq.profiles import BUILTIN_PROFILES, load_profiles, preflight, reset_profiles
+from lcmq.profiles import BUILTIN_PROFILES, load_profiles, preflight
 from lcmq.spec import BatchOptions, RowValidator, read_rows, validate_rows
 
 TINY_OV = replace(BUILTIN_PROFILES["tiny"], runtime="openvino")
 
 
-@pytest.fixture(autouse=True)
-def fresh_profiles():
-    reset_profiles()
-    yield
-    reset_profiles()
-
-
-@pytest.fixture
-def config(tmp_path, monkeypatch):
-    path = tmp_path / "lcmq.toml"
-    monkeypatch.setenv("LCMQ_CONFIG", str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_profiles")
 
 
 def test_runtime_defaults_to_torch_and_openvino_is_kept(config):

@@ -11,16 +11,11 @@ import pytest
 from lcmq import keys
 from lcmq.errors import ModelLoadError, ProfileError
 from lcmq.modelpack import profile_model_urls
-from lcmq.profiles import BUILTIN_PROFILES, TAESD_HUB, load_profiles, preflight, reset_profiles
+from lcmq.profiles import BUILTIN_PROFILES, TAESD_HUB, load_profiles, preflight
 from worker.memory import choose_with_vae_slicing
 from worker.pipeline import REMOTE_FIELDS, plan_load
 
-
-@pytest.fixture(autouse=True)
-def fresh_profiles():
-    reset_profiles()
-    yield
-    reset_profiles()
+pytestmark = pytest.mark.usefixtures("fresh_profiles")
 
 
 def _load(tmp_path, text: str):
